@@ -1,0 +1,83 @@
+"""The fused ops' public front: one signature, dispatched by device and availability.
+
+``BEYOND_CLS_BACKEND=reference|triton|cpp`` forces an implementation (read on every call);
+unset, CUDA tensors go to Triton and CPU tensors to C++, falling back to the reference when a
+backend is not available for the tensors at hand.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from beyond_cls import _extension, reference
+from beyond_cls.reference import AttentionRows
+
+BACKENDS = ("reference", "triton", "cpp")
+
+__all__ = ["AttentionRows", "BACKENDS", "abmilp_pool", "attention_with_stats", "backend_for"]
+
+
+def _forced_backend() -> Optional[str]:
+    name = os.environ.get("BEYOND_CLS_BACKEND", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"BEYOND_CLS_BACKEND must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def _available(backend: str, device: torch.device, op: str) -> Optional[str]:
+    """None when ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if op != "attention_with_stats":
+            return f"the C++ backend has no {op} op yet"
+        if device.type != "cpu":
+            return f"the C++ backend runs on CPU tensors, got {device.type}"
+        return _extension.load_error()
+    return f"the Triton backend has no {op} op yet"
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The backend that ``op`` uses for tensors on ``device`` under the current environment."""
+    forced = _forced_backend()
+    if forced is not None:
+        reason = _available(forced, device, op)
+        if reason is not None:
+            raise RuntimeError(f"BEYOND_CLS_BACKEND={forced} cannot run {op}: {reason}")
+        return forced
+    preferred = ("triton", "reference") if device.type == "cuda" else ("cpp", "reference")
+    return next(b for b in preferred if _available(b, device, op) is None)
+
+
+def attention_with_stats(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    num_prefix_tokens: int = 1,
+    scale: Optional[float] = None,
+    bias: Optional[Tensor] = None,
+) -> tuple[Tensor, AttentionRows]:
+    """Softmax attention of q, k, v [B, H, N, d] and the row statistics of every query.
+
+    ``out`` matches ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)``;
+    the statistics are [B, H, N] float32 (float64 from the reference on float64 inputs).
+    """
+    backend = backend_for("attention_with_stats", q.device)
+    if backend == "reference":
+        return reference.attention_with_stats(q, k, v, num_prefix_tokens, scale, bias)
+    out, self_attn, cls_attn, mass, ent = torch.ops.beyond_cls.attention_with_stats(
+        q, k, v, num_prefix_tokens, scale, bias
+    )
+    return out, AttentionRows(self_attn, cls_attn if num_prefix_tokens > 0 else None, mass, ent)
+
+
+def abmilp_pool(tokens: Tensor, weight: Tensor, bias: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+    """AbMILP pooling: ``(pooled, scores)``; see :func:`beyond_cls.reference.abmilp_pool`."""
+    backend_for("abmilp_pool", tokens.device)  # validates a forced backend
+    return reference.abmilp_pool(tokens, weight, bias)

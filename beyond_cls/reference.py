@@ -1,0 +1,137 @@
+"""Plain-PyTorch definitions of every fused op: the ground truth for the kernels.
+
+Readable in a minute and exact in float64. Kernels in ``kernels/`` (Triton) and
+``csrc/`` (C++) must agree with these functions; tests and benchmarks import them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+class AttentionRows(NamedTuple):
+    """Per-row attention statistics, each [B, H, N] (see DESIGN.md, "Definitions").
+
+    ``cls_attn`` is ``None`` when the sequence has no prefix token.
+    """
+
+    self_attn: Tensor
+    cls_attn: Optional[Tensor]
+    patch_mass: Tensor
+    patch_entropy: Tensor
+
+
+def attention_logits(
+    q: Tensor, k: Tensor, scale: Optional[float] = None, bias: Optional[Tensor] = None
+) -> Tensor:
+    """Scores ``q·kᵀ·scale + bias`` of shape [B, H, N, N], computed in q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return logits
+
+
+def _stats_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 stays float64 (ground truth); everything else is computed in float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def attention_with_stats(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    num_prefix_tokens: int = 1,
+    scale: Optional[float] = None,
+    bias: Optional[Tensor] = None,
+) -> tuple[Tensor, AttentionRows]:
+    """Softmax attention and the row statistics of every query, materialized.
+
+    q, k, v: [B, H, N, d]; bias broadcastable to [B, H, N, N]. Returns ``out`` [B, H, N, d]
+    in v's dtype and :class:`AttentionRows` in float32 (float64 for float64 inputs).
+    Tokens ``0..num_prefix_tokens-1`` are prefix tokens; the rest are patches.
+    """
+    n = q.shape[-2]
+    if not 0 <= num_prefix_tokens < n:
+        raise ValueError(f"num_prefix_tokens must be in [0, {n - 1}], got {num_prefix_tokens}")
+    dtype = _stats_dtype(q, k, v)
+    logits = attention_logits(q.to(dtype), k.to(dtype), scale, bias)
+    attn = logits.softmax(dim=-1)
+    out = torch.matmul(attn, v.to(dtype)).to(v.dtype)
+
+    patch_logits = logits[..., num_prefix_tokens:]
+    log_p = patch_logits.log_softmax(dim=-1)
+    p = log_p.exp()
+    # exact Shannon entropy of the renormalised patch attention, 0·log 0 = 0
+    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    rows = AttentionRows(
+        self_attn=attn.diagonal(dim1=-2, dim2=-1),
+        cls_attn=attn[..., 0] if num_prefix_tokens > 0 else None,
+        patch_mass=attn[..., num_prefix_tokens:].sum(-1),
+        patch_entropy=entropy,
+    )
+    return out, rows
+
+
+def abmilp_pool(tokens: Tensor, weight: Tensor, bias: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+    """AbMILP pooling (Eq. 5): ``s = softmax_i(z_i·w + b)``, ``pooled = Σ_i s_i z_i``.
+
+    tokens [B, N, D]; weight [D] → (pooled [B, D], scores [B, N]), or weight [K, D] with
+    bias [K] → (pooled [B, K, D], scores [B, K, N]). Differentiable in all inputs.
+    """
+    if weight.dim() == 1:
+        pooled, scores = abmilp_pool(tokens, weight[None], torch.as_tensor(bias).reshape(1))
+        return pooled[:, 0], scores[:, 0]
+    if weight.dim() != 2 or weight.shape[-1] != tokens.shape[-1]:
+        raise ValueError(f"weight must be [D] or [K, D] with D={tokens.shape[-1]}, got {tuple(weight.shape)}")
+    bias = torch.as_tensor(bias, dtype=tokens.dtype, device=tokens.device)
+    logits = torch.einsum("bnd,kd->bkn", tokens, weight.to(tokens.dtype)) + bias.reshape(-1, 1)
+    scores = logits.softmax(dim=-1)
+    pooled = torch.einsum("bkn,bnd->bkd", scores, tokens)
+    return pooled, scores
+
+
+def entropy(p: Tensor, dim: int = -1) -> Tensor:
+    """Exact Shannon entropy (natural log) of probability vectors along ``dim``."""
+    return -torch.special.xlogy(p, p).sum(dim)
+
+
+def max_entropy(num_patches: int) -> float:
+    """Entropy of the uniform distribution over ``num_patches`` (5.28 for 196)."""
+    return math.log(num_patches)
+
+
+@torch.no_grad()
+def lars_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    trust_coefficient: float = 0.001,
+) -> None:
+    """One LARS update in place, parameter by parameter (the MAE codebase's semantics).
+
+    For parameters with ndim > 1: ``g += wd·p``, then g is scaled by the trust ratio
+    ``tc·‖p‖/‖g‖`` when both norms are positive. 1-D parameters (biases, norms) get
+    neither. Then ``mu = momentum·mu + g`` and ``p -= lr·mu``.
+    """
+    for p, g, mu in zip(params, grads, momentum_buffers):
+        d = g.clone()
+        if p.ndim > 1:
+            d = d.add(p, alpha=weight_decay)
+            param_norm = torch.linalg.vector_norm(p)
+            update_norm = torch.linalg.vector_norm(d)
+            ratio = torch.where(
+                (param_norm > 0) & (update_norm > 0),
+                trust_coefficient * param_norm / update_norm,
+                torch.ones_like(param_norm),
+            )
+            d = d * ratio
+        mu.mul_(momentum).add_(d)
+        p.add_(mu, alpha=-lr)

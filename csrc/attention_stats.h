@@ -1,0 +1,18 @@
+// Fused softmax attention with per-row statistics (see DESIGN.md, "Definitions").
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace beyond_cls {
+
+// q, k, v: [B, H, N, d] on the CPU (float32, float64, bfloat16 or float16).
+// Returns (out [B, H, N, d] in v's dtype, self_attn, cls_attn, patch_mass, patch_entropy),
+// the statistics [B, H, N] in float32. cls_attn holds a_i0 (meaningful when num_prefix_tokens > 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_stats_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t num_prefix_tokens,
+    std::optional<double> scale, const std::optional<at::Tensor>& bias);
+
+}  // namespace beyond_cls

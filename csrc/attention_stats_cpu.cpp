@@ -1,0 +1,162 @@
+// CPU kernel of beyond_cls::attention_with_stats.
+//
+// Work is split over (batch·head, block of queries) with at::parallel_for. Each task computes
+// its [rows, N] score tile with one GEMM, reduces every row to exact statistics while turning
+// the tile into attention probabilities, and multiplies by V with a second GEMM. Patch keys are
+// exponentiated relative to the patch-only maximum, so the patch entropy and mass stay exact even
+// when the prefix tokens take almost all of the attention.
+#include "attention_stats.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace beyond_cls {
+namespace {
+
+constexpr int64_t kQueryBlock = 64;
+
+struct RowStats {
+  float self_attn, cls_attn, patch_mass, patch_entropy;
+};
+
+// Turns one row of logits into probabilities in place and returns its statistics.
+template <typename acc_t>
+RowStats softmax_row_with_stats(acc_t* s, int64_t n, int64_t prefix, int64_t row) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t prefix_max = kNegInf, patch_max = kNegInf;
+  for (int64_t j = 0; j < prefix; ++j) prefix_max = std::max(prefix_max, s[j]);
+  for (int64_t j = prefix; j < n; ++j) patch_max = std::max(patch_max, s[j]);
+  const acc_t row_max = std::max(prefix_max, patch_max);
+
+  // Patch keys relative to the patch maximum: z_p = Σ e^(s-mp), t_p = Σ e^(s-mp)(s-mp).
+  acc_t z_patch = 0, t_patch = 0;
+  for (int64_t j = prefix; j < n; ++j) {
+    const acc_t shifted = s[j] - patch_max;
+    const acc_t e = std::exp(shifted);
+    s[j] = e;
+    z_patch += e;
+    t_patch += shifted == kNegInf ? acc_t(0) : e * shifted;  // 0·log 0 = 0
+  }
+  acc_t z_prefix = 0;
+  for (int64_t j = 0; j < prefix; ++j) {
+    s[j] = std::exp(s[j] - row_max);
+    z_prefix += s[j];
+  }
+  const acc_t patch_scale = std::exp(patch_max - row_max);  // e^(mp - m) <= 1
+  const acc_t inv_total = acc_t(1) / (z_prefix + z_patch * patch_scale);
+  const acc_t patch_prob = patch_scale * inv_total;
+  for (int64_t j = 0; j < prefix; ++j) s[j] *= inv_total;
+  for (int64_t j = prefix; j < n; ++j) s[j] *= patch_prob;
+
+  RowStats r;
+  r.self_attn = static_cast<float>(s[row]);
+  r.cls_attn = static_cast<float>(s[0]);
+  r.patch_mass = static_cast<float>(z_patch * patch_prob);
+  r.patch_entropy = static_cast<float>(std::log(z_patch) - t_patch / z_patch);
+  return r;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  int64_t num_prefix_tokens, const std::optional<at::Tensor>& bias) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.device().is_cpu(), "attention_with_stats (C++): ", name, " must be a CPU tensor, got ",
+                t.device());
+    TORCH_CHECK(t.dim() == 4, "attention_with_stats: ", name, " must be [B, H, N, d], got ", t.sizes());
+    const auto dt = t.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                "attention_with_stats (C++): ", name, " must be float32/float64/bfloat16/float16, got ", dt);
+  }
+  TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(),
+              "attention_with_stats: q, k, v must have one shape [B, H, N, d], got q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "attention_with_stats: q, k, v must share a dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  const int64_t n = q.size(2);
+  TORCH_CHECK(n > 0 && q.size(3) > 0, "attention_with_stats: empty sequence or head dim, q is ", q.sizes());
+  TORCH_CHECK(num_prefix_tokens >= 0 && num_prefix_tokens < n, "attention_with_stats: num_prefix_tokens ",
+              "must be in [0, N-1] = [0, ", n - 1, "], got ", num_prefix_tokens);
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    TORCH_CHECK(b.device().is_cpu(), "attention_with_stats (C++): bias must be a CPU tensor");
+    TORCH_CHECK(b.dim() <= 4, "attention_with_stats: bias must broadcast to [B, H, N, N], got ", b.sizes());
+    TORCH_CHECK(at::is_floating_point(b), "attention_with_stats: bias must be floating point, got ",
+                b.scalar_type());
+    const std::vector<int64_t> full{q.size(0), q.size(1), n, n};
+    const auto bs = b.sizes();
+    for (const auto i : c10::irange(bs.size())) {
+      const int64_t want = full[4 - bs.size() + i];
+      TORCH_CHECK(bs[i] == want || bs[i] == 1, "attention_with_stats: bias of shape ", bs,
+                  " does not broadcast to [B, H, N, N] = ", at::IntArrayRef(full));
+    }
+  }
+}
+
+template <typename acc_t>
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, bool has_bias,
+         int64_t prefix, double scale, at::Tensor& out, at::Tensor& stats) {
+  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2);
+  const int64_t q_blocks = (n + kQueryBlock - 1) / kQueryBlock;
+  float* stats_ptr = stats.data_ptr<float>();  // [4, B, H, N]
+  const int64_t plane = batch * heads * n;
+
+  at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor tile = at::empty({kQueryBlock, n}, q.options());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_blocks, i0 = (task % q_blocks) * kQueryBlock;
+      const int64_t b = bh / heads, h = bh % heads, rows = std::min(kQueryBlock, n - i0);
+      at::Tensor s = tile.narrow(0, 0, rows);
+      at::mm_out(s, q[b][h].narrow(0, i0, rows), k[b][h].t());
+      s.mul_(scale);
+      if (has_bias) s.add_(bias[b][h].narrow(0, i0, rows));
+      acc_t* sp = s.data_ptr<acc_t>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const RowStats st = softmax_row_with_stats<acc_t>(sp + r * n, n, prefix, i0 + r);
+        const int64_t at_row = bh * n + i0 + r;
+        stats_ptr[at_row] = st.self_attn;
+        stats_ptr[plane + at_row] = st.cls_attn;
+        stats_ptr[2 * plane + at_row] = st.patch_mass;
+        stats_ptr[3 * plane + at_row] = st.patch_entropy;
+      }
+      at::Tensor o = out[b][h].narrow(0, i0, rows);
+      at::mm_out(o, s, v[b][h]);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_stats_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t num_prefix_tokens,
+    std::optional<double> scale, const std::optional<at::Tensor>& bias) {
+  check_inputs(q, k, v, num_prefix_tokens, bias);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3);
+  const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d));
+
+  // GEMMs read strided views directly; only a dtype change copies.
+  const at::Tensor qa = q.to(acc), ka = k.to(acc), va = v.to(acc);
+  at::Tensor b4;
+  if (bias.has_value()) b4 = bias->to(acc).expand({batch, heads, n, n});
+  at::Tensor out = at::empty({batch, heads, n, d}, q.options().dtype(acc));
+  at::Tensor stats = at::empty({4, batch, heads, n}, q.options().dtype(at::kFloat));
+
+  if (acc == at::kDouble) {
+    run<double>(qa, ka, va, b4, bias.has_value(), num_prefix_tokens, sc, out, stats);
+  } else {
+    run<float>(qa, ka, va, b4, bias.has_value(), num_prefix_tokens, sc, out, stats);
+  }
+  return {out.to(v.scalar_type()), stats[0], stats[1], stats[2], stats[3]};
+}
+
+TORCH_LIBRARY_IMPL(beyond_cls, CPU, m) {
+  m.impl("attention_with_stats", &attention_with_stats_cpu);
+}
+
+}  // namespace beyond_cls
