@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Optional
 
 import torch
 
 
 @functools.lru_cache(maxsize=1)
-def load_error() -> Optional[str]:
+def load_error() -> str | None:
     """None when ``torch.ops.beyond_cls`` is registered, else why the extension failed to load."""
     try:
         importlib.import_module("beyond_cls._C")

@@ -8,7 +8,6 @@ backend is not available for the tensors at hand.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +20,7 @@ BACKENDS = ("reference", "triton", "cpp")
 __all__ = ["AttentionRows", "BACKENDS", "abmilp_pool", "attention_with_stats", "backend_for"]
 
 
-def _forced_backend() -> Optional[str]:
+def _forced_backend() -> str | None:
     name = os.environ.get("BEYOND_CLS_BACKEND", "").strip().lower()
     if not name:
         return None
@@ -30,7 +29,7 @@ def _forced_backend() -> Optional[str]:
     return name
 
 
-def _available(backend: str, device: torch.device, op: str) -> Optional[str]:
+def _available(backend: str, device: torch.device, op: str) -> str | None:
     """None when ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
     if backend == "reference":
         return None
@@ -60,8 +59,8 @@ def attention_with_stats(
     k: Tensor,
     v: Tensor,
     num_prefix_tokens: int = 1,
-    scale: Optional[float] = None,
-    bias: Optional[Tensor] = None,
+    scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, AttentionRows]:
     """Softmax attention of q, k, v [B, H, N, d] and the row statistics of every query.
 

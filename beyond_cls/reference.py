@@ -7,7 +7,8 @@ Readable in a minute and exact in float64. Kernels in ``kernels/`` (Triton) and
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,13 +21,13 @@ class AttentionRows(NamedTuple):
     """
 
     self_attn: Tensor
-    cls_attn: Optional[Tensor]
+    cls_attn: Tensor | None
     patch_mass: Tensor
     patch_entropy: Tensor
 
 
 def attention_logits(
-    q: Tensor, k: Tensor, scale: Optional[float] = None, bias: Optional[Tensor] = None
+    q: Tensor, k: Tensor, scale: float | None = None, bias: Tensor | None = None
 ) -> Tensor:
     """Scores ``q·kᵀ·scale + bias`` of shape [B, H, N, N], computed in q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -46,8 +47,8 @@ def attention_with_stats(
     k: Tensor,
     v: Tensor,
     num_prefix_tokens: int = 1,
-    scale: Optional[float] = None,
-    bias: Optional[Tensor] = None,
+    scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, AttentionRows]:
     """Softmax attention and the row statistics of every query, materialized.
 

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -100,11 +101,13 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 template <typename acc_t>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, bool has_bias,
-         int64_t prefix, double scale, at::Tensor& out, at::Tensor& stats) {
+         int64_t prefix, double scale, at::Tensor& out, std::array<at::Tensor, 4>& stats) {
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2);
   const int64_t q_blocks = (n + kQueryBlock - 1) / kQueryBlock;
-  float* stats_ptr = stats.data_ptr<float>();  // [4, B, H, N]
-  const int64_t plane = batch * heads * n;
+  float* self_ptr = stats[0].data_ptr<float>();
+  float* cls_ptr = stats[1].data_ptr<float>();
+  float* mass_ptr = stats[2].data_ptr<float>();
+  float* entropy_ptr = stats[3].data_ptr<float>();
 
   at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor tile = at::empty({kQueryBlock, n}, q.options());
@@ -119,10 +122,10 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
       for (int64_t r = 0; r < rows; ++r) {
         const RowStats st = softmax_row_with_stats<acc_t>(sp + r * n, n, prefix, i0 + r);
         const int64_t at_row = bh * n + i0 + r;
-        stats_ptr[at_row] = st.self_attn;
-        stats_ptr[plane + at_row] = st.cls_attn;
-        stats_ptr[2 * plane + at_row] = st.patch_mass;
-        stats_ptr[3 * plane + at_row] = st.patch_entropy;
+        self_ptr[at_row] = st.self_attn;
+        cls_ptr[at_row] = st.cls_attn;
+        mass_ptr[at_row] = st.patch_mass;
+        entropy_ptr[at_row] = st.patch_entropy;
       }
       at::Tensor o = out[b][h].narrow(0, i0, rows);
       at::mm_out(o, s, v[b][h]);
@@ -136,6 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t num_prefix_tokens,
     std::optional<double> scale, const std::optional<at::Tensor>& bias) {
   check_inputs(q, k, v, num_prefix_tokens, bias);
+  const at::NoGradGuard no_grad;  // forward-only op: the GEMMs below write into out= buffers
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3);
   const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d));
@@ -145,7 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor b4;
   if (bias.has_value()) b4 = bias->to(acc).expand({batch, heads, n, n});
   at::Tensor out = at::empty({batch, heads, n, d}, q.options().dtype(acc));
-  at::Tensor stats = at::empty({4, batch, heads, n}, q.options().dtype(at::kFloat));
+  const auto stat_options = q.options().dtype(at::kFloat);
+  std::array<at::Tensor, 4> stats;
+  for (auto& t : stats) t = at::empty({batch, heads, n}, stat_options);
 
   if (acc == at::kDouble) {
     run<double>(qa, ka, va, b4, bias.has_value(), num_prefix_tokens, sc, out, stats);

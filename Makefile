@@ -1,0 +1,32 @@
+# Entry points: `make demo` and `make test` create (or reuse) .venv and install the package first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.beyond-cls-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+
+.PHONY: install demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first: the C++ extension builds against it (--no-build-isolation).
+$(STAMP): $(BIN)/python $(SOURCES)
+	$(BIN)/python -m pip install "setuptools>=64" wheel ninja pybind11 "torch>=2.4" "torchvision>=0.19"
+	$(BIN)/python -m pip install --no-build-isolation -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/beyond-cls demo
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build dist *.egg-info beyond_cls/_C*.so $(STAMP)

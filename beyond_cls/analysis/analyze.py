@@ -1,0 +1,102 @@
+"""The ``analyze`` job: stream a dataset through an encoder under the AttentionRecorder."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from beyond_cls.analysis.plots import plot_information_flow
+from beyond_cls.analysis.recorder import AttentionRecorder
+from beyond_cls.analysis.summary import AttentionSummary
+from beyond_cls.config import ConfigError
+from beyond_cls.data import ImageFolderDataset, default_num_workers, eval_transform, make_loader
+from beyond_cls.models import load_encoder
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATS_FILE = "attention_stats.json"
+PLOT_FILE = "attention_stats.png"
+
+
+@dataclass
+class AnalyzeConfig:
+    """What ``beyond-cls analyze`` runs; every field is also a CLI flag and a YAML key."""
+
+    model: str
+    data: str
+    out: str
+    checkpoint: str | None = None
+    checkpoint_format: str = "auto"
+    split: str = "val"
+    img_size: int = 224
+    batch_size: int = 64
+    max_images: int | None = None
+    num_workers: int = field(default_factory=default_num_workers)
+    device: str = "auto"
+    precision: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_images is not None and self.max_images <= 0:
+            raise ConfigError(f"max_images must be a positive integer, got {self.max_images}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device} requested but CUDA is not available")
+        return device
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        if self.precision == "auto":
+            return torch.bfloat16 if device.type == "cuda" else None
+        return PRECISIONS[self.precision]
+
+
+def analyze(cfg: AnalyzeConfig) -> AttentionSummary:
+    """Record the attention statistics of ``cfg.model`` over ``cfg.data``/``cfg.split``.
+
+    Writes ``attention_stats.json`` and ``attention_stats.png`` into ``cfg.out`` and returns the
+    summary. Images follow MAE's evaluation transform (resize 256 bicubic, center crop 224).
+    """
+    device = cfg.resolved_device()
+    dataset = ImageFolderDataset(cfg.data, cfg.split, transform=eval_transform(cfg.img_size))
+    if cfg.max_images is not None and cfg.max_images < len(dataset):
+        dataset = Subset(dataset, range(cfg.max_images))
+    loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
+    model = load_encoder(cfg.model, cfg.checkpoint, cfg.checkpoint_format, img_size=cfg.img_size).to(device)
+    dtype = cfg.autocast_dtype(device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    start = time.perf_counter()
+    with AttentionRecorder(model, name=cfg.model) as recorder, torch.inference_mode(), autocast:
+        for images, _ in tqdm(loader, desc=f"analyze {cfg.model}", unit="batch", disable=not cfg.progress):
+            model.forward_features(images.to(device, non_blocking=True))
+    summary = recorder.summary()
+    seconds = time.perf_counter() - start
+
+    out = Path(cfg.out)
+    summary.save(out / STATS_FILE)
+    plot_information_flow({cfg.model: summary}, out / PLOT_FILE)
+    (out / "analyze_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    print(summary)
+    print(f"{summary.num_images} images in {seconds:.1f} s ({summary.num_images / seconds:.1f} images/s) "
+          f"on {device}; wrote {out / STATS_FILE} and {out / PLOT_FILE}")
+    return summary

@@ -1,0 +1,139 @@
+"""How each timm attention module computes q, k, v, and how its output is finished.
+
+The recorder swaps an attention module's forward for one that projects exactly as the module
+does (qkv bias, separate q/v biases, q/k norm, RoPE, grouped kv heads, BEiT relative position
+bias, masks), runs :func:`beyond_cls.ops.attention_with_stats`, and applies the module's own
+output path (scale norm, gate, projection). One adapter per attention class, in a registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.layers.attention import Attention, AttentionRope
+from timm.models.beit import Attention as BeitAttention
+from timm.models.eva import EvaAttention
+from torch import Tensor, nn
+
+
+@dataclass
+class Projected:
+    """One attention call, ready for the fused op: q, k, v [B, H, N, d] and an additive bias."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    bias: Tensor | None = None
+    gate: Tensor | None = None
+
+
+def _mask_to_bias(
+    n: int, like: Tensor, attn_mask: Tensor | None, is_causal: bool
+) -> Tensor | None:
+    """SDPA mask semantics as an additive bias (boolean True = attend; is_causal wins)."""
+    if is_causal:
+        return like.new_full((n, n), float("-inf")).triu_(1)
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros_like(attn_mask, dtype=like.dtype).masked_fill_(~attn_mask, float("-inf"))
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    b, n, _ = t.shape
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def _fused_qkv(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v from a fused qkv Linear, with BEiT/EVA-style separate q/k/v biases if present."""
+    q_bias = getattr(module, "q_bias", None)
+    if q_bias is None:
+        qkv = module.qkv(x)
+    else:
+        bias = torch.cat((q_bias, module.k_bias, module.v_bias))
+        if getattr(module, "qkv_bias_separate", False):
+            qkv = module.qkv(x) + bias
+        else:
+            qkv = F.linear(x, weight=module.qkv.weight, bias=bias)
+    b, n, _ = x.shape
+    q, k, v = qkv.reshape(b, n, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _project_vit(
+    module: Attention, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+) -> Projected:
+    gate = module.gate(x).sigmoid() if getattr(module, "gate", None) is not None else None
+    q, k, v = _fused_qkv(module, x)
+    q, k = module.q_norm(q), module.k_norm(k)
+    return Projected(q, k, v, _mask_to_bias(x.shape[1], q, attn_mask, is_causal), gate)
+
+
+def _project_rope(
+    module: nn.Module,
+    x: Tensor,
+    rope: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+) -> Projected:
+    """timm's AttentionRope and EvaAttention: fused or separate projections, RoPE on patches."""
+    gate = module.gate(x).sigmoid() if getattr(module, "gate", None) is not None else None
+    if module.qkv is not None:
+        q, k, v = _fused_qkv(module, x)
+    else:
+        kv_heads = getattr(module, "num_kv_heads", module.num_heads)
+        q = _split_heads(module.q_proj(x), module.num_heads)
+        k = _split_heads(module.k_proj(x), kv_heads)
+        v = _split_heads(module.v_proj(x), kv_heads)
+    q, k = module.q_norm(q), module.k_norm(k)
+    if rope is not None:
+        p = module.num_prefix_tokens
+        half = getattr(module, "rotate_half", False)
+        q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2).type_as(v)
+    groups = getattr(module, "num_kv_groups", 1)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return Projected(q, k, v, _mask_to_bias(x.shape[1], q, attn_mask, is_causal), gate)
+
+
+def _project_beit(module: BeitAttention, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Projected:
+    q, k, v = _fused_qkv(module, x)
+    bias = None
+    if module.relative_position_bias_table is not None:
+        bias = module._get_rel_pos_bias()
+    if shared_rel_pos_bias is not None:
+        bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+    return Projected(q, k, v, bias)
+
+
+def finish(module: nn.Module, out: Tensor, gate: Tensor | None) -> Tensor:
+    """The module's output path after attention: merge heads, scale norm, gate, projection."""
+    b, _, n, _ = out.shape
+    x = out.transpose(1, 2).reshape(b, n, -1)
+    norm = getattr(module, "norm", None)
+    if norm is not None:
+        x = norm(x)
+    if gate is not None:
+        x = x * gate
+    return module.proj_drop(module.proj(x))
+
+
+Projector = Callable[..., Projected]
+
+# Exact classes only: a subclass may change the forward, so it must be registered on its own.
+ADAPTERS: dict[type, Projector] = {
+    Attention: _project_vit,
+    AttentionRope: _project_rope,
+    EvaAttention: _project_rope,
+    BeitAttention: _project_beit,
+}
+
+
+def adapter_for(module: nn.Module) -> Projector | None:
+    """The projector of ``module``'s exact class, or None when it is not an attention we know."""
+    return ADAPTERS.get(type(module))

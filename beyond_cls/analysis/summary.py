@@ -1,0 +1,157 @@
+"""AttentionSummary: the per-block, per-head information-flow statistics of one encoder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+# (field, column header, needs a [cls] token); order of the table and the JSON file.
+FIELDS: tuple[tuple[str, str, bool], ...] = (
+    ("cls_self", "cls-self", True),
+    ("cls_patch_entropy", "cls-patch H", True),
+    ("patch_self", "patch-self", False),
+    ("patch_patch_entropy", "patch-patch H", False),
+    ("patch_cls", "patch-cls", True),
+    ("cls_patch_mass", "cls-patch mass", True),
+)
+FIELD_NAMES = tuple(name for name, _, _ in FIELDS)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AttentionSummary:
+    """Means over images of the DESIGN.md statistics, each a float64 tensor [blocks, heads].
+
+    ``cls_*`` and ``patch_cls`` are None for encoders without a [cls] token (I-JEPA, CAPI).
+    ``num_patches`` is |J|, so ``max_entropy`` = log |J| bounds both entropy fields.
+    """
+
+    patch_self: Tensor
+    patch_patch_entropy: Tensor
+    cls_self: Tensor | None = None
+    cls_patch_entropy: Tensor | None = None
+    patch_cls: Tensor | None = None
+    cls_patch_mass: Tensor | None = None
+    num_images: int = 0
+    num_prefix_tokens: int = 1
+    num_patches: int = 0
+    model: str = ""
+    block_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.patch_self.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.patch_self.shape[1]
+
+    @property
+    def has_cls(self) -> bool:
+        return self.cls_self is not None
+
+    @property
+    def max_entropy(self) -> float:
+        """Entropy of uniform attention over the patches, log |J|."""
+        return math.log(self.num_patches) if self.num_patches > 0 else float("nan")
+
+    def fields(self) -> dict[str, Tensor]:
+        """The statistics present for this encoder, by name, in table order."""
+        return {n: getattr(self, n) for n in FIELD_NAMES if getattr(self, n) is not None}
+
+    def per_block(self) -> dict[str, Tensor]:
+        """Each statistic averaged over heads: [blocks] tensors (the paper's Figs. 3–6)."""
+        return {n: t.mean(dim=1) for n, t in self.fields().items()}
+
+    def overall(self) -> dict[str, float]:
+        """Each statistic averaged over blocks and heads (e.g. Table 3's mean entropy)."""
+        return {n: float(t.mean()) for n, t in self.fields().items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "num_images": self.num_images,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "num_patches": self.num_patches,
+            "num_blocks": self.num_blocks,
+            "num_heads": self.num_heads,
+            "block_names": list(self.block_names),
+            "max_entropy": self.max_entropy,
+            "fields": {n: (None if t is None else t.tolist()) for n in FIELD_NAMES for t in [getattr(self, n)]},
+            "per_block": {n: t.tolist() for n, t in self.per_block().items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AttentionSummary:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"attention summary format_version {version!r} is not {FORMAT_VERSION}")
+        tensors = {
+            n: (None if v is None else torch.tensor(v, dtype=torch.float64))
+            for n, v in data["fields"].items()
+            if n in FIELD_NAMES
+        }
+        return cls(
+            **tensors,
+            num_images=int(data["num_images"]),
+            num_prefix_tokens=int(data["num_prefix_tokens"]),
+            num_patches=int(data["num_patches"]),
+            model=data.get("model", ""),
+            block_names=list(data.get("block_names", [])),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (temp file + rename), so a killed run never leaves half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AttentionSummary:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"attention summary {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"attention summary {path} is not valid JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"attention summary {path} is malformed: {exc}") from None
+
+    def __str__(self) -> str:
+        cols = [(n, h) for n, h, _ in FIELDS if getattr(self, n) is not None]
+        per_block = self.per_block()
+        widths = [max(len(h), 8) for _, h in cols]
+        head = f"{'block':>5}  " + "  ".join(f"{h:>{w}}" for (_, h), w in zip(cols, widths))
+        lines = [
+            f"{self.model or 'encoder'}: {self.num_images} images, {self.num_blocks} blocks x "
+            f"{self.num_heads} heads, {self.num_patches} patches (max entropy {self.max_entropy:.3f}), "
+            "means over heads",
+            head,
+            "-" * len(head),
+        ]
+        for b in range(self.num_blocks):
+            vals = "  ".join(f"{per_block[n][b].item():>{w}.4f}" for (n, _), w in zip(cols, widths))
+            lines.append(f"{b:>5}  {vals}")
+        overall = self.overall()
+        lines.append("-" * len(head))
+        lines.append(f"{'mean':>5}  " + "  ".join(f"{overall[n]:>{w}.4f}" for (n, _), w in zip(cols, widths)))
+        return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Job configs: dataclasses that load from YAML and take command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the key and what was expected."""
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides: Any) -> T:
+    """Build ``cls`` from an optional YAML file, then apply non-None ``overrides`` on top."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        unknown = sorted(set(k.replace("-", "_") for k in loaded) - names)
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown keys {unknown}; known keys: {sorted(names)}")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None and k in names})
+    missing = [
+        f.name for f in dataclasses.fields(cls)
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise ConfigError(f"missing required setting(s) {flags} (on the command line or in --config)")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from None

@@ -1,0 +1,48 @@
+"""Image transforms of the MAE evaluation protocol (validation and linear-probing train)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "train_transform"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_transform(
+    img_size: int = 224,
+    crop_pct: float = 224 / 256,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> T.Compose:
+    """MAE validation transform: bicubic resize of the shorter side to img_size/crop_pct, center crop."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct={crop_pct}: expected a value in (0, 1]")
+    return T.Compose(
+        [
+            T.Resize(int(img_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def train_transform(
+    img_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> T.Compose:
+    """MAE linear-probing train transform: bicubic RandomResizedCrop and horizontal flip."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )

@@ -1,0 +1,52 @@
+"""A wheel installed into a clean venv outside the repo imports the package, kernels and extension."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import pathlib, sys, torch
+import beyond_cls, beyond_cls.kernels, beyond_cls._C
+prefix = pathlib.Path(sys.prefix).resolve()
+for mod in (beyond_cls, beyond_cls.kernels, beyond_cls._C):
+    assert prefix in pathlib.Path(mod.__file__).resolve().parents, (mod.__name__, mod.__file__)
+q = torch.randn(1, 2, 9, 8)
+out, *_ = torch.ops.beyond_cls.attention_with_stats(q, q, q, 1)
+assert out.shape == q.shape
+print("ok", beyond_cls.__version__)
+"""
+
+
+def run(cmd, cwd, **kw):
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_wheel_in_clean_venv(tmp_path):
+    dist = tmp_path / "dist"
+    run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", dist, REPO],
+        cwd=tmp_path, timeout=900)
+    (wheel,) = dist.glob("beyond_cls-*.whl")
+
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
+    py = venv / "bin" / "python"
+    # Dependencies (torch, timm, ...) come from the test environment, appended after the venv's own
+    # site-packages; the package itself must come from the wheel.
+    site = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip())
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=tmp_path)
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert run([py, "-c", CHECK], cwd=tmp_path, env=env).startswith("ok")
+    assert "analyze" in run([venv / "bin" / "beyond-cls", "--help"], cwd=tmp_path, env=env)

@@ -1,0 +1,213 @@
+"""AttentionRecorder against timm's own materialized attention, on random timm models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from beyond_cls import _extension
+from beyond_cls.analysis import AttentionRecorder, AttentionSummary
+
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "vit_no_cls": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
+    "vit_reg4": ("vit_tiny_patch16_224", {"reg_tokens": 4}),
+    "vit_reg4_no_cls": ("vit_tiny_patch16_224", {"reg_tokens": 4, "class_token": False, "global_pool": "avg"}),
+    "vit_qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True}),
+    "beit_rel_pos": ("beitv2_base_patch16_224", {"embed_dim": 192, "num_heads": 3}),
+    "beit_shared_rel_pos": (
+        "beit_base_patch16_224",
+        {"embed_dim": 192, "num_heads": 3, "use_rel_pos_bias": False, "use_shared_rel_pos_bias": True},
+    ),
+    "eva_rope": ("eva02_tiny_patch14_224", {"img_size": 112}),
+}
+BACKENDS = ["reference"] + (["cpp"] if _extension.available() else [])
+
+
+def make_model(key: str, dtype=torch.float64) -> torch.nn.Module:
+    """A small random model whose attention rows range from flat to peaked."""
+    name, kwargs = MODELS[key]
+    model = timm.create_model(name, pretrained=False, num_classes=0, depth=2, **kwargs)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(("qkv.weight", "q_proj.weight", "k_proj.weight")):
+                p.mul_(6.0)  # sharpen attention so the statistics are far from uniform
+            elif "relative_position_bias_table" in pname or pname.endswith(("q_bias", "v_bias")):
+                p.normal_(0.0, 1.0)
+    return model.eval().to(dtype)
+
+
+def materialized_summary(model: torch.nn.Module, images: torch.Tensor, prefix: int, has_cls: bool) -> dict:
+    """Statistics from the attention matrices timm's unfused path computes (caught after softmax)."""
+    maps: list[torch.Tensor] = []
+    attns = [m for m in model.modules() if hasattr(m, "attn_drop") and hasattr(m, "fused_attn")]
+    hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: maps.append(out)) for m in attns]
+    fused = [m.fused_attn for m in attns]
+    for m in attns:
+        m.fused_attn = False
+    try:
+        with torch.no_grad():
+            model.forward_features(images)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, f in zip(attns, fused):
+            m.fused_attn = f
+    out: dict[str, list] = {}
+    for a in maps:  # [B, H, N, N]
+        n = a.shape[-1]
+        idx = torch.arange(n)
+        mass = a[..., prefix:].sum(-1)
+        norm = a[..., prefix:] / mass[..., None]
+        ent = -torch.special.xlogy(norm, norm).sum(-1)
+        diag = a[..., idx, idx]
+        stats = {
+            "patch_self": (diag / mass)[..., prefix:].mean(-1).mean(0),
+            "patch_patch_entropy": ent[..., prefix:].mean(-1).mean(0),
+        }
+        if has_cls:
+            stats |= {
+                "cls_self": a[:, :, 0, 0].mean(0),
+                "cls_patch_entropy": ent[:, :, 0].mean(0),
+                "cls_patch_mass": mass[:, :, 0].mean(0),
+                "patch_cls": a[:, :, prefix:, 0].mean(-1).mean(0),
+            }
+        for k, v in stats.items():
+            out.setdefault(k, []).append(v)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key", list(MODELS))
+def test_recorder_matches_materialized_attention(key, backend, monkeypatch):
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
+    model = make_model(key)
+    images = torch.randn(3, 3, model.patch_embed.img_size[0], model.patch_embed.img_size[1], dtype=torch.float64)
+    with torch.no_grad():
+        plain = model.forward_features(images)
+        with AttentionRecorder(model) as rec:
+            recorded = model.forward_features(images)
+    # float64 end to end with the reference; the C++ op accumulates in float64 too, stats rounded to float32
+    tol = 1e-10 if backend == "reference" else 2e-6
+    torch.testing.assert_close(recorded, plain, rtol=tol, atol=tol)
+
+    summary = rec.summary()
+    want = materialized_summary(model, images, rec.num_prefix_tokens, rec.has_class_token)
+    assert summary.num_images == 3
+    assert summary.num_blocks == 2 and summary.num_heads == model.blocks[0].attn.num_heads
+    assert set(summary.fields()) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(getattr(summary, name), value, rtol=tol, atol=tol, msg=name)
+    # the statistics are not trivially uniform for these models
+    assert summary.patch_patch_entropy.min() < 0.95 * summary.max_entropy
+
+
+def test_prefix_layout_is_read_from_the_model():
+    expected = {"vit": (1, True), "vit_no_cls": (0, False), "vit_reg4": (5, True), "vit_reg4_no_cls": (4, False)}
+    for key, (prefix, has_cls) in expected.items():
+        rec = AttentionRecorder(make_model(key, torch.float32))
+        assert (rec.num_prefix_tokens, rec.has_class_token) == (prefix, has_cls), key
+    summary_fields = {"patch_self", "patch_patch_entropy"}
+    model = make_model("vit_reg4_no_cls", torch.float32)
+    with AttentionRecorder(model) as rec:
+        model.forward_features(torch.randn(1, 3, 224, 224))
+    summary = rec.summary()
+    assert set(summary.fields()) == summary_fields and summary.cls_self is None
+    assert summary.num_patches == 196 and summary.max_entropy == pytest.approx(math.log(196))
+
+
+def test_float32_outputs_unchanged_with_default_backend(monkeypatch):
+    monkeypatch.delenv("BEYOND_CLS_BACKEND", raising=False)
+    for key in ("vit", "beit_rel_pos", "eva_rope"):
+        model = make_model(key, torch.float32)
+        images = torch.randn(2, 3, *model.patch_embed.img_size)
+        with torch.no_grad():
+            plain = model.forward_features(images)
+            with AttentionRecorder(model):
+                recorded = model.forward_features(images)
+        torch.testing.assert_close(recorded, plain, rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_modules_restored_after_exception():
+    model = make_model("vit", torch.float32)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        before = model.forward_features(images)
+    rec = AttentionRecorder(model)
+    with pytest.raises(KeyError, match="boom"), rec:
+        assert all("forward" in m.__dict__ for _, m in rec.modules)
+        raise KeyError("boom")
+    assert all("forward" not in m.__dict__ for _, m in rec.modules)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(images), before)
+
+
+def test_batches_accumulate_like_one_batch(monkeypatch):
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", "reference")
+    model = make_model("vit_reg4")
+    images = torch.randn(5, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        with AttentionRecorder(model) as split:
+            model.forward_features(images[:3])
+            model.forward_features(images[3:])
+        with AttentionRecorder(model) as whole:
+            model.forward_features(images)
+    a, b = split.summary(), whole.summary()
+    assert a.num_images == b.num_images == 5
+    for name, value in b.fields().items():
+        torch.testing.assert_close(a.fields()[name], value, rtol=1e-12, atol=1e-14)
+
+
+def test_summary_before_any_image_and_length_change_are_errors():
+    model = make_model("vit", torch.float32)
+    rec = AttentionRecorder(model)
+    with pytest.raises(RuntimeError, match="run the model first"):
+        rec.summary()
+    model224 = make_model("vit", torch.float32)
+    with AttentionRecorder(model224) as rec, torch.no_grad():
+        model224.forward_features(torch.randn(1, 3, 224, 224))
+        model224.set_input_size(img_size=(112, 112)) if hasattr(model224, "set_input_size") else None
+        with pytest.raises(ValueError, match="sequence length changed"):
+            model224.forward_features(torch.randn(1, 3, 112, 112))
+
+
+def test_unsupported_model_is_rejected():
+    with pytest.raises(TypeError, match="no attention module"):
+        AttentionRecorder(torch.nn.Sequential(torch.nn.Linear(4, 4)), 1, True, "mlp")
+    with pytest.raises(TypeError, match="not a ViT-style timm model"):
+        AttentionRecorder(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_summary_save_load_and_table(tmp_path):
+    model = make_model("vit", torch.float32)
+    with AttentionRecorder(model, name="tiny") as rec, torch.no_grad():
+        model.forward_features(torch.randn(2, 3, 224, 224))
+    summary = rec.summary()
+    path = summary.save(tmp_path / "sub" / "stats.json")
+    loaded = AttentionSummary.load(path)
+    assert loaded.num_images == 2 and loaded.model == "tiny" and loaded.num_patches == 196
+    for name, value in summary.fields().items():
+        assert torch.equal(loaded.fields()[name], value), name
+    per_block = summary.per_block()
+    assert per_block["cls_self"].shape == (2,)
+    torch.testing.assert_close(per_block["cls_self"], summary.cls_self.mean(1))
+    table = str(summary)
+    assert "cls-patch H" in table and "mean" in table
+    assert len(table.splitlines()) == 3 + 2 + 2
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        AttentionSummary.load(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        AttentionSummary.load(tmp_path / "missing.json")
+
+
+@pytest.mark.gpu
+def test_recorder_keeps_sums_on_the_gpu():
+    model = make_model("vit", torch.float32).cuda()
+    with AttentionRecorder(model) as rec, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.forward_features(torch.randn(4, 3, 224, 224, device="cuda"))
+    assert all(t.device.type == "cuda" for b in rec._blocks for t in b.sums.values())
+    assert rec.summary().num_images == 4
