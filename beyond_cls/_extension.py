@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 
 import torch
 
@@ -16,6 +17,7 @@ def load_error() -> str | None:
     except ImportError as exc:
         return f"{exc} (reinstall with `pip install --no-build-isolation -e .`)"
     _register_fakes()
+    _register_triton_cuda()
     return None
 
 
@@ -30,3 +32,16 @@ def _register_fakes() -> None:
         b, h, n, _ = q.shape
         stat = q.new_empty((b, h, n), dtype=torch.float32)
         return torch.empty_like(v), stat, stat.clone(), stat.clone(), stat.clone()
+
+
+def _register_triton_cuda() -> None:
+    """CUDA tensors given to ``torch.ops.beyond_cls.attention_with_stats`` run the Triton kernel."""
+    if importlib.util.find_spec("triton") is None:
+        return
+
+    def _attention_with_stats_cuda(q, k, v, num_prefix_tokens=1, scale=None, bias=None):
+        from beyond_cls.kernels.attention_stats import attention_with_stats_forward
+
+        return attention_with_stats_forward(q, k, v, num_prefix_tokens, scale, bias)
+
+    torch.library.register_kernel("beyond_cls::attention_with_stats", "cuda", _attention_with_stats_cuda)

@@ -1,9 +1,18 @@
-"""Shared test setup: deterministic seeds, GPU tests skipped without CUDA."""
+"""Shared test setup: deterministic seeds, GPU tests skipped without CUDA.
+
+Without CUDA, Triton kernels run on CPU tensors in Triton's interpreter: TRITON_INTERPRET must be
+set before any kernel is decorated, so it is set here, before the tests import the kernels.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

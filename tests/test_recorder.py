@@ -105,6 +105,23 @@ def test_recorder_matches_materialized_attention(key, backend, monkeypatch):
     assert summary.patch_patch_entropy.min() < 0.95 * summary.max_entropy
 
 
+@pytest.mark.parametrize("key", ["vit_reg4", "beit_rel_pos", "eva_rope"])
+def test_recorder_with_triton_kernel(key, monkeypatch):
+    """The Triton kernel (interpreted on CPU, compiled on GPU) drives the recorder like the reference."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_model(key, torch.float32).to(device)
+    images = torch.randn(2, 3, *model.patch_embed.img_size, device=device)
+    summaries = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
+        with AttentionRecorder(model) as rec, torch.no_grad():
+            summaries[backend] = (model.forward_features(images), rec.summary())
+    (ref_out, ref), (tri_out, tri) = summaries["reference"], summaries["triton"]
+    torch.testing.assert_close(tri_out, ref_out, rtol=1e-4, atol=1e-4)
+    for name, value in ref.fields().items():
+        torch.testing.assert_close(tri.fields()[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_prefix_layout_is_read_from_the_model():
     expected = {"vit": (1, True), "vit_no_cls": (0, False), "vit_reg4": (5, True), "vit_reg4_no_cls": (4, False)}
     for key, (prefix, has_cls) in expected.items():

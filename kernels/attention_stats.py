@@ -1,0 +1,317 @@
+"""Fused softmax attention with per-row statistics (Triton, forward only).
+
+One program per (block of queries, batch·head). Keys stream in blocks with an online softmax,
+flash-attention style; alongside the output the kernel keeps, per query row, the running max and
+normalizer over all keys and, over patch keys only, their own running max ``mp``, normalizer
+``Zp = Σ 2^t`` and ``Tp = Σ 2^t·t`` with ``t = (s − mp)·log2 e``, rescaled whenever ``mp`` moves,
+so that
+
+    patch_entropy = ln2 · (log2 Zp − Tp / Zp)        (exact; 0·log 0 = 0)
+    patch_mass    = Zp · e^(mp − m) / l
+
+Every key costs one exp2: patch keys are exponentiated against ``mp`` and rescaled to the global
+max by one per-row factor. Logits stay in natural units and the max is subtracted before the
+base-2 scaling, so large logits lose no precision. The diagonal and key-0 logits are recomputed
+outside the key loop from q·k of those keys.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # jit code reads globals only as constexpr
+_LN2 = tl.constexpr(LN2)
+MAX_PREFIX_TOKENS = 16  # prefix keys must fit the first key block (BLOCK_N >= 32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): small so CI can compile every one ahead of time.
+CONFIGS = [
+    (128, 64, 8, 3),
+    (128, 32, 4, 3),
+    (64, 64, 4, 3),
+    (64, 32, 4, 2),
+]
+# Under TRITON_INTERPRET=1 (CPU tests) one config runs; autotuning would only time numpy.
+INTERPRET_CONFIG = (64, 32, 4, 1)
+
+
+@triton.jit
+def _dot(a, b, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """a @ b with float32 accumulation; fp32 inputs in IEEE precision (no TF32).
+
+    UPCAST_DOT multiplies in float32 after an exact upcast (bf16 products are exact in fp32): the
+    Triton interpreter cannot multiply bfloat16 matrices (and truncates when it rounds to bf16), so
+    CPU tests of bf16 inputs use it; there p also stays float32 for p·v.
+    """
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _score_block(
+    q, k_base, v_base, bias_base, start_n, offs_m, offs_d, row_ok, d_ok, N, qk_scale,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+    HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Logits [BLOCK_M, BLOCK_N] of one key block (-inf past N) and its values [BLOCK_N, D_PAD]."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+    s = _dot(q, k, IEEE_DOT, UPCAST_DOT) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        s += bias.to(tl.float32)
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    return s, v, offs_n, col_ok
+
+
+@triton.jit
+def _online_update(
+    s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i,
+    NUM_PREFIX: tl.constexpr, MIXED: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Fold one key block (base-2 logits ``s``, -inf where invalid) into the running row state."""
+    if MIXED:  # the block holds prefix keys as well as patches
+        is_patch = (offs_n >= NUM_PREFIX) & col_ok
+        sp = tl.where(is_patch[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    else:
+        is_patch = col_ok
+        sp = s
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    mp_new = tl.maximum(mp_i, tl.max(sp, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    mp_safe = tl.where(mp_new == float("-inf"), 0.0, mp_new)
+
+    # one exp2 per key: patches against the patch max, prefix keys against the global max
+    if MIXED:
+        ref = tl.where(is_patch[None, :], mp_safe[:, None], m_safe[:, None])
+    else:
+        ref = mp_safe[:, None]
+    shift = (s - ref) * _LOG2E  # subtract first: exact for large logits, then base 2
+    u = tl.exp2(shift)
+    patch_to_global = tl.where(mp_new == float("-inf"), 0.0, tl.exp2((mp_safe - m_safe) * _LOG2E))
+    if MIXED:
+        p = tl.where(is_patch[None, :], u * patch_to_global[:, None], u)
+        e = tl.where(is_patch[None, :], u, 0.0)
+    else:
+        p = u * patch_to_global[:, None]
+        e = u
+    et = e * tl.where(sp > float("-inf"), shift, 0.0)
+
+    alpha = tl.exp2((m_i - m_safe) * _LOG2E)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST_DOT:
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE_DOT, UPCAST_DOT)
+    else:
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT, UPCAST_DOT)
+
+    beta = tl.exp2((mp_i - mp_safe) * _LOG2E)
+    moved = tl.where(zp_i > 0, (mp_i - mp_safe) * _LOG2E, 0.0) * zp_i  # Tp' = β (Tp + (mp − mp') Zp)
+    tp_i = beta * (tp_i + moved) + tl.sum(et, 1)
+    zp_i = zp_i * beta + tl.sum(e, 1)
+    return m_new, l_i, acc, mp_new, zp_i, tp_i
+
+
+@triton.jit
+def _attention_stats_fwd_kernel(
+    Q, K, V, Bias, Out, SelfAttn, ClsAttn, PatchMass, PatchEntropy,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N, HEAD_DIM, qk_scale,
+    NUM_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < N
+    d_ok = offs_d < HEAD_DIM
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    mp_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    zp_i = tl.zeros([BLOCK_M], tl.float32)
+    tp_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    diag_s = tl.zeros([BLOCK_M], tl.float32)  # raw logits of the diagonal key and of key 0
+    first_row = pid_m * BLOCK_M
+
+    # first key block, peeled: it holds every prefix key (NUM_PREFIX < BLOCK_N) and key 0
+    s, v, offs_n, col_ok = _score_block(
+        q, k_base, v_base, bias_base, 0, offs_m, offs_d, row_ok, d_ok, N, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+        HAS_BIAS, IEEE_DOT, UPCAST_DOT, BLOCK_N)
+    cls_s = tl.sum(tl.where(offs_n[None, :] == 0, s, 0.0), 1)
+    if first_row < BLOCK_N:
+        diag_s += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s, 0.0), 1)
+    m_i, l_i, acc, mp_i, zp_i, tp_i = _online_update(
+        s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i, NUM_PREFIX, NUM_PREFIX > 0, IEEE_DOT, UPCAST_DOT)
+
+    for start_n in range(BLOCK_N, N, BLOCK_N):
+        s, v, offs_n, col_ok = _score_block(
+            q, k_base, v_base, bias_base, start_n, offs_m, offs_d, row_ok, d_ok, N, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+            HAS_BIAS, IEEE_DOT, UPCAST_DOT, BLOCK_N)
+        if (start_n < first_row + BLOCK_M) & (start_n + BLOCK_N > first_row):  # block crosses the diagonal
+            diag_s += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s, 0.0), 1)
+        m_i, l_i, acc, mp_i, zp_i, tp_i = _online_update(
+            s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i, NUM_PREFIX, False, IEEE_DOT, UPCAST_DOT)
+
+    inv_l = 1.0 / l_i
+    out = acc * inv_l[:, None]
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    stat = pid_bh.to(tl.int64) * N + offs_m
+    tl.store(SelfAttn + stat, tl.exp2((diag_s - m_i) * _LOG2E) * inv_l, mask=row_ok)
+    tl.store(ClsAttn + stat, tl.exp2((cls_s - m_i) * _LOG2E) * inv_l, mask=row_ok)
+    tl.store(PatchMass + stat, zp_i * tl.exp2((mp_i - m_i) * _LOG2E) * inv_l, mask=row_ok)
+    tl.store(PatchEntropy + stat, (tl.log2(zp_i) - tp_i / zp_i) * _LN2, mask=row_ok)
+
+
+_attention_stats_fwd_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in CONFIGS],
+    key=["N", "HEAD_DIM", "NUM_PREFIX", "HAS_BIAS", "IEEE_DOT", "UPCAST_DOT"],
+)(_attention_stats_fwd_kernel)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix_tokens: int) -> None:
+    """Raise a ValueError naming the argument the Triton kernel cannot take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention_with_stats (Triton): {name} must be [B, H, N, d], got {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"attention_with_stats (Triton): {name} must be float16/bfloat16/float32, got {t.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"attention_with_stats: q, k, v must share one shape, got {q.shape}, {k.shape}, {v.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention_with_stats: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    n, d = q.shape[-2], q.shape[-1]
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"attention_with_stats (Triton): head dim {d} > {MAX_HEAD_DIM}")
+    if not 0 <= num_prefix_tokens < n or num_prefix_tokens > MAX_PREFIX_TOKENS:
+        raise ValueError(
+            f"attention_with_stats (Triton): num_prefix_tokens must be in [0, min(N-1, {MAX_PREFIX_TOKENS})], "
+            f"got {num_prefix_tokens} for N={n}"
+        )
+
+
+def attention_with_stats_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_prefix_tokens: int = 1,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the kernel: (out [B, H, N, d] in v's dtype, self_attn, cls_attn, patch_mass, patch_entropy).
+
+    q, k, v may be strided views (e.g. timm's qkv reshape/permute): no copies are made. ``bias``
+    must broadcast to [B, H, N, N]; broadcast dimensions are read with stride 0.
+    """
+    check_inputs(q, k, v, num_prefix_tokens)
+    batch, heads, n, d = q.shape
+    scale = d**-0.5 if scale is None else float(scale)
+    out = torch.empty((batch, heads, n, d), dtype=v.dtype, device=v.device)
+    stats = [torch.empty((batch, heads, n), dtype=torch.float32, device=q.device) for _ in range(4)]
+    if bias is not None:
+        try:
+            bias = bias.expand(batch, heads, n, n)
+        except RuntimeError:
+            raise ValueError(f"attention_with_stats: bias of shape {tuple(bias.shape)} does not broadcast "
+                             f"to [B, H, N, N] = {[batch, heads, n, n]}") from None
+        bias_strides = bias.stride()
+    else:
+        bias_strides = (0, 0, 0, 0)
+    args = (
+        q, k, v, bias if bias is not None else q, out, *stats,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
+        heads, n, d, scale,
+    )
+    meta = dict(
+        NUM_PREFIX=num_prefix_tokens,
+        HAS_BIAS=bias is not None,
+        IEEE_DOT=q.dtype == torch.float32,
+        UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        D_PAD=max(16, triton.next_power_of_2(d)),
+    )
+    if _interpreting():
+        block_m, block_n, warps, stages = INTERPRET_CONFIG
+        grid = (triton.cdiv(n, block_m), batch * heads)
+        _attention_stats_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
+                                          num_warps=warps, num_stages=stages)
+    else:
+        def grid(cfg):
+            return (triton.cdiv(n, cfg["BLOCK_M"]), batch * heads)
+
+        _attention_stats_fwd_autotuned[grid](*args, **meta)
+    return (out, *stats)
+
+
+def flops(batch: int, heads: int, n: int, d: int) -> int:
+    """Matmul FLOPs of one forward (q·kᵀ and p·v), the convention of attention benchmarks."""
+    return 4 * batch * heads * n * n * d
+
+
+__all__ = [
+    "CONFIGS",
+    "LN2",
+    "LOG2E",
+    "MAX_HEAD_DIM",
+    "SUPPORTED_DTYPES",
+    "attention_with_stats_forward",
+    "check_inputs",
+    "flops",
+]
+
+
+def aot_specializations():
+    """Every autotune config for bf16 (head dim 80, padded to 128, with bias) and fp32 (64) inputs."""
+    from beyond_cls.kernels.aot import Specialization, pointer
+
+    strides = [a for a in _attention_stats_fwd_kernel.arg_names if a.startswith("stride_")]
+    for block_m, block_n, warps, stages in CONFIGS:
+        for dtype, head_dim, has_bias in ((torch.bfloat16, 80, True), (torch.float32, 64, False)):
+            signature = {name: pointer(dtype) for name in ("Q", "K", "V", "Out")}
+            signature |= {name: "*fp32" for name in ("Bias", "SelfAttn", "ClsAttn", "PatchMass", "PatchEntropy")}
+            signature |= {name: "i32" for name in (*strides, "H", "N", "HEAD_DIM")} | {"qk_scale": "fp32"}
+            constexprs = dict(
+                NUM_PREFIX=1, HAS_BIAS=has_bias, IEEE_DOT=dtype == torch.float32, UPCAST_DOT=False,
+                D_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+            )
+            label = f"{str(dtype).removeprefix('torch.')}-d{head_dim}-M{block_m}-N{block_n}-w{warps}-s{stages}"
+            yield Specialization(signature, constexprs, warps, stages, label)

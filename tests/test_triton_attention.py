@@ -1,0 +1,95 @@
+"""The Triton attention_with_stats kernel against the float64 reference.
+
+Without CUDA these run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1),
+with small shapes; with CUDA the same tests run compiled, plus real model shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_checks import check_against_reference, poison_heap, qkv_inputs
+from beyond_cls.kernels.attention_stats import attention_with_stats_forward
+
+from beyond_cls import ops
+from beyond_cls.reference import AttentionRows
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def run_kernel(q, k, v, prefix, scale=None, bias=None):
+    out, self_attn, cls_attn, mass, ent = attention_with_stats_forward(q, k, v, prefix, scale, bias)
+    return out, AttentionRows(self_attn, cls_attn if prefix > 0 else None, mass, ent)
+
+
+def check(q, k, v, prefix, scale=None, bias=None):
+    to = dict(device=DEVICE)
+    q, k, v = q.to(**to), k.to(**to), v.to(**to)
+    bias = None if bias is None else bias.to(**to)
+    poison_heap(q.numel() * 2)
+    out, rows = run_kernel(q, k, v, prefix, scale, bias)
+    cpu = [t.cpu() for t in (q, k, v)]
+    rows = AttentionRows(*(None if t is None else t.cpu() for t in rows))
+    check_against_reference(out.cpu(), rows, *cpu, prefix, scale, None if bias is None else bias.cpu())
+    return rows
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("n,prefix", [(197, 1), (65, 0), (261, 5), (70, 8)])
+def test_triton_matches_reference(dtype, n, prefix):
+    for logit_scale in (0.01, 1.0, 25.0):  # near-uniform .. near one-hot rows
+        check(*qkv_inputs(1, 2, n, 64, dtype, logit_scale, contiguous=False), prefix)
+
+
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+def test_triton_head_dims(d):
+    check(*qkv_inputs(1, 2, 77, d, torch.bfloat16, 4.0), 1)
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 2, 97, 97), (97, 97), (2, 1, 97, 97), (97,)])
+def test_triton_bias_and_scale(bias_shape):
+    check(*qkv_inputs(2, 2, 97, 64, torch.float32), 1, 0.3, torch.randn(bias_shape) * 3)
+
+
+def test_triton_masked_keys_and_dominant_prefix():
+    n = 97
+    bias = torch.zeros(n, n)
+    bias[:, 10:40] = float("-inf")
+    bias[:, 0] = 200.0  # patch mass ~ e^-200: exact only with a patch-relative normalizer
+    rows = check(*qkv_inputs(1, 2, n, 64, torch.float32), 1, None, bias)
+    assert torch.isfinite(rows.patch_entropy).all() and (rows.patch_entropy > 3.0).all()  # ~log(66) - 1
+    assert (rows.patch_mass < 1e-30).all()  # e^-200 underflows float32: the entropy above did not
+
+
+def test_triton_rejects_what_it_cannot_run():
+    q = torch.randn(1, 2, 20, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        attention_with_stats_forward(q.double(), q.double(), q.double(), 1)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        attention_with_stats_forward(q, q, q, 17)
+    big = torch.randn(1, 1, 8, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        attention_with_stats_forward(big, big, big, 1)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attention_with_stats_forward(q, q, q, 1, None, torch.randn(3, 20, 20, device=DEVICE))
+
+
+def test_ops_dispatches_to_triton(monkeypatch):
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", "triton")
+    q, k, v = (t.to(DEVICE) for t in qkv_inputs(1, 2, 40, 32, torch.float32))
+    assert ops.backend_for("attention_with_stats", q.device, q.dtype) == "triton"
+    out, rows = ops.attention_with_stats(q, k, v, 1)
+    direct = run_kernel(q, k, v, 1)
+    assert torch.equal(out, direct[0]) and torch.equal(rows.patch_entropy, direct[1].patch_entropy)
+    with pytest.raises(RuntimeError, match="float16/bfloat16/float32"):
+        ops.attention_with_stats(q.double(), k.double(), v.double(), 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape", [(8, 12, 197, 64), (8, 16, 197, 64), (4, 16, 257, 80), (4, 12, 261, 64), (2, 6, 1025, 64)]
+)
+def test_triton_real_shapes_on_gpu(shape):
+    b, h, n, d = shape
+    check(*qkv_inputs(b, h, n, d, torch.bfloat16, 4.0, contiguous=False), 5 if n == 261 else 1)
