@@ -21,7 +21,9 @@ def _extensions():
     except ImportError:  # metadata-only builds (e.g. isolated sdist)
         return [], {}
     sources = sorted(glob.glob("csrc/*.cpp"))
-    extra = {"cxx": ["-O3"]}
+    # -fopenmp-simd: honour `#pragma omp simd` (no OpenMP runtime); -fno-trapping-math lets the
+    # vectorizer if-convert selects. Portable GCC/Clang flags, no architecture-specific ones.
+    extra = {"cxx": ["-O3", "-fopenmp-simd", "-fno-trapping-math"]}
     ext_cls = cpp_extension.CppExtension
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     if cuda_sources and os.environ.get("BEYOND_CLS_WITH_CUDA") == "1" and cpp_extension.CUDA_HOME:

@@ -1,10 +1,11 @@
 // CPU kernel of beyond_cls::attention_with_stats.
 //
-// Work is split over (batch·head, block of queries) with at::parallel_for. Each task computes
-// its [rows, N] score tile with one GEMM, reduces every row to exact statistics while turning
-// the tile into attention probabilities, and multiplies by V with a second GEMM. Patch keys are
-// exponentiated relative to the patch-only maximum, so the patch entropy and mass stay exact even
-// when the prefix tokens take almost all of the attention.
+// Work is split over (batch·head, block of query rows) with at::parallel_for; a block covers all
+// rows when the [rows, N] score tile is small (ViT sizes), so each task is two GEMMs (q·kᵀ and p·v)
+// around one pass over its rows. The row pass turns logits into probabilities in place and
+// reduces them to exact statistics: patch keys are exponentiated relative to the patch-only
+// maximum, so the patch entropy and mass stay exact even when prefix tokens take almost all of
+// the attention. Row loops are vectorized by the compiler (see row_math.h).
 #include "attention_stats.h"
 
 #include <ATen/Parallel.h>
@@ -17,10 +18,12 @@
 #include <limits>
 #include <vector>
 
+#include "row_math.h"
+
 namespace beyond_cls {
 namespace {
 
-constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kTileElements = 1 << 16;  // score tile per task: 256 KiB of float32
 
 struct RowStats {
   float self_attn, cls_attn, patch_mass, patch_entropy;
@@ -29,21 +32,12 @@ struct RowStats {
 // Turns one row of logits into probabilities in place and returns its statistics.
 template <typename acc_t>
 RowStats softmax_row_with_stats(acc_t* s, int64_t n, int64_t prefix, int64_t row) {
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  acc_t prefix_max = kNegInf, patch_max = kNegInf;
-  for (int64_t j = 0; j < prefix; ++j) prefix_max = std::max(prefix_max, s[j]);
-  for (int64_t j = prefix; j < n; ++j) patch_max = std::max(patch_max, s[j]);
+  const acc_t prefix_max = max_of(s, prefix);
+  const acc_t patch_max = max_of(s + prefix, n - prefix);
   const acc_t row_max = std::max(prefix_max, patch_max);
 
-  // Patch keys relative to the patch maximum: z_p = Σ e^(s-mp), t_p = Σ e^(s-mp)(s-mp).
-  acc_t z_patch = 0, t_patch = 0;
-  for (int64_t j = prefix; j < n; ++j) {
-    const acc_t shifted = s[j] - patch_max;
-    const acc_t e = std::exp(shifted);
-    s[j] = e;
-    z_patch += e;
-    t_patch += shifted == kNegInf ? acc_t(0) : e * shifted;  // 0·log 0 = 0
-  }
+  // patch keys relative to the patch maximum: z_p = Σ e^(s-mp), t_p = Σ e^(s-mp)(s-mp)
+  const auto [z_patch, t_patch] = exp_shift_sums(s + prefix, n - prefix, patch_max);
   acc_t z_prefix = 0;
   for (int64_t j = 0; j < prefix; ++j) {
     s[j] = std::exp(s[j] - row_max);
@@ -52,8 +46,8 @@ RowStats softmax_row_with_stats(acc_t* s, int64_t n, int64_t prefix, int64_t row
   const acc_t patch_scale = std::exp(patch_max - row_max);  // e^(mp - m) <= 1
   const acc_t inv_total = acc_t(1) / (z_prefix + z_patch * patch_scale);
   const acc_t patch_prob = patch_scale * inv_total;
-  for (int64_t j = 0; j < prefix; ++j) s[j] *= inv_total;
-  for (int64_t j = prefix; j < n; ++j) s[j] *= patch_prob;
+  scale_in_place(s, prefix, inv_total);
+  scale_in_place(s + prefix, n - prefix, patch_prob);
 
   RowStats r;
   r.self_attn = static_cast<float>(s[row]);
@@ -103,24 +97,28 @@ template <typename acc_t>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, bool has_bias,
          int64_t prefix, double scale, at::Tensor& out, std::array<at::Tensor, 4>& stats) {
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2);
-  const int64_t q_blocks = (n + kQueryBlock - 1) / kQueryBlock;
+  const int64_t block = std::clamp<int64_t>(kTileElements / n, 16, n);
+  const int64_t q_blocks = (n + block - 1) / block;
   float* self_ptr = stats[0].data_ptr<float>();
   float* cls_ptr = stats[1].data_ptr<float>();
   float* mass_ptr = stats[2].data_ptr<float>();
   float* entropy_ptr = stats[3].data_ptr<float>();
+  const acc_t sc = static_cast<acc_t>(scale);
 
   at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor tile = at::empty({kQueryBlock, n}, q.options());
+    at::Tensor tile = at::empty({block, n}, q.options());
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / q_blocks, i0 = (task % q_blocks) * kQueryBlock;
-      const int64_t b = bh / heads, h = bh % heads, rows = std::min(kQueryBlock, n - i0);
+      const int64_t bh = task / q_blocks, i0 = (task % q_blocks) * block;
+      const int64_t b = bh / heads, h = bh % heads, rows = std::min(block, n - i0);
       at::Tensor s = tile.narrow(0, 0, rows);
       at::mm_out(s, q[b][h].narrow(0, i0, rows), k[b][h].t());
-      s.mul_(scale);
-      if (has_bias) s.add_(bias[b][h].narrow(0, i0, rows));
+      at::Tensor bias_rows;  // [rows, N], contiguous (a view unless the bias broadcasts over keys)
+      if (has_bias) bias_rows = bias[b][h].narrow(0, i0, rows).contiguous();
       acc_t* sp = s.data_ptr<acc_t>();
       for (int64_t r = 0; r < rows; ++r) {
-        const RowStats st = softmax_row_with_stats<acc_t>(sp + r * n, n, prefix, i0 + r);
+        acc_t* row = sp + r * n;
+        scale_add(row, n, sc, has_bias ? bias_rows.data_ptr<acc_t>() + r * n : nullptr);
+        const RowStats st = softmax_row_with_stats<acc_t>(row, n, prefix, i0 + r);
         const int64_t at_row = bh * n + i0 + r;
         self_ptr[at_row] = st.self_attn;
         cls_ptr[at_row] = st.cls_attn;

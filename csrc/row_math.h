@@ -1,0 +1,81 @@
+// Row primitives for the CPU kernels, vectorized by the compiler on any target (SSE/AVX on x86,
+// NEON/SVE on aarch64) through `#pragma omp simd` (-fopenmp-simd: no OpenMP runtime) rather than
+// architecture-specific intrinsics or flags; exp of float is a branch-free polynomial.
+#pragma once
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+
+namespace beyond_cls {
+
+// e^x for x <= 0 (shifted logits) within ~2 ulp; x < -87.3 (results below FLT_MIN) and -inf give 0.
+// Cody-Waite range reduction and a degree-6 polynomial (Cephes coefficients).
+#pragma omp declare simd
+inline float exp_nonpositive(float x) {
+  const float keep = static_cast<float>(x >= -87.3f);
+  x = x < -87.3f ? -87.3f : x;
+  constexpr float kShifter = 12582912.0f;  // 1.5·2^23: adding it rounds to the nearest integer
+  const float shifted = x * 1.44269504088896341f + kShifter;
+  const float n = shifted - kShifter;
+  const int32_t ni = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kShifter);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return std::bit_cast<float>(std::bit_cast<int32_t>(p) + (ni << 23)) * keep;
+}
+
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+template <typename T>
+T max_of(const T* x, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// x[j] <- x[j]·scale + bias[j] (bias may be null), in place.
+template <typename T>
+void scale_add(T* x, int64_t n, T scale, const T* bias) {
+  if (bias == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] *= scale;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] = x[j] * scale + bias[j];
+  }
+}
+
+// x[j] <- e^(x[j] - ref) in place (ref >= every x[j]); returns (Σ e, Σ e·(x - ref)), where keys at
+// -inf contribute exactly 0 to both (0·log 0 = 0).
+template <typename T>
+std::pair<T, T> exp_shift_sums(T* x, int64_t n, T ref) {
+  constexpr T kFloor = std::numeric_limits<T>::lowest() / 4;  // finite stand-in for -inf shifts
+  T z = 0, t = 0;
+#pragma omp simd reduction(+ : z, t)
+  for (int64_t j = 0; j < n; ++j) {
+    const T shifted = x[j] - ref;
+    const T e = exp_nonpositive(shifted);
+    x[j] = e;
+    z += e;
+    t += e * (shifted > kFloor ? shifted : T(0));
+  }
+  return {z, t};
+}
+
+template <typename T>
+void scale_in_place(T* x, int64_t n, T factor) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= factor;
+}
+
+}  // namespace beyond_cls
