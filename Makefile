@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.beyond-cls-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# CPU kernel benchmarks, side by side; the table lands in benchmarks/results/ (GPU: benchmarks/gpu_suite.sh)
+bench: install
+	$(BIN)/python -m pytest benchmarks/bench_attention.py -p no:cacheprovider -m "not gpu" \
+		--benchmark-save-data --benchmark-json build/bench_cpu.json
+	$(BIN)/python benchmarks/report.py build/bench_cpu.json benchmarks/results/attention_cpu
 
 clean:
 	rm -rf build dist *.egg-info beyond_cls/_C*.so $(STAMP)

@@ -78,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoder_args(demo, required=False)
     demo.add_argument("--out", default=os.path.join("runs", "demo"), help="output directory (default runs/demo)")
     _add_run_args(demo)
+
+    bench = sub.add_parser("bench", help="throughput measurements").add_subparsers(
+        dest="bench", required=True, metavar="WHAT"
+    )
+    bench_analyze = bench.add_parser(
+        "analyze", help="images/s of the recorder pass vs plain inference of the same model and batch",
+        description="Random inputs (and random weights unless --checkpoint); prints both throughputs and "
+        "their ratio. The design target on GPU is a ratio >= 0.9.",
+    )
+    bench_analyze.add_argument("--model", help="timm ViT name (default vit_base_patch16_224)")
+    bench_analyze.add_argument("--checkpoint", help="encoder weights (local path)")
+    bench_analyze.add_argument("--img-size", type=_positive_int, help="input resolution (default 224)")
+    bench_analyze.add_argument("--batch-size", type=_positive_int, help="images per batch (default 64)")
+    bench_analyze.add_argument("--steps", type=_positive_int, help="timed batches per measurement (default 10)")
+    bench_analyze.add_argument("--warmup", type=_non_negative_int, help="untimed batches first (default 3)")
+    bench_analyze.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    bench_analyze.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                               help="autocast dtype (default auto: bf16 on CUDA, fp32 on CPU)")
     return parser
 
 
@@ -97,11 +115,17 @@ def _run_demo(args: argparse.Namespace) -> None:
     analyze(load_config(AnalyzeConfig, None, data=str(root), **overrides))
 
 
+def _run_bench(args: argparse.Namespace) -> None:
+    from beyond_cls.analysis.bench import BenchAnalyzeConfig, bench_analyze
+
+    bench_analyze(load_config(BenchAnalyzeConfig, None, **_overrides(args)))
+
+
 def _overrides(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "bench")}
 
 
-COMMANDS = {"analyze": _run_analyze, "demo": _run_demo}
+COMMANDS = {"analyze": _run_analyze, "demo": _run_demo, "bench": _run_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,32 +29,38 @@ struct RowStats {
   float self_attn, cls_attn, patch_mass, patch_entropy;
 };
 
-// Turns one row of logits into probabilities in place and returns its statistics.
+// Exponentiates one row of logits in place and returns its statistics and the factor that turns
+// the row's p·V product into the attention output. Patch keys become e^(s - mp) (mp: patch max),
+// prefix keys the same scale when that cannot overflow; otherwise (prefix logits exceed every
+// patch logit by more than kMaxShift) the row is rescaled to the global max.
 template <typename acc_t>
-RowStats softmax_row_with_stats(acc_t* s, int64_t n, int64_t prefix, int64_t row) {
+std::pair<RowStats, acc_t> exponentiate_row(acc_t* s, int64_t n, int64_t prefix, int64_t row) {
+  constexpr acc_t kMaxShift = sizeof(acc_t) == 4 ? 80 : 700;
+  const acc_t self_logit = s[row], first_logit = s[0];
   const acc_t prefix_max = max_of(s, prefix);
   const acc_t patch_max = max_of(s + prefix, n - prefix);
   const acc_t row_max = std::max(prefix_max, patch_max);
 
   // patch keys relative to the patch maximum: z_p = Σ e^(s-mp), t_p = Σ e^(s-mp)(s-mp)
   const auto [z_patch, t_patch] = exp_shift_sums(s + prefix, n - prefix, patch_max);
-  acc_t z_prefix = 0;
-  for (int64_t j = 0; j < prefix; ++j) {
-    s[j] = std::exp(s[j] - row_max);
-    z_prefix += s[j];
-  }
+  acc_t z_prefix = 0;  // relative to the row maximum
+  for (int64_t j = 0; j < prefix; ++j) z_prefix += std::exp(s[j] - row_max);
   const acc_t patch_scale = std::exp(patch_max - row_max);  // e^(mp - m) <= 1
-  const acc_t inv_total = acc_t(1) / (z_prefix + z_patch * patch_scale);
-  const acc_t patch_prob = patch_scale * inv_total;
-  scale_in_place(s, prefix, inv_total);
-  scale_in_place(s + prefix, n - prefix, patch_prob);
+  const acc_t z_total = z_prefix + z_patch * patch_scale;   // relative to the row maximum
 
   RowStats r;
-  r.self_attn = static_cast<float>(s[row]);
-  r.cls_attn = static_cast<float>(s[0]);
-  r.patch_mass = static_cast<float>(z_patch * patch_prob);
+  r.self_attn = static_cast<float>(std::exp(self_logit - row_max) / z_total);
+  r.cls_attn = static_cast<float>(std::exp(first_logit - row_max) / z_total);
+  r.patch_mass = static_cast<float>(z_patch * patch_scale / z_total);
   r.patch_entropy = static_cast<float>(std::log(z_patch) - t_patch / z_patch);
-  return r;
+
+  if (row_max - patch_max <= kMaxShift) {  // the whole row on the patch scale
+    for (int64_t j = 0; j < prefix; ++j) s[j] = std::exp(s[j] - patch_max);
+    return {r, patch_scale / z_total};
+  }
+  for (int64_t j = 0; j < prefix; ++j) s[j] = std::exp(s[j] - row_max);
+  scale_in_place(s + prefix, n - prefix, patch_scale);
+  return {r, acc_t(1) / z_total};
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -103,22 +109,26 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   float* cls_ptr = stats[1].data_ptr<float>();
   float* mass_ptr = stats[2].data_ptr<float>();
   float* entropy_ptr = stats[3].data_ptr<float>();
-  const acc_t sc = static_cast<acc_t>(scale);
 
   at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor tile = at::empty({block, n}, q.options());
+    at::Tensor scales = at::empty({block}, q.options());
+    acc_t* row_scale = scales.data_ptr<acc_t>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, i0 = (task % q_blocks) * block;
       const int64_t b = bh / heads, h = bh % heads, rows = std::min(block, n - i0);
       at::Tensor s = tile.narrow(0, 0, rows);
-      at::mm_out(s, q[b][h].narrow(0, i0, rows), k[b][h].t());
-      at::Tensor bias_rows;  // [rows, N], contiguous (a view unless the bias broadcasts over keys)
-      if (has_bias) bias_rows = bias[b][h].narrow(0, i0, rows).contiguous();
+      const at::Tensor q_rows = q[b][h].narrow(0, i0, rows), k_t = k[b][h].t();
+      if (has_bias) {  // s = bias + scale·q·kᵀ in one GEMM
+        s.copy_(bias[b][h].narrow(0, i0, rows));
+        at::addmm_out(s, s, q_rows, k_t, /*beta=*/1, /*alpha=*/scale);
+      } else {
+        at::addmm_out(s, s, q_rows, k_t, /*beta=*/0, /*alpha=*/scale);
+      }
       acc_t* sp = s.data_ptr<acc_t>();
       for (int64_t r = 0; r < rows; ++r) {
-        acc_t* row = sp + r * n;
-        scale_add(row, n, sc, has_bias ? bias_rows.data_ptr<acc_t>() + r * n : nullptr);
-        const RowStats st = softmax_row_with_stats<acc_t>(row, n, prefix, i0 + r);
+        const auto [st, out_scale] = exponentiate_row<acc_t>(sp + r * n, n, prefix, i0 + r);
+        row_scale[r] = out_scale;
         const int64_t at_row = bh * n + i0 + r;
         self_ptr[at_row] = st.self_attn;
         cls_ptr[at_row] = st.cls_attn;
@@ -127,6 +137,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
       }
       at::Tensor o = out[b][h].narrow(0, i0, rows);
       at::mm_out(o, s, v[b][h]);
+      o.mul_(scales.narrow(0, 0, rows).unsqueeze(1));
     }
   });
 }

@@ -58,7 +58,7 @@ void scale_add(T* x, int64_t n, T scale, const T* bias) {
 // x[j] <- e^(x[j] - ref) in place (ref >= every x[j]); returns (Σ e, Σ e·(x - ref)), where keys at
 // -inf contribute exactly 0 to both (0·log 0 = 0).
 template <typename T>
-std::pair<T, T> exp_shift_sums(T* x, int64_t n, T ref) {
+inline std::pair<T, T> exp_shift_sums_impl(T* x, int64_t n, T ref) {
   constexpr T kFloor = std::numeric_limits<T>::lowest() / 4;  // finite stand-in for -inf shifts
   T z = 0, t = 0;
 #pragma omp simd reduction(+ : z, t)
@@ -72,10 +72,33 @@ std::pair<T, T> exp_shift_sums(T* x, int64_t n, T ref) {
   return {z, t};
 }
 
+// The float row pass, compiled once per x86 ISA level and picked at load time (GCC/Clang function
+// multiversioning); other targets compile it once for their baseline.
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define BEYOND_CLS_ISA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef BEYOND_CLS_ISA_CLONES
+#define BEYOND_CLS_ISA_CLONES
+#endif
+
 template <typename T>
 void scale_in_place(T* x, int64_t n, T factor) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= factor;
+}
+
+}  // namespace beyond_cls
+
+namespace beyond_cls {
+
+BEYOND_CLS_ISA_CLONES inline std::pair<float, float> exp_shift_sums(float* x, int64_t n, float ref) {
+  return exp_shift_sums_impl(x, n, ref);
+}
+
+inline std::pair<double, double> exp_shift_sums(double* x, int64_t n, double ref) {
+  return exp_shift_sums_impl(x, n, ref);
 }
 
 }  // namespace beyond_cls

@@ -9,10 +9,10 @@ import torch
 from beyond_cls import reference
 
 # dtypes the CPU op takes. Low-precision results are judged against PyTorch's own error: the op's
-# max error vs float64 must be at most 2x that of the reference computed in the op's dtype (plus a
-# floor at float32 resolution, which also covers float64 inputs whose statistics are float32).
+# max error vs float64 must be at most 2x that of the reference computed in the op's dtype, plus
+# 1e-5 relative (float32 statistics; also covers float64 inputs, whose statistics are float32).
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-FLOOR = 2e-6
+FLOOR = 1e-5  # the float32 bound on statistics (relative)
 
 
 def poison_heap(numel: int) -> None:

@@ -94,3 +94,18 @@ def test_console_script_reports_bad_data(tmp_path):
     )
     assert proc.returncode == 2
     assert "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_analyze_reports_both_throughputs(capsys):
+    argv = ["bench", "analyze", "--model", "vit_tiny_patch16_224", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "plain" in out and "recorder" in out and "ratio" in out
+
+
+def test_bench_analyze_ratio_is_measured():
+    from beyond_cls.analysis.bench import BenchAnalyzeConfig, bench_analyze
+
+    result = bench_analyze(BenchAnalyzeConfig(model="vit_tiny_patch16_224", batch_size=2, steps=1, warmup=0))
+    assert result["plain_images_per_s"] > 0 and result["recorder_images_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["recorder_images_per_s"] / result["plain_images_per_s"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from beyond_cls.analysis.summary import AttentionSummary
 from beyond_cls.config import ConfigError
 from beyond_cls.data import ImageFolderDataset, default_num_workers, eval_transform, make_loader
 from beyond_cls.models import load_encoder
+from beyond_cls.runtime import autocast, check_precision, resolve_device
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATS_FILE = "attention_stats.json"
 PLOT_FILE = "attention_stats.png"
 
@@ -50,24 +49,7 @@ class AnalyzeConfig:
             raise ConfigError(f"max_images must be a positive integer, got {self.max_images}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device} requested but CUDA is not available")
-        return device
-
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        if self.precision == "auto":
-            return torch.bfloat16 if device.type == "cuda" else None
-        return PRECISIONS[self.precision]
+        check_precision(self.precision)
 
 
 def analyze(cfg: AnalyzeConfig) -> AttentionSummary:
@@ -76,17 +58,15 @@ def analyze(cfg: AnalyzeConfig) -> AttentionSummary:
     Writes ``attention_stats.json`` and ``attention_stats.png`` into ``cfg.out`` and returns the
     summary. Images follow MAE's evaluation transform (resize 256 bicubic, center crop 224).
     """
-    device = cfg.resolved_device()
+    device = resolve_device(cfg.device)
     dataset = ImageFolderDataset(cfg.data, cfg.split, transform=eval_transform(cfg.img_size))
     if cfg.max_images is not None and cfg.max_images < len(dataset):
         dataset = Subset(dataset, range(cfg.max_images))
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
     model = load_encoder(cfg.model, cfg.checkpoint, cfg.checkpoint_format, img_size=cfg.img_size).to(device)
-    dtype = cfg.autocast_dtype(device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
     start = time.perf_counter()
-    with AttentionRecorder(model, name=cfg.model) as recorder, torch.inference_mode(), autocast:
+    with AttentionRecorder(model, name=cfg.model) as recorder, torch.inference_mode(), autocast(cfg.precision, device):
         for images, _ in tqdm(loader, desc=f"analyze {cfg.model}", unit="batch", disable=not cfg.progress):
             model.forward_features(images.to(device, non_blocking=True))
     summary = recorder.summary()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go: the GPU tests, the kernel benchmarks and the end-to-end
+# recorder throughput. Tables land in benchmarks/results/ (named after the GPU) for committing.
+#   benchmarks/gpu_suite.sh            (after `make install`; uses .venv/bin/python unless PYTHON is set)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p build benchmarks/results
+gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+stem="benchmarks/results/attention_${gpu}"
+
+echo "== GPU tests on ${gpu}"
+$PY -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "build/gpu_tests_${gpu}.txt"
+
+echo "== kernel benchmarks"
+$PY -m pytest benchmarks/bench_attention.py -q -p no:cacheprovider -m gpu \
+    --benchmark-save-data --benchmark-json "build/bench_${gpu}.json"
+$PY benchmarks/report.py "build/bench_${gpu}.json" "$stem"
+
+echo "== end to end: recorder vs plain inference"
+{
+  echo
+  echo "## beyond-cls bench analyze (bf16 autocast, batch 256)"
+  echo
+  for model in vit_base_patch16_224 vit_large_patch16_224; do
+    echo "- $($PY -m beyond_cls.cli bench analyze --model "$model" --batch-size 256 --steps 20 --warmup 5)"
+  done
+  echo
+  echo "GPU tests: $(tail -n 1 "build/gpu_tests_${gpu}.txt")"
+} | tee -a "${stem}.md"

@@ -1,0 +1,112 @@
+"""Turn a pytest-benchmark JSON file into the committed ratio tables (CSV + Markdown).
+
+    python benchmarks/report.py RESULTS.json benchmarks/results/NAME
+
+Every group (one shape) gets median / p20 / p80 per implementation, achieved TFLOP/s, and the
+ratios the design targets are stated in: fused time over SDPA time and eager+stats time over fused
+time. Rows carry the device, torch, triton and beyond-cls versions of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+
+def _percentile(data: list[float], q: float) -> float:
+    return statistics.quantiles(data, n=100, method="inclusive")[int(q) - 1] if len(data) > 1 else data[0]
+
+
+def rows_from(results: dict) -> list[dict]:
+    import torch
+
+    import beyond_cls
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "n/a"
+    groups: dict[str, dict[str, dict]] = {}
+    for bench in results["benchmarks"]:
+        impl = bench["params"]["impl"]
+        data = bench["stats"].get("data") or [bench["stats"]["median"]]
+        groups.setdefault(bench["group"], {})[impl] = {
+            "median_ms": statistics.median(data) * 1e3,
+            "p20_ms": _percentile(data, 20) * 1e3,
+            "p80_ms": _percentile(data, 80) * 1e3,
+            "extra": bench["extra_info"],
+        }
+    rows = []
+    for group, impls in groups.items():
+        fused = impls.get("fused")
+        for impl, r in impls.items():
+            extra = r["extra"]
+            rows.append({
+                "group": group,
+                "impl": impl,
+                "shape_BHNd_prefix": "x".join(str(x) for x in extra.get("shape", [])),
+                "dtype": extra.get("dtype", ""),
+                "median_ms": round(r["median_ms"], 4),
+                "p20_ms": round(r["p20_ms"], 4),
+                "p80_ms": round(r["p80_ms"], 4),
+                "tflops": round(extra.get("flops", 0) / (r["median_ms"] * 1e-3) / 1e12, 3),
+                "fused_over_sdpa": round(fused["median_ms"] / impls["sdpa"]["median_ms"], 3)
+                if impl == "fused" and "sdpa" in impls else "",
+                "eager_over_fused": round(impls["eager+stats"]["median_ms"] / fused["median_ms"], 3)
+                if impl == "fused" and "eager+stats" in impls else "",
+                "device": extra.get("device", ""),
+                "threads": extra.get("threads", ""),
+                "torch": torch.__version__,
+                "triton": triton_version,
+                "beyond_cls": beyond_cls.__version__,
+                "cpu": platform.processor() or platform.machine(),
+                "date": results.get("datetime", "")[:10],
+            })
+    return rows
+
+
+def write(rows: list[dict], stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    first = rows[0]
+    lines = [
+        f"# {stem.name}",
+        "",
+        f"device: {first['device']} ({first['cpu']}, {first['threads']} threads) · torch {first['torch']} · "
+        f"triton {first['triton']} · beyond-cls {first['beyond_cls']} · {first['date']}",
+        "",
+        "| shape (B×H×N×d×prefix) | impl | median ms | p20 | p80 | TFLOP/s | fused/SDPA | eager/fused |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape_BHNd_prefix']} {r['dtype']} | {r['impl']} | {r['median_ms']} | {r['p20_ms']} | "
+            f"{r['p80_ms']} | {r['tflops']} | {r['fused_over_sdpa']} | {r['eager_over_fused']} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    rows = rows_from(json.loads(Path(argv[0]).read_text()))
+    if not rows:
+        print(f"{argv[0]} holds no benchmark results", file=sys.stderr)
+        return 2
+    write(rows, Path(argv[1]))
+    print(Path(argv[1]).with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
