@@ -30,9 +30,12 @@ lint: install
 
 # CPU kernel benchmarks, side by side; the table lands in benchmarks/results/ (GPU: benchmarks/gpu_suite.sh)
 bench: install
-	$(BIN)/python -m pytest benchmarks/bench_attention.py -p no:cacheprovider -m "not gpu" \
-		--benchmark-save-data --benchmark-json build/bench_cpu.json
-	$(BIN)/python benchmarks/report.py build/bench_cpu.json benchmarks/results/attention_cpu
+	mkdir -p build
+	for op in attention abmilp; do \
+		$(BIN)/python -m pytest benchmarks/bench_$$op.py -p no:cacheprovider -m "not gpu" \
+			--benchmark-save-data --benchmark-json build/bench_$${op}_cpu.json && \
+		$(BIN)/python benchmarks/report.py build/bench_$${op}_cpu.json benchmarks/results/$${op}_cpu || exit 1; \
+	done
 
 clean:
 	rm -rf build dist *.egg-info beyond_cls/_C*.so $(STAMP)

@@ -13,9 +13,11 @@ echo "== GPU tests on ${gpu}"
 $PY -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "build/gpu_tests_${gpu}.txt"
 
 echo "== kernel benchmarks"
-$PY -m pytest benchmarks/bench_attention.py -q -p no:cacheprovider -m gpu \
-    --benchmark-save-data --benchmark-json "build/bench_${gpu}.json"
-$PY benchmarks/report.py "build/bench_${gpu}.json" "$stem"
+for op in attention abmilp; do
+  $PY -m pytest "benchmarks/bench_${op}.py" -q -p no:cacheprovider -m gpu \
+      --benchmark-save-data --benchmark-json "build/bench_${op}_${gpu}.json"
+  $PY benchmarks/report.py "build/bench_${op}_${gpu}.json" "benchmarks/results/${op}_${gpu}"
+done
 
 echo "== end to end: recorder vs plain inference"
 {

@@ -2,9 +2,10 @@
 
     python benchmarks/report.py RESULTS.json benchmarks/results/NAME
 
-Every group (one shape) gets median / p20 / p80 per implementation, achieved TFLOP/s, and the
-ratios the design targets are stated in: fused time over SDPA time and eager+stats time over fused
-time. Rows carry the device, torch, triton and beyond-cls versions of the run.
+Every group (one shape) gets median / p20 / p80 per implementation, achieved TFLOP/s (cases that
+state FLOPs) or GB/s (cases that state bytes), and on the fused row the time of every other
+implementation over the fused one's (>1: fused is faster; for ``copy``, the fraction of copy
+bandwidth reached). Rows carry the device, torch, triton and beyond-cls versions of the run.
 """
 
 from __future__ import annotations
@@ -44,22 +45,25 @@ def rows_from(results: dict) -> list[dict]:
         }
     rows = []
     for group, impls in groups.items():
-        fused = impls.get("fused")
         for impl, r in impls.items():
             extra = r["extra"]
+            seconds = r["median_ms"] * 1e-3
+            speedups = ""
+            if impl == "fused":  # time of every other implementation over the fused one's
+                speedups = " ".join(
+                    f"{other}={impls[other]['median_ms'] / r['median_ms']:.3g}" for other in impls if other != "fused"
+                )
             rows.append({
                 "group": group,
                 "impl": impl,
-                "shape_BHNd_prefix": "x".join(str(x) for x in extra.get("shape", [])),
+                "shape": "x".join(str(x) for x in extra.get("shape", [])),
                 "dtype": extra.get("dtype", ""),
                 "median_ms": round(r["median_ms"], 4),
                 "p20_ms": round(r["p20_ms"], 4),
                 "p80_ms": round(r["p80_ms"], 4),
-                "tflops": round(extra.get("flops", 0) / (r["median_ms"] * 1e-3) / 1e12, 3),
-                "fused_over_sdpa": round(fused["median_ms"] / impls["sdpa"]["median_ms"], 3)
-                if impl == "fused" and "sdpa" in impls else "",
-                "eager_over_fused": round(impls["eager+stats"]["median_ms"] / fused["median_ms"], 3)
-                if impl == "fused" and "eager+stats" in impls else "",
+                "tflops": round(extra["flops"] / seconds / 1e12, 3) if "flops" in extra else "",
+                "gbps": round(extra["bytes"] / seconds / 1e9, 1) if "bytes" in extra else "",
+                "others_over_fused": speedups,
                 "device": extra.get("device", ""),
                 "threads": extra.get("threads", ""),
                 "torch": torch.__version__,
@@ -84,13 +88,13 @@ def write(rows: list[dict], stem: Path) -> None:
         f"device: {first['device']} ({first['cpu']}, {first['threads']} threads) · torch {first['torch']} · "
         f"triton {first['triton']} · beyond-cls {first['beyond_cls']} · {first['date']}",
         "",
-        "| shape (B×H×N×d×prefix) | impl | median ms | p20 | p80 | TFLOP/s | fused/SDPA | eager/fused |",
+        "| shape | impl | median ms | p20 | p80 | TFLOP/s | GB/s | time of others / fused |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['shape_BHNd_prefix']} {r['dtype']} | {r['impl']} | {r['median_ms']} | {r['p20_ms']} | "
-            f"{r['p80_ms']} | {r['tflops']} | {r['fused_over_sdpa']} | {r['eager_over_fused']} |"
+            f"| {r['shape']} {r['dtype']} | {r['impl']} | {r['median_ms']} | {r['p20_ms']} | "
+            f"{r['p80_ms']} | {r['tflops']} | {r['gbps']} | {r['others_over_fused']} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -21,7 +21,10 @@ BACKENDS = ("reference", "triton", "cpp")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPP_DTYPES = _TRITON_DTYPES + (torch.float64,)
 
-__all__ = ["AttentionRows", "BACKENDS", "abmilp_pool", "attention_with_stats", "backend_for"]
+__all__ = ["AttentionRows", "BACKENDS", "abmilp_pool", "attention_with_stats", "backend_for", "softmax_pool"]
+_POOLING_OPS = ("abmilp_pool", "softmax_pool")
+_CPP_OPS = {"attention_with_stats": "attention_with_stats", "abmilp_pool": "abmilp_forward",
+            "softmax_pool": "softmax_pool_forward"}
 
 
 def _forced_backend() -> str | None:
@@ -37,20 +40,25 @@ def _unavailable(backend: str, op: str, device: torch.device, dtype: torch.dtype
     """None when ``backend`` can run ``op`` on ``device``/``dtype`` tensors, else the reason it cannot."""
     if backend == "reference":
         return None
-    if op != "attention_with_stats":
-        return f"the {backend} backend has no {op} op yet"
+    if op not in _CPP_OPS:
+        return f"the {backend} backend has no {op} op"
     if backend == "cpp":
         if device.type != "cpu":
             return f"the C++ backend runs on CPU tensors, got {device.type}"
         if dtype not in _CPP_DTYPES:
             return f"the C++ backend takes {_CPP_DTYPES}, got {dtype}"
-        return _extension.load_error()
+        if _extension.load_error() is not None:
+            return _extension.load_error()
+        if not hasattr(torch.ops.beyond_cls, _CPP_OPS[op]):
+            return f"the C++ extension was built without {_CPP_OPS[op]} (rebuild it)"
+        return None
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {device.type}"
-    if dtype not in _TRITON_DTYPES:
-        return f"the Triton kernel takes float16/bfloat16/float32, got {dtype}"
+    dtypes = _CPP_DTYPES if op in _POOLING_OPS else _TRITON_DTYPES  # pooling also runs float64 (exact tests)
+    if dtype not in dtypes:
+        return f"the Triton kernel takes {', '.join(str(t).removeprefix('torch.') for t in dtypes)}, got {dtype}"
     return None
 
 
@@ -93,7 +101,44 @@ def attention_with_stats(
     return out, AttentionRows(self_attn, cls_attn if num_prefix_tokens > 0 else None, mass, ent)
 
 
-def abmilp_pool(tokens: Tensor, weight: Tensor, bias: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
-    """AbMILP pooling: ``(pooled, scores)``; see :func:`beyond_cls.reference.abmilp_pool`."""
-    backend_for("abmilp_pool", tokens.device, tokens.dtype)  # validates a forced backend
-    return reference.abmilp_pool(tokens, weight, bias)
+def _pooling_backend(op: str, tokens: Tensor, k: int) -> str:
+    backend = backend_for(op, tokens.device, tokens.dtype)
+    if backend == "triton" and k > 16 and _forced_backend() is None:
+        return "reference"  # the Triton kernels hold up to 16 branches in registers
+    return backend
+
+
+def abmilp_pool(
+    tokens: Tensor, weight: Tensor, bias: Tensor | float = 0.0, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """AbMILP pooling ``(pooled, scores)``: see :func:`beyond_cls.reference.abmilp_pool`.
+
+    tokens [B, N, D]; weight [D] or [K, D]; bias scalar or [K]; mask [B, N] bool (True = keep).
+    Fused backends return pooled and scores in float32 (float64 for float64 tokens) and compute the
+    tokens' gradient only when the tokens require one.
+    """
+    squeeze = weight.dim() == 1
+    weight2d = weight[None] if squeeze else weight
+    backend = _pooling_backend("abmilp_pool", tokens, weight2d.shape[0])
+    if backend == "reference":
+        return reference.abmilp_pool(tokens, weight, bias, mask)
+    if weight2d.dim() != 2 or weight2d.shape[-1] != tokens.shape[-1]:
+        raise ValueError(f"weight must be [D] or [K, D] with D={tokens.shape[-1]}, got {tuple(weight.shape)}")
+    bias1d = torch.as_tensor(bias, device=tokens.device, dtype=weight.dtype).reshape(-1).expand(weight2d.shape[0])
+    from beyond_cls import pooling  # noqa: F401  (registers the custom ops)
+
+    pooled, scores = torch.ops.beyond_cls.abmilp_pool(tokens, weight2d, bias1d, mask)
+    return (pooled[:, 0], scores[:, 0]) if squeeze else (pooled, scores)
+
+
+def softmax_pool(tokens: Tensor, logits: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax pooling with given logits [B, K, N] or [B, N]: see :func:`beyond_cls.reference.softmax_pool`."""
+    squeeze = logits.dim() == 2
+    logits3d = logits[:, None] if squeeze else logits
+    backend = _pooling_backend("softmax_pool", tokens, logits3d.shape[1])
+    if backend == "reference":
+        return reference.softmax_pool(tokens, logits, mask)
+    from beyond_cls import pooling  # noqa: F401  (registers the custom ops)
+
+    pooled, scores = torch.ops.beyond_cls.softmax_pool(tokens, logits3d, mask)
+    return (pooled[:, 0], scores[:, 0]) if squeeze else (pooled, scores)

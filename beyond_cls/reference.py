@@ -78,22 +78,40 @@ def attention_with_stats(
     return out, rows
 
 
-def abmilp_pool(tokens: Tensor, weight: Tensor, bias: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+def softmax_pool(tokens: Tensor, logits: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax-weighted pooling with given logits: ``s = softmax_n(logits)``, ``pooled = Σ_n s_n z_n``.
+
+    tokens [B, N, D]; logits [B, K, N] → (pooled [B, K, D], scores [B, K, N]), or logits [B, N] →
+    ([B, D], [B, N]). ``mask`` [B, N] bool (True = keep): masked tokens get zero weight. A row
+    with every token masked gives NaN, like softmax over all −inf.
+    """
+    if logits.dim() == 2:
+        pooled, scores = softmax_pool(tokens, logits[:, None], mask)
+        return pooled[:, 0], scores[:, 0]
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+    scores = logits.softmax(dim=-1)
+    pooled = torch.einsum("bkn,bnd->bkd", scores.to(tokens.dtype), tokens)
+    return pooled, scores
+
+
+def abmilp_pool(
+    tokens: Tensor, weight: Tensor, bias: Tensor | float = 0.0, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """AbMILP pooling (Eq. 5): ``s = softmax_i(z_i·w + b)``, ``pooled = Σ_i s_i z_i``.
 
     tokens [B, N, D]; weight [D] → (pooled [B, D], scores [B, N]), or weight [K, D] with
-    bias [K] → (pooled [B, K, D], scores [B, K, N]). Differentiable in all inputs.
+    bias [K] → (pooled [B, K, D], scores [B, K, N]). ``mask`` [B, N] bool (True = keep) gives
+    masked tokens zero weight. Differentiable in all inputs.
     """
     if weight.dim() == 1:
-        pooled, scores = abmilp_pool(tokens, weight[None], torch.as_tensor(bias).reshape(1))
+        pooled, scores = abmilp_pool(tokens, weight[None], torch.as_tensor(bias).reshape(1), mask)
         return pooled[:, 0], scores[:, 0]
     if weight.dim() != 2 or weight.shape[-1] != tokens.shape[-1]:
         raise ValueError(f"weight must be [D] or [K, D] with D={tokens.shape[-1]}, got {tuple(weight.shape)}")
     bias = torch.as_tensor(bias, dtype=tokens.dtype, device=tokens.device)
     logits = torch.einsum("bnd,kd->bkn", tokens, weight.to(tokens.dtype)) + bias.reshape(-1, 1)
-    scores = logits.softmax(dim=-1)
-    pooled = torch.einsum("bkn,bnd->bkd", scores, tokens)
-    return pooled, scores
+    return softmax_pool(tokens, logits, mask)
 
 
 def entropy(p: Tensor, dim: int = -1) -> Tensor:

@@ -11,21 +11,23 @@ import pytest
 
 SCRIPT = """
 import json
-from beyond_cls.kernels import attention_stats
+from beyond_cls.kernels import abmilp, attention_stats
 from beyond_cls.kernels.aot import ARCHS, SHARED_MEMORY_BYTES, compile_for
 
+specs = [(attention_stats._attention_stats_fwd_kernel, s) for s in attention_stats.aot_specializations()]
+specs += [(kernel, s) for kernel, s in abmilp.aot_specializations()]
 rows = []
-for spec in attention_stats.aot_specializations():
+for kernel, spec in specs:
     for arch in ARCHS:
-        kernel = compile_for(attention_stats._attention_stats_fwd_kernel, spec, arch)
-        assert kernel.asm["cubin"] and f"sm_{arch}" in kernel.asm["ptx"], (spec.label, arch)
-        rows.append([spec.label, arch, kernel.metadata.shared, SHARED_MEMORY_BYTES[arch]])
+        compiled = compile_for(kernel, spec, arch)
+        assert compiled.asm["cubin"] and f"sm_{arch}" in compiled.asm["ptx"], (spec.label, arch)
+        rows.append([spec.label, arch, compiled.metadata.shared, SHARED_MEMORY_BYTES[arch]])
 print(json.dumps(rows))
 """
 
 
 @pytest.mark.slow
-def test_attention_stats_compiles_for_sm80_and_sm90():
+def test_kernels_compile_for_sm80_and_sm90():
     # a fresh interpreter: the kernels must be decorated without TRITON_INTERPRET to compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=1200)
@@ -33,9 +35,12 @@ def test_attention_stats_compiles_for_sm80_and_sm90():
     rows = json.loads(proc.stdout.splitlines()[-1])
     from beyond_cls.kernels.attention_stats import CONFIGS
 
-    assert len(rows) == len(CONFIGS) * 2 * 2
+    assert len(rows) == (len(CONFIGS) * 2 + 8) * 2
     # bf16 (the production path) fits shared memory in every config; fp32 in at least one per arch,
     # which the autotuner keeps (configs that do not fit are pruned at launch)
     assert all(shared <= limit for label, _, shared, limit in rows if label.startswith("bfloat16")), rows
+    # the pooling kernels run one config each: it must fit everywhere
+    assert all(shared <= limit for label, _, shared, limit in rows if "-" in label and label.split("-")[0] in
+               ("logits", "pool", "wgrad")), rows
     for arch in (80, 90):
         assert any(shared <= limit for label, a, shared, limit in rows if label.startswith("float32") and a == arch)

@@ -1,0 +1,385 @@
+"""AbMILP / softmax pooling (Triton), forward and backward, K score branches.
+
+Forward, per batch row: ``logits = z·Wᵀ + b`` ([K, N], one pass over the tokens in tiles), then one
+program per chunk of D pools ``Σ_n softmax_n(logits) z_n`` (a second pass; the small logits tile
+stays in L2). Backward: one pass per token tile computes ``dl = s·(g·z − g·pooled)`` and, only when
+the tokens need a gradient, ``dz = sᵀg + dlᵀW``; the weight gradient ``Σ dl·z`` is a split-K
+reduction over (batch, token) tiles. Accumulation is float32; float32 operands meeting
+low-precision tokens are split into hi + lo parts (two tensor-core dots), so results stay
+float32-accurate; fp32 tokens use IEEE dots.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: exact tests
+MAX_BRANCHES = 16
+# (BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel, compiled ahead of time in CI
+CONFIGS = {"logits": (64, 128, 4, 3), "pool": (64, 128, 4, 3), "wgrad": (64, 128, 4, 3)}
+INTERPRET_CONFIG = (32, 64, 4, 1)
+WGRAD_SPLITS = 128  # programs along (batch, token tiles) for the weight gradient
+
+
+@triton.jit
+def _split_dot(x, t, X_LEFT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """x @ t (X_LEFT) or t @ x, float32 accumulation, where t holds tokens and x is float32.
+
+    Low-precision tokens: x is split into hi + lo parts in the tokens' dtype, so two tensor-core
+    dots give float32-accurate products (the kernels are memory-bound; the second dot is free).
+    fp32 tokens: one IEEE dot. UPCAST: the interpreter, which cannot multiply bf16 matrices."""
+    if IEEE or UPCAST:
+        if X_LEFT:
+            return tl.dot(x, t.to(x.dtype), input_precision="ieee")
+        else:
+            return tl.dot(t.to(x.dtype), x, input_precision="ieee")
+    else:
+        hi = x.to(t.dtype)
+        lo = (x - hi.to(x.dtype)).to(t.dtype)
+        if X_LEFT:
+            return tl.dot(hi, t) + tl.dot(lo, t)
+        else:
+            return tl.dot(t, hi) + tl.dot(t, lo)
+
+
+@triton.jit
+def _abmilp_logits_kernel(
+    Z, W, Bias, Logits,
+    stride_zb, stride_zn, stride_zd, stride_wk, stride_wd,
+    N, D, K,
+    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """logits[b, k, n] = z[b, n]·W[k] + bias[k] for one tile of tokens (all K branches)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, K_PAD)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+    acc_t = Logits.dtype.element_ty  # float32 (float64 for float64 tokens)
+    acc = tl.zeros([BLOCK_N, K_PAD], acc_t)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        w_t = tl.load(W + offs_k[None, :] * stride_wk + offs_d[:, None] * stride_wd,
+                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        acc += _split_dot(w_t.to(acc_t), z, False, IEEE, UPCAST)
+    acc += tl.load(Bias + offs_k, mask=k_ok, other=0.0).to(acc_t)[None, :]
+    tl.store(Logits + b * K * N + offs_k[None, :] * N + offs_n[:, None], acc, mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _softmax_stats(Logits, Mask, b, N, stride_mb, stride_mn, offs_k, k_ok,
+                   HAS_MASK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row max and normalizer of softmax over the N tokens, per branch ([K_PAD] each)."""
+    m = tl.full([K_PAD], float("-inf"), Logits.dtype.element_ty)
+    z = tl.zeros([K_PAD], Logits.dtype.element_ty)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        keep = n_ok
+        if HAS_MASK:
+            keep = keep & (tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
+        lg = tl.load(Logits + offs_k[:, None] * N + offs_n[None, :],
+                     mask=k_ok[:, None] & n_ok[None, :], other=float("-inf"))
+        lg = tl.where(keep[None, :], lg, float("-inf"))
+        m_new = tl.maximum(m, tl.max(lg, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        z = z * tl.exp(m - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
+        m = m_new
+    return m, z
+
+
+@triton.jit
+def _softmax_pool_fwd_kernel(
+    Z, Logits, Mask, Pooled, Scores,
+    stride_zb, stride_zn, stride_zd, stride_mb, stride_mn,
+    N, D, K,
+    HAS_MASK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """pooled[b, :, chunk] = Σ_n softmax(logits[b])[:, n] z[b, n, chunk]; chunk 0 also writes scores."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_k = tl.arange(0, K_PAD)
+    k_ok = offs_k < K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    row_logits = Logits + b * K * N
+    m, norm = _softmax_stats(row_logits, Mask, b, N, stride_mb, stride_mn, offs_k, k_ok, HAS_MASK, K_PAD, BLOCK_N)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    inv_norm = tl.where(k_ok, 1.0 / norm, 0.0)  # padding branches stay 0, not 0·inf
+    acc = tl.zeros([K_PAD, BLOCK_D], Scores.dtype.element_ty)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        keep = n_ok
+        if HAS_MASK:
+            keep = keep & (tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
+        lg = tl.load(row_logits + offs_k[:, None] * N + offs_n[None, :],
+                     mask=k_ok[:, None] & n_ok[None, :], other=float("-inf"))
+        lg = tl.where(keep[None, :], lg, float("-inf"))
+        s = tl.exp(lg - m_safe[:, None]) * inv_norm[:, None]
+        if pid_d == 0:
+            tl.store(Scores + b * K * N + offs_k[:, None] * N + offs_n[None, :], s,
+                     mask=k_ok[:, None] & n_ok[None, :])
+        z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += _split_dot(s, z, True, IEEE, UPCAST)
+    tl.store(Pooled + b * K * D + offs_k[:, None] * D + offs_d[None, :], acc.to(Pooled.dtype.element_ty),
+             mask=k_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _softmax_pool_bwd_kernel(
+    Z, G, Scores, GP, GS, GSum, W, DLogits, DZ,
+    stride_zb, stride_zn, stride_zd, stride_wk, stride_wd,
+    N, D, K,
+    HAS_GS: tl.constexpr, HAS_WEIGHT: tl.constexpr, TOKENS_GRAD: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dl = s·(g·z − g·pooled) [+ s·(gs − Σ s·gs)] for one token tile; dz = sᵀg [+ dlᵀW] if needed."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, K_PAD)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+    g_row = G + b * K * D
+    gz = tl.zeros([BLOCK_N, K_PAD], Scores.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        g_t = tl.load(g_row + offs_k[None, :] * D + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        gz += _split_dot(g_t, z, False, IEEE, UPCAST)
+    tile = b * K * N + offs_k[None, :] * N + offs_n[:, None]  # [BLOCK_N, K_PAD] view of [B, K, N]
+    tile_ok = n_ok[:, None] & k_ok[None, :]
+    s = tl.load(Scores + tile, mask=tile_ok, other=0.0)
+    gp = tl.load(GP + b * K + offs_k, mask=k_ok, other=0.0)
+    dl = s * (gz - gp[None, :])
+    if HAS_GS:
+        gs = tl.load(GS + tile, mask=tile_ok, other=0.0)
+        gsum = tl.load(GSum + b * K + offs_k, mask=k_ok, other=0.0)
+        dl += s * (gs - gsum[None, :])
+    tl.store(DLogits + tile, dl, mask=tile_ok)
+    if TOKENS_GRAD:
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            g = tl.load(g_row + offs_k[:, None] * D + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            dz = tl.dot(s, g, input_precision="ieee")
+            if HAS_WEIGHT:
+                w = tl.load(W + offs_k[:, None] * stride_wk + offs_d[None, :] * stride_wd,
+                            mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                dz += tl.dot(dl, w.to(dl.dtype), input_precision="ieee")
+            tl.store(DZ + b * N * D + offs_n[:, None] * D + offs_d[None, :], dz.to(DZ.dtype.element_ty),
+                     mask=n_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _weight_grad_kernel(
+    Z, DLogits, Partial,
+    stride_zb, stride_zn, stride_zd,
+    B, N, D, K, TILES_PER_ROW, SPLITS,
+    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """partial[split, k, chunk] = Σ over this split's (b, token tile) pairs of dlᵀ·z."""
+    pid_d = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_k = tl.arange(0, K_PAD)
+    k_ok = offs_k < K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    acc = tl.zeros([K_PAD, BLOCK_D], Partial.dtype.element_ty)
+    for t in range(split, B * TILES_PER_ROW, SPLITS):
+        b = (t // TILES_PER_ROW).to(tl.int64)
+        offs_n = (t % TILES_PER_ROW) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dl = tl.load(DLogits + b * K * N + offs_k[:, None] * N + offs_n[None, :],
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += _split_dot(dl, z, True, IEEE, UPCAST)
+    tl.store(Partial + split * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=k_ok[:, None] & d_ok[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _k_pad(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    return dict(IEEE=dtype in (torch.float32, torch.float64), UPCAST=_interpreting() and dtype == torch.bfloat16)
+
+
+def _acc(tokens: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tokens.dtype == torch.float64 else torch.float32
+
+
+def _config(kernel: str) -> tuple[int, int, int, int]:
+    """The launch config of a kernel (a small one in the interpreter)."""
+    return INTERPRET_CONFIG if _interpreting() else CONFIGS[kernel]
+
+
+def check_tokens(tokens: torch.Tensor, k: int, mask: torch.Tensor | None) -> None:
+    """Raise a ValueError naming the argument the kernels cannot take."""
+    if tokens.dim() != 3:
+        raise ValueError(f"abmilp_pool (Triton): tokens must be [B, N, D], got {tuple(tokens.shape)}")
+    if tokens.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"abmilp_pool (Triton): tokens must be float16/bfloat16/float32/float64, got {tokens.dtype}")
+    if not 1 <= k <= MAX_BRANCHES:
+        raise ValueError(f"abmilp_pool (Triton): 1..{MAX_BRANCHES} branches supported, got K={k}")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(tokens.shape[:2])):
+        raise ValueError(f"abmilp_pool: mask must be bool [B, N] = {list(tokens.shape[:2])}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+
+
+def _pool(tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None):
+    b, n, d = tokens.shape
+    k = logits.shape[1]
+    # float32 like the scores: exact for the probe's head and for g·pooled in the backward
+    pooled = torch.empty((b, k, d), dtype=_acc(tokens), device=tokens.device)
+    scores = torch.empty((b, k, n), dtype=_acc(tokens), device=tokens.device)
+    block_n, block_d, warps, stages = _config("pool")
+    mask_arg = mask if mask is not None else tokens
+    mask_strides = mask.stride() if mask is not None else (0, 0)
+    _softmax_pool_fwd_kernel[(triton.cdiv(d, block_d), b)](
+        tokens, logits, mask_arg, pooled, scores, *tokens.stride(), *mask_strides, n, d, k,
+        HAS_MASK=mask is not None, K_PAD=_k_pad(k), BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=warps, num_stages=stages, **_dot_flags(tokens.dtype),
+    )
+    return pooled, scores
+
+
+def abmilp_forward(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None = None):
+    """(pooled [B, K, D], scores [B, K, N]), both float32, of AbMILP with weight [K, D], bias [K]."""
+    check_tokens(tokens, weight.shape[0], mask)
+    b, n, d = tokens.shape
+    k = weight.shape[0]
+    logits = torch.empty((b, k, n), dtype=_acc(tokens), device=tokens.device)
+    block_n, block_d, warps, stages = _config("logits")
+    _abmilp_logits_kernel[(triton.cdiv(n, block_n), b)](
+        tokens, weight, bias, logits, *tokens.stride(), *weight.stride(), n, d, k,
+        K_PAD=_k_pad(k), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+        **_dot_flags(tokens.dtype),
+    )
+    return _pool(tokens, logits, mask)
+
+
+def softmax_pool_forward(tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None):
+    """(pooled [B, K, D], scores [B, K, N]), both float32, of softmax pooling with logits [B, K, N]."""
+    check_tokens(tokens, logits.shape[1], mask)
+    return _pool(tokens, logits.to(_acc(tokens)).contiguous(), mask)
+
+
+def pool_backward(
+    grad_pooled: torch.Tensor,
+    grad_scores: torch.Tensor | None,
+    tokens: torch.Tensor,
+    scores: torch.Tensor,
+    pooled: torch.Tensor,
+    weight: torch.Tensor | None,
+    tokens_grad: bool,
+):
+    """(grad_tokens or an empty tensor, grad_logits [B, K, N] float32) of either pooling.
+
+    With ``weight`` the tokens' gradient includes the scorer path ``dlᵀW`` (AbMILP).
+    """
+    b, n, d = tokens.shape
+    k = scores.shape[1]
+    acc = _acc(tokens)
+    g = grad_pooled.to(acc).contiguous()
+    gp = (g * pooled.to(acc)).sum(-1).contiguous()
+    has_gs = grad_scores is not None
+    gs = grad_scores.to(acc).contiguous() if has_gs else g
+    gsum = (scores * gs).sum(-1).contiguous() if has_gs else gp
+    dlogits = torch.empty((b, k, n), dtype=acc, device=tokens.device)
+    dz = torch.empty((b, n, d) if tokens_grad else (0,), dtype=tokens.dtype, device=tokens.device)
+    w = weight if weight is not None else g
+    block_n, block_d, warps, stages = _config("pool")
+    _softmax_pool_bwd_kernel[(triton.cdiv(n, block_n), b)](
+        tokens, g, scores, gp, gs, gsum, w, dlogits, dz,
+        *tokens.stride(), *(w.stride() if weight is not None else (0, 0)), n, d, k,
+        HAS_GS=has_gs, HAS_WEIGHT=weight is not None, TOKENS_GRAD=tokens_grad,
+        K_PAD=_k_pad(k), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+        **_dot_flags(tokens.dtype),
+    )
+    return dz, dlogits
+
+
+def weight_grad(tokens: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
+    """Σ_{b,n} dlogits[b, k, n] tokens[b, n, :] as [K, D] float32 (split over token tiles, then summed)."""
+    b, n, d = tokens.shape
+    k = dlogits.shape[1]
+    block_n, block_d, warps, stages = _config("wgrad")
+    tiles = triton.cdiv(n, block_n)
+    splits = max(1, min(WGRAD_SPLITS, b * tiles))
+    partial = torch.empty((splits, k, d), dtype=dlogits.dtype, device=tokens.device)
+    _weight_grad_kernel[(triton.cdiv(d, block_d), splits)](
+        tokens, dlogits, partial, *tokens.stride(), b, n, d, k, tiles, splits,
+        K_PAD=_k_pad(k), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+        **_dot_flags(tokens.dtype),
+    )
+    return partial.sum(0)
+
+
+def abmilp_backward(
+    grad_pooled: torch.Tensor,
+    grad_scores: torch.Tensor | None,
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    scores: torch.Tensor,
+    pooled: torch.Tensor,
+    tokens_grad: bool,
+):
+    """(grad_tokens or an empty tensor, grad_weight [K, D], grad_bias [K]) in the inputs' dtypes."""
+    dz, dlogits = pool_backward(grad_pooled, grad_scores, tokens, scores, pooled, weight, tokens_grad)
+    grad_weight = weight_grad(tokens, dlogits).to(weight.dtype)
+    return dz, grad_weight, dlogits.sum((0, 2))
+
+
+def aot_specializations():
+    """Every kernel at its launch config, for bf16 (hi/lo split dots) and fp32 (IEEE) tokens, K ≤ 16."""
+    from beyond_cls.kernels.aot import Specialization, pointer
+
+    for dtype in (torch.bfloat16, torch.float32):
+        tok, acc = pointer(dtype), "*fp32"
+        flags = dict(IEEE=dtype == torch.float32, UPCAST=False, K_PAD=16)
+        name = str(dtype).removeprefix("torch.")
+        block_n, block_d, warps, stages = CONFIGS["logits"]
+        yield _abmilp_logits_kernel, Specialization(
+            {"Z": tok, "W": acc, "Bias": acc, "Logits": acc} | _ints(_abmilp_logits_kernel),
+            dict(flags, BLOCK_N=block_n, BLOCK_D=block_d), warps, stages, f"logits-{name}")
+        block_n, block_d, warps, stages = CONFIGS["pool"]
+        yield _softmax_pool_fwd_kernel, Specialization(
+            {"Z": tok, "Logits": acc, "Mask": "*i1", "Pooled": acc, "Scores": acc} | _ints(_softmax_pool_fwd_kernel),
+            dict(flags, HAS_MASK=True, BLOCK_N=block_n, BLOCK_D=block_d), warps, stages, f"pool-{name}")
+        yield _softmax_pool_bwd_kernel, Specialization(
+            {"Z": tok, "G": acc, "Scores": acc, "GP": acc, "GS": acc, "GSum": acc, "W": acc, "DLogits": acc,
+             "DZ": tok} | _ints(_softmax_pool_bwd_kernel),
+            dict(flags, HAS_GS=True, HAS_WEIGHT=True, TOKENS_GRAD=True, BLOCK_N=block_n, BLOCK_D=block_d),
+            warps, stages, f"pool-bwd-{name}")
+        block_n, block_d, warps, stages = CONFIGS["wgrad"]
+        yield _weight_grad_kernel, Specialization(
+            {"Z": tok, "DLogits": acc, "Partial": acc} | _ints(_weight_grad_kernel),
+            dict(flags, BLOCK_N=block_n, BLOCK_D=block_d), warps, stages, f"wgrad-{name}")
+
+
+def _ints(kernel) -> dict[str, str]:
+    """i32 for every scalar argument of ``kernel``: strides and sizes."""
+    sizes = ("N", "D", "K", "B", "TILES_PER_ROW", "SPLITS")
+    return {a: "i32" for a in kernel.arg_names if a.startswith("stride_") or a in sizes}
