@@ -9,6 +9,7 @@ Environment switches:
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -23,7 +24,12 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp"))
     # -fopenmp-simd: honour `#pragma omp simd` (no OpenMP runtime); -fno-trapping-math lets the
     # vectorizer if-convert selects. Portable GCC/Clang flags, no architecture-specific ones.
+    # -fopenmp: at::parallel_for is OpenMP inside torch's headers; without it the ops run on one thread.
     extra = {"cxx": ["-O3", "-fopenmp-simd", "-fno-trapping-math"]}
+    link = []
+    if sys.platform.startswith("linux"):
+        extra["cxx"].append("-fopenmp")
+        link.append("-fopenmp")
     ext_cls = cpp_extension.CppExtension
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     if cuda_sources and os.environ.get("BEYOND_CLS_WITH_CUDA") == "1" and cpp_extension.CUDA_HOME:
@@ -31,7 +37,7 @@ def _extensions():
         ext_cls = cpp_extension.CUDAExtension
         sources += cuda_sources
         extra["nvcc"] = ["-O3"]
-    ext = ext_cls("beyond_cls._C", sources, include_dirs=["csrc"], extra_compile_args=extra)
+    ext = ext_cls("beyond_cls._C", sources, include_dirs=["csrc"], extra_compile_args=extra, extra_link_args=link)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}
 

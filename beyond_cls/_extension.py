@@ -9,9 +9,20 @@ import importlib.util
 import torch
 
 
-@functools.lru_cache(maxsize=1)
+@torch.compiler.assume_constant_result  # a fact of the installation: constant under torch.compile
 def load_error() -> str | None:
     """None when ``torch.ops.beyond_cls`` is registered, else why the extension failed to load."""
+    return _load()
+
+
+@torch.compiler.assume_constant_result
+def has_op(name: str) -> bool:
+    """Whether the built extension registers ``torch.ops.beyond_cls.<name>``."""
+    return _load() is None and hasattr(torch.ops.beyond_cls, name)
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> str | None:
     try:
         importlib.import_module("beyond_cls._C")
     except ImportError as exc:

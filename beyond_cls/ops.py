@@ -49,7 +49,7 @@ def _unavailable(backend: str, op: str, device: torch.device, dtype: torch.dtype
             return f"the C++ backend takes {_CPP_DTYPES}, got {dtype}"
         if _extension.load_error() is not None:
             return _extension.load_error()
-        if not hasattr(torch.ops.beyond_cls, _CPP_OPS[op]):
+        if not _extension.has_op(_CPP_OPS[op]):
             return f"the C++ extension was built without {_CPP_OPS[op]} (rebuild it)"
         return None
     if importlib.util.find_spec("triton") is None:

@@ -80,8 +80,8 @@ def _(tokens, weight, bias, mask):
 
 @abmilp_pool_backward_op.register_fake
 def _(grad_pooled, grad_scores, tokens, weight, scores, pooled, tokens_grad):
-    grad_tokens = torch.empty_like(tokens) if tokens_grad else tokens.new_empty((0,))
-    return grad_tokens, torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+    grad_tokens = tokens.new_empty(tokens.shape) if tokens_grad else tokens.new_empty((0,))
+    return grad_tokens, weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
 
 @softmax_pool_op.register_fake
@@ -94,8 +94,8 @@ def _(tokens, logits, mask):
 
 @softmax_pool_backward_op.register_fake
 def _(grad_pooled, grad_scores, tokens, scores, pooled, tokens_grad):
-    grad_tokens = torch.empty_like(tokens) if tokens_grad else tokens.new_empty((0,))
-    return grad_tokens, torch.empty_like(scores)
+    grad_tokens = tokens.new_empty(tokens.shape) if tokens_grad else tokens.new_empty((0,))
+    return grad_tokens, scores.new_empty(scores.shape)
 
 
 def _setup_abmilp(ctx, inputs, output):

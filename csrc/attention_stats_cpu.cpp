@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "parallel.h"
 #include "row_math.h"
 
 namespace beyond_cls {
@@ -110,7 +111,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   float* mass_ptr = stats[2].data_ptr<float>();
   float* entropy_ptr = stats[3].data_ptr<float>();
 
-  at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor tile = at::empty({block, n}, q.options());
     at::Tensor scales = at::empty({block}, q.options());
     acc_t* row_scale = scales.data_ptr<acc_t>();

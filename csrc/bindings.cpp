@@ -1,7 +1,7 @@
 // Operator schemas of the beyond_cls library and the Python module that loads them.
 //
 // Implementations register per device in their own files (TORCH_LIBRARY_IMPL); fake (meta)
-// implementations for tracing live in beyond_cls/_ops_meta.py.
+// implementations for tracing are registered from Python (beyond_cls/_extension.py, pooling.py).
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -11,11 +11,28 @@ TORCH_LIBRARY(beyond_cls, m) {
       "attention_with_stats(Tensor q, Tensor k, Tensor v, int num_prefix_tokens=1, float? scale=None, "
       "Tensor? bias=None) -> (Tensor out, Tensor self_attn, Tensor cls_attn, Tensor patch_mass, "
       "Tensor patch_entropy)");
+  // Softmax-weighted pooling (AbMILP, Eq. 5, with K score branches; or given logits): forward and
+  // backward per op, autograd wired on the Python side. grad_tokens is empty unless tokens_grad.
+  m.def(
+      "abmilp_forward(Tensor tokens, Tensor weight, Tensor bias, Tensor? mask=None) -> (Tensor pooled, "
+      "Tensor scores)");
+  m.def(
+      "abmilp_backward(Tensor grad_pooled, Tensor? grad_scores, Tensor tokens, Tensor weight, Tensor scores, "
+      "Tensor pooled, bool tokens_grad) -> (Tensor grad_tokens, Tensor grad_weight, Tensor grad_bias)");
+  m.def("softmax_pool_forward(Tensor tokens, Tensor logits, Tensor? mask=None) -> (Tensor pooled, Tensor scores)");
+  m.def(
+      "softmax_pool_backward(Tensor grad_pooled, Tensor? grad_scores, Tensor tokens, Tensor scores, "
+      "Tensor pooled, bool tokens_grad) -> (Tensor grad_tokens, Tensor grad_logits)");
 }
 
 // Analysis is inference: the forward runs under autograd, a backward through it raises a clear error.
+// The pooling ops get their derivatives from their *_backward ops on the Python side; called directly
+// on tensors that require grad, they run and a backward through them raises.
 TORCH_LIBRARY_IMPL(beyond_cls, Autograd, m) {
   m.impl("attention_with_stats", torch::autograd::autogradNotImplementedFallback());
+  for (const char* op : {"abmilp_forward", "abmilp_backward", "softmax_pool_forward", "softmax_pool_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

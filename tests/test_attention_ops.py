@@ -112,7 +112,7 @@ def test_default_backend_on_cpu(monkeypatch):
     monkeypatch.delenv("BEYOND_CLS_BACKEND", raising=False)
     want = "cpp" if _extension.available() else "reference"
     assert ops.backend_for("attention_with_stats", torch.device("cpu")) == want
-    assert ops.backend_for("abmilp_pool", torch.device("cpu")) == "reference"
+    assert ops.backend_for("abmilp_pool", torch.device("cpu")) == want
 
 
 def test_abmilp_pool_front_matches_reference():

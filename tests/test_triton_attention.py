@@ -82,7 +82,7 @@ def test_ops_dispatches_to_triton(monkeypatch):
     out, rows = ops.attention_with_stats(q, k, v, 1)
     direct = run_kernel(q, k, v, 1)
     assert torch.equal(out, direct[0]) and torch.equal(rows.patch_entropy, direct[1].patch_entropy)
-    with pytest.raises(RuntimeError, match="float16/bfloat16/float32"):
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32, got torch.float64"):
         ops.attention_with_stats(q.double(), k.double(), v.double(), 1)
 
 
