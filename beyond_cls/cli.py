@@ -41,13 +41,17 @@ def _add_encoder_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--img-size", type=_positive_int, help="input resolution (default 224)")
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, help="images per batch (default 64)")
-    p.add_argument("--max-images", type=_positive_int, help="stop after this many images (default: all)")
-    p.add_argument("--num-workers", type=_non_negative_int, help="data loading workers (default min(8, cpus))")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_device_args(p)
+    p.add_argument("--max-images", type=_positive_int, help="stop after this many images (default: all)")
+    p.add_argument("--num-workers", type=_non_negative_int, help="data loading workers (default min(8, cpus))")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    help="hide the progress bar")
 
@@ -90,12 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_analyze.add_argument("--model", help="timm ViT name (default vit_base_patch16_224)")
     bench_analyze.add_argument("--checkpoint", help="encoder weights (local path)")
     bench_analyze.add_argument("--img-size", type=_positive_int, help="input resolution (default 224)")
-    bench_analyze.add_argument("--batch-size", type=_positive_int, help="images per batch (default 64)")
     bench_analyze.add_argument("--steps", type=_positive_int, help="timed batches per measurement (default 10)")
     bench_analyze.add_argument("--warmup", type=_non_negative_int, help="untimed batches first (default 3)")
-    bench_analyze.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    bench_analyze.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                               help="autocast dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    _add_device_args(bench_analyze)
     return parser
 
 

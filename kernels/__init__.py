@@ -1,8 +1,9 @@
 """Triton kernels of beyond-cls (installed as ``beyond_cls.kernels``).
 
-One op per module: its ``@triton.jit`` kernels, host launch functions and autograd Function.
-The fused attention-with-statistics and AbMILP kernels land here (see the issues that add them);
-until then ``beyond_cls.ops`` serves CUDA tensors with the reference implementation.
+One op per module (``attention_stats``: fused attention with row statistics; ``abmilp``: AbMILP and
+softmax pooling, forward and backward): its ``@triton.jit`` kernels and host launch functions.
+``aot`` compiles them ahead of time for a GPU architecture without a GPU (CI). Users call them
+through ``beyond_cls.ops``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Benchmarks share the tests' setup (GPU cases skip without CUDA)."""
+"""Shared by tests/ and benchmarks/: cases marked ``gpu`` are skipped without CUDA."""
 
 from __future__ import annotations
 
