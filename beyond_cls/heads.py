@@ -100,7 +100,8 @@ class AbMILP(nn.Module):
     deterministic given torch's RNG. ``branches=K`` pools K vectors, flattened: out_dim = K·dim.
     ``content`` picks the pooled tokens: ``"patch"`` or ``"patch+cls"`` (token 0 then patches;
     registers excluded). ``pos_cond`` adds a fixed 2-D sin-cos embedding of the (square) patch grid
-    to the scorer's input only. Depth 1 without ``pos_cond`` runs the fused ``ops.abmilp_pool``.
+    to the scorer's input only. Depth 1 without ``pos_cond`` runs the fused ``ops.abmilp_pool``; the
+    other variants compute logits and pool with the fused ``ops.softmax_pool``.
     """
 
     def __init__(
@@ -179,9 +180,7 @@ class AbMILP(nn.Module):
         x = content if score_input is None else score_input
         if self.pos_cond:
             x = x + self._positions(x.shape[1], x.device).to(x.dtype)
-        scores = self.scorer(x).transpose(1, 2).softmax(dim=-1)  # [B, K, N']
-        pooled = torch.einsum("bkn,bnd->bkd", scores.to(content.dtype), content)
-        return pooled, scores
+        return ops.softmax_pool(content, self.scorer(x).transpose(1, 2))  # logits [B, K, N']
 
     def forward_with_scores(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(pooled [B, K, D], scores [B, K, N']) with N' the number of pooled tokens."""
