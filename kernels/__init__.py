@@ -5,12 +5,3 @@ softmax pooling, forward and backward): its ``@triton.jit`` kernels and host lau
 ``aot`` compiles them ahead of time for a GPU architecture without a GPU (CI). Users call them
 through ``beyond_cls.ops``.
 """
-
-from __future__ import annotations
-
-import importlib.util
-
-
-def triton_available() -> bool:
-    """Whether Triton is importable (kernels need it and a CUDA device or TRITON_INTERPRET=1)."""
-    return importlib.util.find_spec("triton") is not None
