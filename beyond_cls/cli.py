@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from beyond_cls.config import load_config
 
 PROG = "beyond-cls"
 DEMO_MODEL = "vit_tiny_patch16_224"
+# The demo's probe: the Table 1 heads on cached tokens of 2 augmented views, a few short epochs.
+DEMO_PROBE = dict(heads="cls,mean,abmilp", epochs=12, warmup_epochs=2, batch_size=32, effective_batch=32,
+                  cache_views=2, optimizer="sgd", blr=0.5)
 
 
 def _positive_int(text: str) -> int:
@@ -56,6 +61,98 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="hide the progress bar")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _block(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block index (0-based, -1 = last), got {text!r}") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"expected a block index >= 0 or -1 for the last, got {value}")
+    return value
+
+
+def _add_probe_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``probe``; each help ends with the default, read off ProbeConfig."""
+    from beyond_cls.probe.config import AMP_CHOICES, DECODE_CHOICES, OPTIMIZERS, ProbeConfig
+
+    d = ProbeConfig.__dataclass_fields__
+
+    def default(name: str) -> object:
+        f = d[name]
+        return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+    def add(flag: str, text: str, **kw) -> None:
+        p.add_argument(flag, help=f"{text} (default: {default(flag[2:].replace('-', '_'))})", **kw)
+
+    p.add_argument("--config", help="YAML file whose keys are these flags' names (flags win)")
+    p.add_argument("--model", help="timm ViT name, e.g. vit_base_patch16_224 (required)")
+    add("--checkpoint", "encoder weights file (local path)")
+    add("--checkpoint-format", "checkpoint layout", choices=["auto", "timm", "mae"])
+    p.add_argument("--data", help="dataset root folder (required)")
+    add("--dataset", "dataset adapter: imagefolder, imagenet, imagenet1pct, cub, food101, cars, pets, coco, "
+        "nuswide, synthetic")
+    add("--subset-file", "ImageNet-1%% file list (imagenet1pct; default ROOT/1percent.txt)")
+    p.add_argument("--out", help="output folder: results, checkpoints, logs (required)")
+    add("--img-size", "input resolution", type=_positive_int)
+    add("--block", "take tokens from this block (0-based; SimMIM: 7); default the last", type=_block)
+    add("--final-norm", "apply the encoder's final norm to the tokens", action=argparse.BooleanOptionalAction)
+    add("--heads", "comma-separated aggregations: cls, mean, abmilp, abmilp+cls, abmilp-k4-mlp2-gelu-pos, "
+        "saabmilp, ap1, ap12, ...")
+    add("--lrs", "comma-separated base learning rates; every head is trained with each (default: --blr)")
+    add("--epochs", "training epochs (the paper: 90, 50 for ViT-L/H)", type=_positive_int)
+    add("--warmup-epochs", "linear warm-up epochs", type=_non_negative_int)
+    add("--batch-size", "images per process per micro-batch", type=_positive_int)
+    add("--accum-iter", "micro-batches per optimizer step; default effective batch / (batch size x processes)",
+        type=_positive_int)
+    add("--effective-batch", "images per optimizer step over all processes", type=_positive_int)
+    add("--blr", "base learning rate: lr = blr x effective batch / 256", type=_positive_float)
+    add("--lr", "absolute learning rate (overrides --blr)", type=_positive_float)
+    add("--min-lr", "learning rate at the end of the cosine", type=_non_negative_float)
+    add("--optimizer", "lars (MAE protocol) or sgd (small sets: CUB, ImageNet-1%%)", choices=OPTIMIZERS)
+    add("--momentum", "optimizer momentum", type=_non_negative_float)
+    add("--weight-decay", "weight decay", type=_non_negative_float)
+    add("--seeds", "comma-separated seeds; results are averaged over them")
+    add("--eval-every", "evaluate every N epochs as well as at the end (0: only at the end)", type=_non_negative_int)
+    add("--num-workers", "data loading workers per process", type=_non_negative_int)
+    add("--decode", "where JPEGs are decoded and augmented", choices=DECODE_CHOICES)
+    add("--cache", "feature cache folder: extract tokens once, train the heads from disk")
+    add("--cache-views", "augmented train views cycled over the epochs (with --cache: default 1)",
+        type=_positive_int)
+    add("--cache-dtype", "feature cache precision", choices=["bf16", "fp32"])
+    add("--ckpt-minutes", "also checkpoint every this many minutes (0: every step)", type=_non_negative_float)
+    add("--resume", "auto (continue OUT's checkpoint), none, or a checkpoint file")
+    add("--compile", "torch.compile the encoder", action="store_true", default=None)
+    add("--channels-last", "channels-last images and encoder", action="store_true", default=None)
+    add("--amp", "autocast precision (auto: bf16 on CUDA, fp32 on CPU)", choices=AMP_CHOICES)
+    add("--skip-bad-images", "skip and count unreadable images instead of stopping", action="store_true",
+        default=None)
+    add("--mean", "input normalization mean, three comma-separated numbers (default ImageNet's)")
+    add("--std", "input normalization std, three comma-separated numbers (default ImageNet's)")
+    add("--device", "auto, cpu, cuda or cuda:N (under torchrun/srun: the local GPU)")
+    add("--log-every", "optimizer steps per log line", type=_positive_int)
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Information flow in self-supervised ViTs and Selective Aggregation."
@@ -74,10 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="output directory")
     _add_run_args(analyze)
 
+    probe = sub.add_parser(
+        "probe", help="linear probing with a bank of aggregation heads (paper Table 1)",
+        description="Train BatchNorm + Linear heads on the frozen encoder's tokens, every --heads x --lrs "
+        "combination at once on one encoder pass, following the MAE linear-probing protocol; write "
+        "results.json/.csv and print the table. Launch with torchrun or srun for many GPUs.",
+    )
+    _add_probe_args(probe)
+
     demo = sub.add_parser(
-        "demo", help="generate the synthetic set and analyze a small ViT on it",
+        "demo", help="generate the synthetic set, analyze a small ViT on it and probe it",
         description="Write the embedded synthetic dataset into the cache ($BEYOND_CLS_CACHE or "
-        "~/.cache/beyond_cls) and run analyze on it (random weights unless --checkpoint).",
+        "~/.cache/beyond_cls), run analyze on it, then probe with [cls], mean and AbMILP heads on cached "
+        "tokens (random weights unless --checkpoint). Outputs in OUT and OUT/probe.",
     )
     _add_encoder_args(demo, required=False)
     demo.add_argument("--out", default=os.path.join("runs", "demo"), help="output directory (default runs/demo)")
@@ -97,6 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench_analyze.add_argument("--steps", type=_positive_int, help="timed batches per measurement (default 10)")
     bench_analyze.add_argument("--warmup", type=_non_negative_int, help="untimed batches first (default 3)")
     _add_device_args(bench_analyze)
+
+    bench_probe = bench.add_parser(
+        "probe", help="images/s of the probe's loader, encoder and head bank vs a per-head baseline script",
+        description="Loader (synthetic set unless --data), frozen encoder, head bank and the full step, then a "
+        "baseline like the authors' script (unfused eager attention, one head per run, fp16, DDP with "
+        "find_unused_parameters). The design target on GPU is >= 2.5x the baseline per head.",
+    )
+    bench_probe.add_argument("--model", help="timm ViT name (default vit_base_patch16_224)")
+    bench_probe.add_argument("--checkpoint", help="encoder weights (local path)")
+    bench_probe.add_argument("--heads", help="head specs as for probe (default cls,mean,abmilp,abmilp+cls)")
+    bench_probe.add_argument("--data", help="dataset root for the loader measurement (default: the synthetic set)")
+    bench_probe.add_argument("--dataset", help="dataset adapter of --data (default imagefolder)")
+    bench_probe.add_argument("--img-size", type=_positive_int, help="input resolution (default 224)")
+    bench_probe.add_argument("--batch-size", type=_positive_int, help="images per batch (default 64)")
+    bench_probe.add_argument("--steps", type=_positive_int, help="timed batches per measurement (default 10)")
+    bench_probe.add_argument("--warmup", type=_non_negative_int, help="untimed batches first (default 3)")
+    bench_probe.add_argument("--num-workers", type=_non_negative_int, help="loader workers (default 8)")
+    bench_probe.add_argument("--decode", choices=["cpu", "gpu"], help="loader decoding (default cpu)")
+    bench_probe.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    bench_probe.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast (default auto)")
+    bench_probe.add_argument("--no-baseline", dest="baseline", action="store_const", const=False,
+                             help="skip the baseline runs")
     return parser
 
 
@@ -106,17 +234,34 @@ def _run_analyze(args: argparse.Namespace) -> None:
     analyze(load_config(AnalyzeConfig, args.config, **_overrides(args)))
 
 
+def _run_probe(args: argparse.Namespace) -> None:
+    from beyond_cls.probe import ProbeConfig, run
+
+    run(load_config(ProbeConfig, args.config, **_overrides(args)))
+
+
 def _run_demo(args: argparse.Namespace) -> None:
     from beyond_cls.analysis.analyze import AnalyzeConfig, analyze
     from beyond_cls.data import make_synthetic_dataset
+    from beyond_cls.probe import ProbeConfig, run
 
     root = make_synthetic_dataset()
     overrides = _overrides(args)
     overrides["model"] = overrides["model"] or DEMO_MODEL
     analyze(load_config(AnalyzeConfig, None, data=str(root), **overrides))
+    probe = {k: overrides[k] for k in ("model", "checkpoint", "checkpoint_format", "img_size", "num_workers",
+                                      "device", "progress") if overrides.get(k) is not None}
+    out = Path(overrides["out"])
+    run(ProbeConfig(data=str(root), out=str(out / "probe"), cache=str(out / "cache"), amp=args.precision or "auto",
+                    **{**DEMO_PROBE, **probe}))
 
 
 def _run_bench(args: argparse.Namespace) -> None:
+    if args.bench == "probe":
+        from beyond_cls.probe.bench import BenchProbeConfig, bench_probe
+
+        bench_probe(load_config(BenchProbeConfig, None, **_overrides(args)))
+        return
     from beyond_cls.analysis.bench import BenchAnalyzeConfig, bench_analyze
 
     bench_analyze(load_config(BenchAnalyzeConfig, None, **_overrides(args)))
@@ -126,12 +271,14 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "config", "bench")}
 
 
-COMMANDS = {"analyze": _run_analyze, "demo": _run_demo, "bench": _run_bench}
+COMMANDS = {"analyze": _run_analyze, "probe": _run_probe, "demo": _run_demo, "bench": _run_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``beyond-cls``; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
+    from beyond_cls.probe.trainer import Preempted
+
     try:
         COMMANDS[args.command](args)
     except (ValueError, OSError, TypeError) as exc:
@@ -139,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130

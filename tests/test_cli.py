@@ -109,3 +109,13 @@ def test_bench_analyze_ratio_is_measured():
     result = bench_analyze(BenchAnalyzeConfig(model="vit_tiny_patch16_224", batch_size=2, steps=1, warmup=0))
     assert result["plain_images_per_s"] > 0 and result["recorder_images_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["recorder_images_per_s"] / result["plain_images_per_s"])
+
+
+def test_demo_analyzes_and_probes_the_synthetic_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BEYOND_CLS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--num-workers", "0", "--no-progress"]) == 0
+    assert (out / "attention_stats.json").exists()
+    rows = json.loads((out / "probe" / "results.json").read_text())["rows"]
+    assert [r["aggregation"] for r in rows] == ["cls", "mean", "abmilp"]
+    assert "| aggregation" in capsys.readouterr().out

@@ -32,7 +32,13 @@ def _layout(root: Path, split: str) -> str:
 
 
 class ImageFolderDataset(Dataset):
-    """Images under ``root/split/<class>/`` (searched recursively), labelled by sorted class folder."""
+    """Images under ``root/split/<class>/`` (searched recursively), labelled by sorted class folder.
+
+    Also satisfies the ``LabeledImages`` interface of :mod:`beyond_cls.data.datasets` (``paths``,
+    ``multilabel``, ``num_classes``, ``target(i)``, ``load(i)``).
+    """
+
+    multilabel = False
 
     def __init__(self, root: str | os.PathLike, split: str = "val", transform: Callable | None = None):
         self.root = Path(root).expanduser()
@@ -60,6 +66,17 @@ class ImageFolderDataset(Dataset):
             shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
             raise DataError(f"{split_dir}: no images in class folder(s) {shown}; {_layout(self.root, split)}")
         self.targets = [label for _, label in self.samples]
+        self.paths = [path for path, _ in self.samples]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def target(self, index: int) -> int:
+        return self.samples[index][1]
+
+    def load(self, index: int) -> Image.Image:
+        return load_rgb(self.samples[index][0])
 
     def __len__(self) -> int:
         return len(self.samples)

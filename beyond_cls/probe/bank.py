@@ -1,0 +1,186 @@
+"""The head bank: every (aggregation, learning rate) pair as its own LinearProbe, trained at once.
+
+Head specs (``--heads``, comma-separated):
+
+| spec | aggregation |
+|---|---|
+| ``cls`` | the [cls] token |
+| ``mean`` | mean of the patch tokens |
+| ``abmilp`` / ``abmilp+cls`` | AbMILP over the patches / over [cls] and the patches |
+| ``abmilp-k8``, ``abmilp-mlp2-gelu`` | options: ``k<K>`` branches, ``mlp<depth>``, ``relu|gelu|tanh``, ``pos`` |
+| ``saabmilp``, ``saabmilp-h4-map`` | SA-AbMILP: ``h<heads>``, ``map`` or ``both`` (default) plus the AbMILP options |
+| ``ap1``, ``ap12`` | attentive probing with 1 or 12 heads |
+
+Each head is initialized from its own seed, derived from the run seed and its spec, so a head
+trained in a bank starts (and, with the same data, ends) exactly like the same head trained alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from beyond_cls.config import ConfigError
+from beyond_cls.heads import AbMILP, AttentivePool, ClsToken, LinearProbe, MeanPatch, SelfAttentionAbMILP
+
+__all__ = ["HeadBank", "HeadEntry", "build_aggregation", "head_key", "parse_heads"]
+
+_ACTS = ("relu", "gelu", "tanh")
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """One trained head: its ModuleDict key, aggregation spec and base learning rate."""
+
+    key: str
+    spec: str
+    blr: float
+
+
+def head_key(spec: str, blr: float) -> str:
+    """ModuleDict key of a head (no dots allowed there): ``abmilp+cls`` at 0.1 → ``abmilp+cls@blr0p1``."""
+    return f"{spec}@blr{blr:g}".replace(".", "p")
+
+
+def parse_heads(text: str) -> list[str]:
+    """Split and validate ``--heads``; each spec must build (checked without a model)."""
+    specs = [s.strip().lower() for s in text.split(",") if s.strip()]
+    if not specs:
+        raise ConfigError(f"heads: expected a comma-separated list such as cls,mean,abmilp; got {text!r}")
+    if len(set(specs)) != len(specs):
+        raise ConfigError(f"heads: {text!r} lists a head twice")
+    for spec in specs:
+        build_aggregation(spec, dim=48, num_prefix_tokens=1, has_class_token=True)
+    return specs
+
+
+def _abmilp_kwargs(spec: str, options: list[str]) -> dict:
+    kwargs: dict = {}
+    for opt in options:
+        if opt.startswith("k") and opt[1:].isdigit():
+            kwargs["branches"] = int(opt[1:])
+        elif opt.startswith("mlp") and opt[3:].isdigit():
+            kwargs["depth"] = int(opt[3:])
+        elif opt in _ACTS:
+            kwargs["act"] = opt
+        elif opt == "pos":
+            kwargs["pos_cond"] = True
+        else:
+            raise ConfigError(
+                f"head {spec!r}: unknown option {opt!r}; AbMILP options are k<branches>, mlp<depth>, "
+                f"{', '.join(_ACTS)}, pos"
+            )
+    return kwargs
+
+
+def build_aggregation(spec: str, dim: int, num_prefix_tokens: int, has_class_token: bool) -> nn.Module:
+    """The aggregation module of one head spec (see the module docstring)."""
+    base, *options = spec.split("-")
+    needs_cls = base in ("cls", "abmilp+cls", "saabmilp+cls")
+    if needs_cls and not has_class_token:
+        raise ConfigError(f"head {spec!r} needs a [cls] token, and this encoder has none")
+    try:
+        if base in ("cls", "mean") or base.startswith("ap"):
+            if options:
+                raise ConfigError(f"head {spec!r}: {base!r} takes no options")
+            if base == "cls":
+                return ClsToken(dim)
+            if base == "mean":
+                return MeanPatch(dim, num_prefix_tokens=num_prefix_tokens)
+            if not base[2:].isdigit():
+                raise ConfigError(f"head {spec!r}: attentive probing is ap<heads>, e.g. ap1 or ap12")
+            return AttentivePool(dim, num_heads=int(base[2:]), num_prefix_tokens=num_prefix_tokens)
+        content = "patch+cls" if base.endswith("+cls") else "patch"
+        if base in ("abmilp", "abmilp+cls"):
+            return AbMILP(dim, content=content, num_prefix_tokens=num_prefix_tokens, **_abmilp_kwargs(spec, options))
+        if base in ("saabmilp", "saabmilp+cls"):
+            heads = [o for o in options if o.startswith("h") and o[1:].isdigit()]
+            apply_to = [o for o in options if o in ("map", "both")]
+            rest = [o for o in options if o not in heads and o not in apply_to]
+            return SelfAttentionAbMILP(
+                dim,
+                num_heads=int(heads[-1][1:]) if heads else 1,
+                apply_to=apply_to[-1] if apply_to else "both",
+                content=content,
+                num_prefix_tokens=num_prefix_tokens,
+                **_abmilp_kwargs(spec, rest),
+            )
+    except ValueError as exc:  # the heads' own argument checks
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"head {spec!r}: {exc}") from None
+    raise ConfigError(
+        f"unknown head {spec!r}; known: cls, mean, abmilp, abmilp+cls, saabmilp, saabmilp+cls, ap<heads> "
+        "(AbMILP options as abmilp-k4-mlp2-gelu-pos)"
+    )
+
+
+def _head_seed(seed: int, spec: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{spec}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+def _scores_entropy(scores: Tensor) -> Tensor:
+    """Mean entropy (nats) of score distributions over the last dim, summed over the batch (float64)."""
+    s = scores.double().clamp_min(0)
+    ent = -(s * torch.where(s > 0, s.log(), torch.zeros_like(s))).sum(-1)  # [B, ...]
+    return ent.reshape(ent.shape[0], -1).mean(1).sum()
+
+
+class HeadBank(nn.Module):
+    """``ModuleDict`` of :class:`LinearProbe` heads keyed by :func:`head_key`; one forward for all."""
+
+    def __init__(
+        self,
+        specs: list[str],
+        base_lrs: list[float],
+        dim: int,
+        num_classes: int,
+        num_prefix_tokens: int,
+        has_class_token: bool,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.entries = [HeadEntry(head_key(s, lr), s, lr) for s in specs for lr in base_lrs]
+        self.num_patches_offset = num_prefix_tokens
+        self.heads = nn.ModuleDict()
+        for entry in self.entries:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_head_seed(seed, entry.spec))
+                agg = build_aggregation(entry.spec, dim, num_prefix_tokens, has_class_token)
+                self.heads[entry.key] = LinearProbe(agg, agg.out_dim, num_classes)
+
+    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
+        """Logits of every head, keyed like :attr:`heads`."""
+        return {key: head(tokens) for key, head in self.heads.items()}
+
+    @torch.no_grad()
+    def forward_eval(self, tokens: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(logits, summed aggregation entropy over the batch) per head; entropy NaN for [cls].
+
+        Mean pooling has entropy log(#patches); learned pooling the entropy of its scores.
+        """
+        logits, entropy = {}, {}
+        num_patches = tokens.shape[1] - self.num_patches_offset
+        for key, head in self.heads.items():
+            agg = head.aggregation
+            if hasattr(agg, "forward_with_scores"):
+                pooled, scores = agg.forward_with_scores(tokens)
+                logits[key] = head.head(pooled.flatten(1))
+                entropy[key] = _scores_entropy(scores)
+            else:
+                logits[key] = head(tokens)
+                value = math.log(num_patches) if isinstance(agg, MeanPatch) else float("nan")
+                entropy[key] = torch.tensor(value * tokens.shape[0], dtype=torch.float64, device=tokens.device)
+        return logits, entropy
+
+    def param_groups(self, lr_scale: float) -> list[dict]:
+        """One optimizer param group per head with ``base_lr = blr · lr_scale`` and its ``key``."""
+        return [
+            {"params": list(self.heads[e.key].parameters()), "base_lr": e.blr * lr_scale, "key": e.key}
+            for e in self.entries
+        ]

@@ -1,0 +1,231 @@
+"""``beyond-cls bench probe``: images/s of the probe's parts, and of a baseline like the authors' script.
+
+Ours: the loader (decode + augment + copy to the device, CPU workers or GPU decoding), the frozen
+encoder (no grad, autocast), the head bank (forward + backward + LARS step on fixed tokens), and the
+full step (encoder + bank) on a device batch. Baseline: what a per-head linear-probe script does —
+timm ViT with its unfused eager attention, one head per run (eager aggregation), fp16 autocast with a
+gradient scaler, the whole model in DDP with ``find_unused_parameters=True``. Per head, the baseline
+pays a whole run for every head; the bank pays one encoder pass for all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from beyond_cls.config import ConfigError
+from beyond_cls.data import SyntheticConfig, ViewDataset, build_dataset, make_synthetic_dataset
+from beyond_cls.models import load_encoder
+from beyond_cls.optim import LARS
+from beyond_cls.probe.bank import HeadBank, parse_heads
+from beyond_cls.probe.features import TokenSource
+from beyond_cls.probe.sampler import TrainBatchSampler
+from beyond_cls.probe.streams import make_loader
+from beyond_cls.runtime import autocast, resolve_device
+
+__all__ = ["BenchProbeConfig", "bench_probe"]
+
+
+@dataclass
+class BenchProbeConfig:
+    """Settings of ``beyond-cls bench probe`` (random weights unless a checkpoint is given)."""
+
+    model: str = "vit_base_patch16_224"
+    checkpoint: str | None = None
+    heads: str = "cls,mean,abmilp,abmilp+cls"
+    data: str | None = None
+    dataset: str = "imagefolder"
+    img_size: int = 224
+    batch_size: int = 64
+    num_classes: int = 1000
+    steps: int = 10
+    warmup: int = 3
+    num_workers: int = 8
+    decode: str = "cpu"
+    device: str = "auto"
+    amp: str = "auto"
+    baseline: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "batch_size", "steps", "num_classes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.warmup < 0 or self.num_workers < 0:
+            raise ConfigError("warmup and num_workers must be >= 0")
+        if self.decode not in ("cpu", "gpu"):
+            raise ConfigError(f"decode must be cpu or gpu, got {self.decode!r}")
+        parse_heads(self.heads)
+
+
+def _rate(fn: Callable[[], Any], images: int, steps: int, warmup: int, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return steps * images / (time.perf_counter() - start)
+
+
+def _loader_rate(cfg: BenchProbeConfig, device: torch.device) -> float:
+    if cfg.data is None:
+        per_class = max(1, -(-cfg.batch_size * (cfg.steps + cfg.warmup) // 10))
+        root = make_synthetic_dataset(config=SyntheticConfig(num_classes=10, train_per_class=per_class,
+                                                             val_per_class=1))
+        base = build_dataset("synthetic", root, "train")
+    else:
+        base = build_dataset(cfg.dataset, cfg.data, "train")
+    views = ViewDataset(base, train=True, img_size=cfg.img_size, decode=cfg.decode)
+    sampler = TrainBatchSampler(len(base), cfg.batch_size, 1)
+    loader = make_loader(views, sampler, cfg.num_workers, device)
+    batches = cfg.steps + cfg.warmup
+    if sampler.steps_per_epoch < batches:
+        raise ConfigError(f"{cfg.data}: fewer than {batches} batches of {cfg.batch_size} images")
+    sampler.set_epoch(0)
+    it = iter(loader)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(cfg.warmup):
+        next(it).images_on(device)
+    sync()
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        next(it).images_on(device)
+    sync()
+    rate = cfg.steps * cfg.batch_size / (time.perf_counter() - start)
+    del it, loader
+    return rate
+
+
+@contextlib.contextmanager
+def _single_process_group(device: torch.device):
+    """A world of one, so the baseline can be wrapped in DDP like the authors' multi-GPU script."""
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+class _BaselineModel(nn.Module):
+    """Encoder (frozen by requires_grad only) + one head, as one module, like a per-head probe script."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.forward_features(images))
+
+
+def _baseline_rate(cfg: BenchProbeConfig, spec: str, images: torch.Tensor, labels: torch.Tensor) -> float:
+    device = images.device
+    encoder = load_encoder(cfg.model, cfg.checkpoint, img_size=cfg.img_size).to(device)
+    for module in encoder.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False  # timm's unfused eager attention
+    info = encoder.beyond_cls_info
+    bank = HeadBank([spec], [0.1], info.embed_dim, cfg.num_classes, info.num_prefix_tokens, info.has_class_token)
+    model = _BaselineModel(encoder, bank.heads[bank.entries[0].key]).to(device)
+    fp16 = device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    with _single_process_group(device):
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+        opt = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1)
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
+                loss = nn.functional.cross_entropy(ddp(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+        previous = os.environ.get("BEYOND_CLS_BACKEND")
+        os.environ["BEYOND_CLS_BACKEND"] = "reference"  # eager aggregation
+        try:
+            with warnings.catch_warnings():  # DDP's note on grad strides: part of what the baseline does
+                warnings.filterwarnings("ignore", message="Grad strides do not match")
+                return _rate(step, images.shape[0], cfg.steps, cfg.warmup, device)
+        finally:
+            if previous is None:
+                os.environ.pop("BEYOND_CLS_BACKEND")
+            else:
+                os.environ["BEYOND_CLS_BACKEND"] = previous
+
+
+def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
+    """Measure and print the rates (images/s); returns them with the per-head ratios."""
+    device = resolve_device(cfg.device)
+    specs = parse_heads(cfg.heads)
+    torch.manual_seed(0)
+    source = TokenSource(load_encoder(cfg.model, cfg.checkpoint, img_size=cfg.img_size)).to(device)
+    info = source.encoder.beyond_cls_info
+    bank = HeadBank(specs, [0.1], info.embed_dim, cfg.num_classes, info.num_prefix_tokens,
+                    info.has_class_token).to(device)
+    opt = LARS(bank.param_groups(1.0), lr=0.1)
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
+    with autocast(cfg.amp, device):
+        tokens = source(images).float()
+
+    def heads_step(t: torch.Tensor = tokens) -> None:
+        with autocast(cfg.amp, device):
+            logits = bank(t)
+            loss = sum(nn.functional.cross_entropy(v.float(), labels) for v in logits.values())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def encoder_step() -> torch.Tensor:
+        with autocast(cfg.amp, device):
+            return source(images).float()
+
+    n, s, w = cfg.batch_size, cfg.steps, cfg.warmup
+    result: dict[str, Any] = {
+        "model": cfg.model, "heads": specs, "batch_size": n, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "decode": cfg.decode,
+    }
+    result["loader"] = _loader_rate(cfg, device)
+    result["encoder"] = _rate(encoder_step, n, s, w, device)
+    result["heads"] = _rate(heads_step, n, s, w, device)
+    result["step"] = _rate(lambda: heads_step(encoder_step()), n, s, w, device)
+    lines = [
+        f"{cfg.model} batch {n} on {result['device_name']}, {len(specs)} heads ({', '.join(specs)}):",
+        f"  loader ({cfg.decode} decode, {cfg.num_workers} workers)  {result['loader']:10.1f} images/s",
+        f"  encoder (no grad, {cfg.amp} autocast)        {result['encoder']:10.1f} images/s",
+        f"  head bank (fwd + bwd + LARS step)     {result['heads']:10.1f} images/s",
+        f"  encoder + bank                        {result['step']:10.1f} images/s "
+        f"(= {result['step'] * len(specs):.1f} head-images/s)",
+    ]
+    if cfg.baseline:
+        baseline = {spec: _baseline_rate(cfg, spec, images, labels) for spec in specs}
+        # a baseline run trains one head: H heads cost the sum of H runs' times
+        per_head = len(specs) / sum(1.0 / r for r in baseline.values())
+        result["baseline"] = baseline
+        result["baseline_per_head"] = per_head
+        result["speedup_per_head"] = result["step"] * len(specs) / per_head
+        lines += [f"  baseline, one run per head ({spec:>10})  {r:10.1f} images/s" for spec, r in baseline.items()]
+        lines.append(f"  per head: ours {result['step'] * len(specs):.1f} vs baseline {per_head:.1f} head-images/s "
+                     f"= {result['speedup_per_head']:.2f}x")
+    print("\n".join(lines))
+    return result

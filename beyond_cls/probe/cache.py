@@ -1,0 +1,138 @@
+"""Feature cache: the frozen encoder's tokens of V augmented train views and the eval view, on disk.
+
+For small datasets (CUB, ImageNet-1 %, Pets…) the encoder pass dominates a probe run. The cache runs
+it once per view, writes ``[num_samples, N, D]`` tokens (bf16 by default) as one memory-mapped
+shard per (split, view), and the head bank then trains from the shards for all epochs: epoch ``e``
+reads view ``e mod V``, exactly the view an uncached run with ``--cache-views V`` computes.
+
+A cache directory is keyed by a fingerprint of everything the tokens depend on (encoder, weights
+file, token source, dataset, transform, seed, precision); a shard is valid once its ``.done`` marker
+exists, so an interrupted extraction restarts that shard and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from beyond_cls.config import ConfigError
+from beyond_cls.probe.distributed import DistEnv
+
+__all__ = ["CACHE_DTYPES", "FeatureCache", "fingerprint_file"]
+
+CACHE_DTYPES = {"bf16": (torch.bfloat16, np.uint16), "fp32": (torch.float32, np.float32)}
+
+
+def fingerprint_file(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Identity of a weights file for the fingerprint: absolute path, size and modification time."""
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+class FeatureCache:
+    """Shards under ``root/<fingerprint hash>/``: ``{split}_v{view}.bin`` + ``.valid.npy`` + ``.done``."""
+
+    def __init__(self, root: str | os.PathLike, fingerprint: dict[str, Any], dtype: str = "bf16") -> None:
+        if dtype not in CACHE_DTYPES:
+            raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}; got {dtype!r}")
+        self.fingerprint = {**fingerprint, "dtype": dtype}
+        text = json.dumps(self.fingerprint, sort_keys=True, default=str)
+        self.dir = Path(root).expanduser() / hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.torch_dtype, self.np_dtype = CACHE_DTYPES[dtype]
+        self._maps: dict[str, np.memmap] = {}
+        self._valid: dict[str, np.ndarray] = {}
+
+    def _name(self, split: str, view: int) -> str:
+        return f"{split}_v{view}"
+
+    def complete(self, split: str, view: int) -> bool:
+        return (self.dir / f"{self._name(split, view)}.done").exists()
+
+    def build(
+        self,
+        split: str,
+        view: int,
+        num_samples: int,
+        token_shape: tuple[int, int],
+        batches: Iterable[tuple[Tensor, Tensor]],
+        env: DistEnv,
+        progress: Callable[[Iterable], Iterable] = lambda x: x,
+    ) -> None:
+        """Write one shard from ``batches`` of (sample indices kept, tokens [b, N, D]) of this process.
+
+        Every process writes its own rows into the shared file; indices never yielded (bad images
+        skipped) stay invalid. Collective: all processes must call it.
+        """
+        name = self._name(split, view)
+        path = self.dir / f"{name}.bin"
+        shape = (num_samples, *token_shape)
+        if env.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "fingerprint.json").write_text(json.dumps(self.fingerprint, indent=1, default=str))
+            np.memmap(path, dtype=self.np_dtype, mode="w+", shape=shape).flush()
+        _barrier(env)
+        out = np.memmap(path, dtype=self.np_dtype, mode="r+", shape=shape)
+        valid = np.zeros(num_samples, dtype=bool)
+        for indices, tokens in progress(batches):
+            rows = tokens.detach().to("cpu", self.torch_dtype).contiguous()
+            if self.torch_dtype == torch.bfloat16:
+                rows = rows.view(torch.int16)
+            idx = indices.cpu().numpy()
+            out[idx] = rows.numpy().view(self.np_dtype)
+            valid[idx] = True
+        out.flush()
+        del out
+        np.save(self.dir / f"{name}.valid.r{env.rank}.npy", valid)
+        _barrier(env)
+        if env.is_main:
+            merged = np.zeros(num_samples, dtype=bool)
+            for r in range(env.world_size):
+                part = self.dir / f"{name}.valid.r{r}.npy"
+                merged |= np.load(part)
+                part.unlink()
+            np.save(self.dir / f"{name}.valid.npy", merged)
+            meta = {"shape": list(shape), "dtype": str(self.np_dtype.__name__)}
+            (self.dir / f"{name}.json").write_text(json.dumps(meta))
+            (self.dir / f"{name}.done").touch()
+        _barrier(env)
+
+    def _open(self, split: str, view: int) -> tuple[np.memmap, np.ndarray]:
+        name = self._name(split, view)
+        if name not in self._maps:
+            if not self.complete(split, view):
+                raise ConfigError(f"feature cache shard {self.dir / name} is incomplete; rerun to extract it")
+            meta = json.loads((self.dir / f"{name}.json").read_text())
+            self._maps[name] = np.memmap(
+                self.dir / f"{name}.bin", dtype=self.np_dtype, mode="r", shape=tuple(meta["shape"])
+            )
+            self._valid[name] = np.load(self.dir / f"{name}.valid.npy")
+        return self._maps[name], self._valid[name]
+
+    def read(self, split: str, view: int, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """(kept indices, tokens [k, N, D] in the cache dtype) for ``indices``; invalid rows dropped."""
+        data, valid = self._open(split, view)
+        idx = np.asarray(indices, dtype=np.int64)
+        idx = idx[valid[idx]]
+        rows = torch.from_numpy(np.ascontiguousarray(data[idx]))
+        if self.torch_dtype == torch.bfloat16:
+            rows = rows.view(torch.bfloat16)
+        return torch.from_numpy(idx), rows
+
+    def num_valid(self, split: str, view: int) -> int:
+        return int(self._open(split, view)[1].sum())

@@ -1,0 +1,97 @@
+"""Run logs of the main process: JSON lines, TensorBoard scalars, and the results table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricLog", "format_table", "json_safe", "write_csv", "write_json_atomic"]
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN / inf floats replaced by None, so the JSON is standard (no bare NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Rows with the union of their keys as columns (first-seen order); written atomically."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2g}"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table of ``rows`` restricted to ``columns`` (missing cells and NaN shown as –)."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda items: "| " + " | ".join(s.ljust(w) for s, w in zip(items, widths)) + " |"
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+class MetricLog:
+    """``metrics.jsonl`` (one JSON object per record) plus TensorBoard scalars under ``tb/``.
+
+    Appends, so a resumed run continues the same files. Inert on non-main processes.
+    """
+
+    def __init__(self, out: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(out) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(out) / "tb"))
+
+    def log(self, record: dict[str, Any], step: int, scalars: dict[str, float] | None = None) -> None:
+        """Append ``record`` (plus ``step``) as a JSON line and write ``scalars`` to TensorBoard."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(json_safe({"step": step, **record}), default=str, allow_nan=False) + "\n")
+        if self._tb is not None:
+            for name, value in (scalars or {}).items():
+                if value is not None and math.isfinite(value):
+                    self._tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

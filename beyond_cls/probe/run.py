@@ -1,0 +1,203 @@
+"""``beyond_cls.probe.run(config)``: the whole probing job, every seed, on one process or many."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from beyond_cls.config import load_config
+from beyond_cls.data.datasets import build_dataset
+from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from beyond_cls.data.views import ViewDataset
+from beyond_cls.models import load_encoder
+from beyond_cls.probe.bank import HeadBank, parse_heads
+from beyond_cls.probe.cache import FeatureCache, fingerprint_file
+from beyond_cls.probe.config import ProbeConfig
+from beyond_cls.probe.distributed import DistEnv, init_distributed
+from beyond_cls.probe.features import TokenSource
+from beyond_cls.probe.logs import format_table, write_csv, write_json_atomic
+from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
+from beyond_cls.probe.streams import CachedStream, EncoderStream, make_loader, target_tensor
+from beyond_cls.probe.trainer import ProbeTrainer
+from beyond_cls.runtime import autocast
+
+__all__ = ["RESULTS_FILE", "run", "summarize"]
+
+RESULTS_FILE = "results.json"
+
+
+def _config(config: ProbeConfig | dict | str | Path) -> ProbeConfig:
+    if isinstance(config, ProbeConfig):
+        return config
+    if isinstance(config, dict):
+        return load_config(ProbeConfig, None, **config)
+    return load_config(ProbeConfig, config)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and (sample) std over seeds of every metric, one row per head."""
+    by_head: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_head.setdefault(row["head"], []).append(row)
+    out = []
+    for group in by_head.values():
+        first = group[0]
+        summary = {k: first[k] for k in ("head", "aggregation", "blr", "lr")}
+        for metric in ("top1", "top5", "mAP", "entropy"):
+            values = [r[metric] for r in group if metric in r]
+            if not values:
+                continue
+            if any(math.isnan(v) for v in values):  # e.g. the entropy of [cls], which has none
+                summary[metric] = summary[f"{metric}_std"] = math.nan
+                continue
+            summary[metric] = statistics.fmean(values)
+            summary[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary["seeds"] = len(group)
+        out.append(summary)
+    return out
+
+
+def _extract(
+    cache: FeatureCache, split: str, view: int, views: ViewDataset, source: TokenSource,
+    cfg: ProbeConfig, env: DistEnv, token_shape: tuple[int, int],
+) -> None:
+    """Fill one cache shard with this process's share of ``views`` through the encoder."""
+    sampler = EvalBatchSampler(len(views), cfg.batch_size, env.world_size, env.rank, view=view)
+    loader = make_loader(views, sampler, cfg.num_workers, env.device)
+
+    def batches():
+        for batch in loader:
+            images = batch.images_on(env.device, channels_last=cfg.channels_last)
+            with autocast(cfg.amp, env.device):
+                yield batch.indices, source(images).float()
+
+    show = lambda it: tqdm(it, total=len(sampler), desc=f"cache {split} view {view}", unit="batch", leave=False,
+                           disable=not (cfg.progress and env.is_main))
+    cache.build(split, view, len(views), token_shape, batches(), env, progress=show)
+
+
+def run(config: ProbeConfig | dict | str | Path) -> dict[str, Any]:
+    """Train the head bank for every seed and return ``{"rows": per seed and head, "summary": per head}``.
+
+    Writes into ``out``: ``config.yaml`` (resolved), per seed ``seed<k>/`` (checkpoint, metrics.jsonl,
+    TensorBoard), and ``results.json`` + ``results.csv``; prints the results table.
+    """
+    cfg = _config(config)
+    specs = parse_heads(cfg.heads)
+    base_lrs = cfg.base_lrs()
+    env = init_distributed(cfg.device)
+    try:
+        return _run(cfg, env, specs, base_lrs)
+    finally:
+        if env.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]) -> dict[str, Any]:
+    out = Path(cfg.out)
+    options = {"subset_file": cfg.subset_file} if cfg.subset_file else {}
+    train_set = build_dataset(cfg.dataset, cfg.data, "train", **options)
+    val_set = build_dataset(cfg.dataset, cfg.data, "val", **options)
+    multilabel = bool(getattr(train_set, "multilabel", False))
+    torch.manual_seed(cfg.seed_list()[0])  # a randomly initialized encoder (no --checkpoint) is reproducible
+    encoder = load_encoder(cfg.model, cfg.checkpoint, cfg.checkpoint_format, img_size=cfg.img_size)
+    info = encoder.beyond_cls_info
+    source = TokenSource(encoder, cfg.block, cfg.final_norm).to(env.device)
+    if cfg.channels_last:
+        source = source.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        source = torch.compile(source)
+    accum, effective = cfg.accumulation(env.world_size)
+    mean, std = cfg.normalization()
+    view_kwargs = dict(
+        img_size=cfg.img_size, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD, decode=cfg.decode,
+        skip_bad_images=cfg.skip_bad_images,
+    )
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {**asdict(cfg), "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective}
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    token_shape = (info.num_tokens, info.embed_dim)
+    fingerprint = {
+        "model": cfg.model, "weights": fingerprint_file(cfg.checkpoint), "format": cfg.checkpoint_format,
+        "img_size": cfg.img_size, "block": source_block(source), "final_norm": cfg.final_norm,
+        "dataset": cfg.dataset, "data": str(Path(cfg.data).resolve()), "subset": cfg.subset_file,
+        "mean": view_kwargs["mean"], "std": view_kwargs["std"], "amp": cfg.amp, "skip_bad": cfg.skip_bad_images,
+    }
+    train_targets, val_targets = target_tensor(train_set), target_tensor(val_set)
+    val_views = ViewDataset(val_set, train=False, **view_kwargs)
+    rows: list[dict[str, Any]] = []
+    for seed in cfg.seed_list():
+        train_views = ViewDataset(train_set, train=True, seed=seed, **view_kwargs)
+        sampler = TrainBatchSampler(
+            len(train_set), cfg.batch_size, accum, env.world_size, env.rank, seed=seed, views=cfg.views()
+        )
+        val_sampler = EvalBatchSampler(len(val_set), cfg.batch_size, env.world_size, env.rank)
+        if cfg.cache is not None:
+            train_cache = FeatureCache(cfg.cache, {**fingerprint, "split": "train", "seed": seed}, cfg.cache_dtype)
+            val_cache = FeatureCache(cfg.cache, {**fingerprint, "split": "val"}, cfg.cache_dtype)
+            for view in range(cfg.views() or 1):
+                if not train_cache.complete("train", view):
+                    _extract(train_cache, "train", view, train_views, source, cfg, env, token_shape)
+            if not val_cache.complete("val", 0):
+                _extract(val_cache, "val", 0, val_views, source, cfg, env, token_shape)
+            stream: Any = CachedStream(
+                _SplitCaches(train_cache, val_cache), train_targets, val_targets, sampler, val_sampler, env.device
+            )
+        else:
+            stream = EncoderStream(
+                source, train_views, val_views, sampler, val_sampler, cfg.num_workers, env.device, cfg.amp,
+                cfg.channels_last,
+            )
+        bank = HeadBank(
+            specs, base_lrs, info.embed_dim, train_set.num_classes, info.num_prefix_tokens, info.has_class_token,
+            seed=seed,
+        )
+        trainer = ProbeTrainer(
+            cfg, env, seed, out / f"seed{seed}", bank, stream, sampler.steps_per_epoch, effective, accum, multilabel
+        )
+        final = trainer.fit()
+        for entry in bank.entries:
+            lr = cfg.lr if cfg.lr is not None else entry.blr * effective / 256
+            rows.append({"seed": seed, "head": entry.key, "aggregation": entry.spec, "blr": entry.blr, "lr": lr,
+                         **final[entry.key]})
+        del stream, trainer
+    summary = summarize(rows)
+    results = {
+        "rows": rows, "summary": summary, "encoder": asdict(info), "config": asdict(cfg),
+        "token_source": {"block": source_block(source), "final_norm": cfg.final_norm},
+        "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective,
+    }
+    if env.is_main:
+        write_json_atomic(results, out / RESULTS_FILE)
+        write_csv(rows, out / "results.csv")
+        metrics = ["mAP"] if multilabel else ["top1", "top5"]
+        if len(cfg.seed_list()) > 1:
+            metrics = [m for name in metrics for m in (name, f"{name}_std")]
+        print(format_table(summary, ["aggregation", "blr", "lr", *metrics, "entropy"]))
+        print(f"wrote {out / RESULTS_FILE} and {out / 'results.csv'}")
+    return results
+
+
+def source_block(source: Any) -> int:
+    return getattr(source, "_orig_mod", source).block
+
+
+class _SplitCaches:
+    """Routes cache reads to the train cache (seeded views) or the val cache (shared by seeds)."""
+
+    def __init__(self, train: FeatureCache, val: FeatureCache) -> None:
+        self.train, self.val = train, val
+
+    def read(self, split: str, view: int, indices: list[int]):
+        return (self.train if split == "train" else self.val).read(split, view, indices)
+
+

@@ -1,0 +1,383 @@
+"""Training and evaluation of one head bank (one seed): the MAE linear-probe loop, resumable.
+
+Per optimizer step: ``accum_iter`` micro-batches, each one encoder pass shared by every head; the
+bank's summed loss (each head's loss depends only on its own parameters) is backpropagated with
+DDP's ``no_sync`` on all but the last micro-batch. The learning rate follows the MAE schedule per
+step. At step boundaries the processes agree (one small all-reduce) on three flags: a non-finite
+loss (stop, keep the last good checkpoint), a preemption signal (save, exit), a checkpoint due.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from beyond_cls.config import ConfigError
+from beyond_cls.optim import LARS, mae_lr
+from beyond_cls.probe.bank import HeadBank
+from beyond_cls.probe.config import ProbeConfig
+from beyond_cls.probe.distributed import DistEnv, all_gather_objects, all_reduce_sum
+from beyond_cls.probe.logs import MetricLog
+from beyond_cls.probe.metrics import mean_average_precision, topk_correct
+from beyond_cls.probe.state import STATE_FILE, STATE_VERSION, PreemptionWatch, load_state, save_atomic
+from beyond_cls.runtime import autocast
+
+__all__ = ["FAULT_ENV", "NonFiniteLoss", "Preempted", "ProbeTrainer"]
+
+# Test hook: "KILL@7" / "TERM@7" sends that signal to this process after global optimizer step 7.
+FAULT_ENV = "BEYOND_CLS_FAULT"
+# Settings that must match to resume a checkpoint (the rest, e.g. workers or logging, may change).
+RESUME_KEYS = (
+    "model", "checkpoint", "dataset", "img_size", "block", "final_norm", "heads", "lrs", "blr", "lr", "min_lr",
+    "epochs", "warmup_epochs", "optimizer", "momentum", "weight_decay", "cache_views", "mean", "std",
+)
+
+
+class NonFiniteLoss(ValueError):
+    """A head's loss became NaN or inf; the update was not applied."""
+
+
+class Preempted(Exception):
+    """SIGTERM / SIGUSR1 arrived; the state was saved. ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ProbeTrainer:
+    """One seed's head bank with its optimizer, schedule, checkpoints and metrics."""
+
+    def __init__(
+        self,
+        cfg: ProbeConfig,
+        env: DistEnv,
+        seed: int,
+        out: Path,
+        bank: HeadBank,
+        stream: Any,
+        steps_per_epoch: int,
+        effective_batch: int,
+        accum_iter: int,
+        multilabel: bool,
+    ) -> None:
+        if steps_per_epoch < 1:
+            raise ConfigError(
+                f"the training set is smaller than one optimizer step ({effective_batch} images); "
+                "lower --batch-size / --accum-iter / --effective-batch"
+            )
+        self.cfg, self.env, self.seed, self.out = cfg, env, seed, out
+        self.stream, self.steps_per_epoch = stream, steps_per_epoch
+        self.effective_batch, self.accum_iter, self.multilabel = effective_batch, accum_iter, multilabel
+        self.device = env.device
+        self.bank = bank.to(self.device)
+        self.model: nn.Module = (
+            DistributedDataParallel(self.bank, device_ids=[self.device] if self.device.type == "cuda" else None)
+            if env.distributed
+            else self.bank
+        )
+        groups = self.bank.param_groups(effective_batch / 256)
+        if cfg.lr is not None:
+            for group in groups:
+                group["base_lr"] = cfg.lr
+        if cfg.optimizer == "lars":
+            self.optimizer: torch.optim.Optimizer = LARS(groups, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self._amp_dtype() == torch.float16)
+        self.loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+        self.log = MetricLog(out, enabled=env.is_main)
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.final: dict[str, dict[str, float]] | None = None
+        self.images_skipped = 0
+        self._last_save = time.monotonic()
+
+    # ----------------------------------------------------------------------------------- state
+    def _amp_dtype(self) -> torch.dtype | None:
+        from beyond_cls.runtime import autocast_dtype
+
+        return autocast_dtype("auto" if self.cfg.amp == "auto" else self.cfg.amp, self.device)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / STATE_FILE
+
+    def _sync_buffers(self) -> None:
+        """Give every process rank 0's BatchNorm running statistics (DDP updates them per process)."""
+        if self.env.distributed:
+            for buf in self.bank.buffers():
+                dist.broadcast(buf, src=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "beyond_cls.probe",
+            "version": STATE_VERSION,
+            "config": asdict(self.cfg),
+            "seed": self.seed,
+            "effective_batch": self.effective_batch,
+            "heads": [e.key for e in self.bank.entries],
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "bank": self.bank.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": self.history,
+            "final": self.final,
+            "images_skipped": self.images_skipped,
+            "rng_cpu": torch.get_rng_state(),
+        }
+
+    def save(self) -> None:
+        """Write the state atomically (main process; every process holds the same state)."""
+        self._sync_buffers()
+        if self.env.is_main:
+            save_atomic(self.state_dict(), self.state_path)
+        self._last_save = time.monotonic()
+
+    def load(self, path: Path) -> None:
+        state = load_state(path)
+        saved = state["config"]
+        current = asdict(self.cfg)
+        diffs = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
+        if state["effective_batch"] != self.effective_batch:
+            diffs.append("effective batch")
+        if state["seed"] != self.seed:
+            diffs.append("seed")
+        if diffs:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in diffs if k in current)
+            raise ConfigError(
+                f"{path} was written by a run with other settings ({', '.join(diffs)}; {detail}); "
+                "use a new --out or --resume none"
+            )
+        self.bank.load_state_dict(state["bank"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.history, self.final = state["history"], state["final"]
+        self.images_skipped = state["images_skipped"]
+        torch.set_rng_state(state["rng_cpu"])
+
+    def resume_path(self) -> Path | None:
+        if self.cfg.resume == "none":
+            return None
+        if self.cfg.resume == "auto":
+            return self.state_path if self.state_path.exists() else None
+        path = Path(self.cfg.resume)
+        if not path.exists():
+            raise ConfigError(f"--resume {path}: file not found")
+        return path
+
+    # ----------------------------------------------------------------------------------- training
+    def _set_lr(self, epoch_float: float) -> float:
+        factor = 0.0
+        for group in self.optimizer.param_groups:
+            cfg = self.cfg
+            group["lr"] = mae_lr(epoch_float, group["base_lr"], cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+            factor = group["lr"] / group["base_lr"]
+        return factor
+
+    def _losses(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        """Per-head losses [H] of one micro-batch.
+
+        A micro-batch left with fewer than two images (bad images skipped) cannot give BatchNorm batch
+        statistics: it runs with the running statistics instead, and an empty one contributes zero
+        loss through a dummy row, so every process still takes part in DDP's gradient reduction.
+        """
+        small = tokens.shape[0] < 2
+        weight = 1.0
+        if tokens.shape[0] == 0:
+            tokens, weight = tokens.new_zeros(1, *tokens.shape[1:]), 0.0
+            targets = targets.new_zeros(1, *targets.shape[1:])
+        norms = [m for m in self.bank.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if small else []
+        for m in norms:
+            m.eval()
+        try:
+            with autocast(self.cfg.amp, self.device):
+                logits = self.model(tokens)
+                target = targets.float() if self.multilabel else targets
+                losses = torch.stack([self.loss_fn(logits[e.key].float(), target) for e in self.bank.entries])
+        finally:
+            for m in norms:
+                m.train()
+        return losses * weight
+
+    def _step_flags(self, window_loss: Tensor, preempt: PreemptionWatch) -> tuple[bool, bool, bool]:
+        save_due = time.monotonic() - self._last_save >= self.cfg.ckpt_minutes * 60
+        flags = torch.stack(
+            [
+                (~torch.isfinite(window_loss)).any().double(),
+                torch.tensor(float(preempt.signal_name is not None), dtype=torch.float64, device=self.device),
+                torch.tensor(float(save_due and self.env.is_main), dtype=torch.float64, device=self.device),
+            ]
+        )
+        nonfinite, stop, save = (bool(v > 0) for v in all_reduce_sum(flags, self.env).tolist())
+        return nonfinite, stop, save
+
+    def _train_epoch(self, preempt: PreemptionWatch) -> None:
+        cfg, bank, accum = self.cfg, self.bank, self.accum_iter
+        heads = len(bank.entries)
+        step_loss = torch.zeros(heads, dtype=torch.float64, device=self.device)
+        window_loss = torch.zeros(heads, dtype=torch.float64, device=self.device)
+        window_images, window_steps, window_start = 0, 0, time.perf_counter()
+        lr_factor = 0.0
+        remaining = (self.steps_per_epoch - self.step) * accum
+        batches: Iterator = self.stream.train_batches(self.epoch, self.step)
+        bar = tqdm(
+            batches, total=remaining, disable=not (cfg.progress and self.env.is_main), leave=False,
+            desc=f"seed {self.seed} epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
+        )
+        for micro, (tokens, targets, skipped) in enumerate(bar):
+            a = micro % accum
+            if a == 0:
+                lr_factor = self._set_lr(self.epoch + self.step / self.steps_per_epoch)
+            sync = self.model.no_sync() if self.env.distributed and a < accum - 1 else contextlib.nullcontext()
+            with sync:
+                losses = self._losses(tokens, targets)
+                self.scaler.scale(losses.sum() / accum).backward()
+            step_loss += losses.detach().double() / accum
+            window_images += tokens.shape[0]
+            self.images_skipped += skipped
+            if a < accum - 1:
+                continue
+            nonfinite, stop, save_due = self._step_flags(step_loss, preempt)
+            if nonfinite:
+                bad = [e.key for e, v in zip(bank.entries, step_loss.tolist()) if not torch.isfinite(torch.tensor(v))]
+                raise NonFiniteLoss(
+                    f"non-finite loss in head(s) {', '.join(bad)} at epoch {self.epoch + 1}, step {self.step + 1}; "
+                    f"the update was not applied and {self.state_path} keeps the last good state. Lower --lrs "
+                    "for these heads, or use --amp bf16/fp32 instead of fp16"
+                )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.global_step += 1
+            window_loss += step_loss
+            window_steps += 1
+            step_loss.zero_()
+            if window_steps == cfg.log_every or self.step == self.steps_per_epoch:
+                self._log_window(window_loss / window_steps, window_images, time.perf_counter() - window_start,
+                                 lr_factor, bar)
+                window_loss.zero_()
+                window_images, window_steps, window_start = 0, 0, time.perf_counter()
+            self._inject_fault()
+            if stop:
+                self.save()
+                raise Preempted(
+                    f"{preempt.signal_name or 'a preemption signal'} received: saved {self.state_path} at epoch "
+                    f"{self.epoch + 1}, step {self.step}/{self.steps_per_epoch}; rerun the same command to resume",
+                    preempt.exit_code,
+                )
+            if save_due:
+                self.save()
+        bar.close()
+
+    def _log_window(self, mean_loss: Tensor, images: int, seconds: float, lr_factor: float, bar: tqdm) -> None:
+        losses = mean_loss.tolist()
+        ips = images * self.env.world_size / max(seconds, 1e-9)
+        record = {
+            "epoch": self.epoch + self.step / self.steps_per_epoch,
+            "lr_factor": lr_factor,
+            "images_per_s": ips,
+            "images_skipped": self.images_skipped,
+            "loss": {e.key: v for e, v in zip(self.bank.entries, losses)},
+        }
+        scalars = {f"loss/{e.key}": v for e, v in zip(self.bank.entries, losses)}
+        scalars.update({"train/lr_factor": lr_factor, "train/images_per_s": ips})
+        self.log.log(record, self.global_step, scalars)
+        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", lr=f"{lr_factor:.3f}", img_s=f"{ips:.0f}")
+
+    def _inject_fault(self) -> None:
+        spec = os.environ.get(FAULT_ENV)
+        if spec and "@" in spec:
+            name, at = spec.split("@", 1)
+            if int(at) == self.global_step:
+                os.kill(os.getpid(), getattr(signal, f"SIG{name.upper()}"))
+
+    # ----------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """top-1 / top-5 in % (or mAP in % for multi-label sets) and aggregation entropy, per head."""
+        self._sync_buffers()
+        self.bank.eval()
+        heads = self.bank.entries
+        counts = torch.zeros(len(heads), 3, dtype=torch.float64, device=self.device)  # top1, top5, entropy
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        scores: dict[str, list[Tensor]] = {e.key: [] for e in heads}
+        labels: list[Tensor] = []
+        try:
+            for tokens, targets, _ in self.stream.eval_batches():
+                if tokens.shape[0] == 0:
+                    continue
+                with autocast(self.cfg.amp, self.device):
+                    logits, entropy = self.bank.forward_eval(tokens)
+                for h, e in enumerate(heads):
+                    out = logits[e.key].float()
+                    if self.multilabel:
+                        scores[e.key].append(out.cpu())
+                    else:
+                        counts[h, :2] += topk_correct(out, targets)
+                    counts[h, 2] += entropy[e.key]
+                if self.multilabel:
+                    labels.append(targets.cpu())
+                total += tokens.shape[0]
+        finally:
+            self.bank.train()
+        all_reduce_sum(counts, self.env)
+        n = float(all_reduce_sum(total, self.env).item())
+        if n == 0:
+            raise ConfigError("the evaluation set produced no images (all skipped?)")
+        results: dict[str, dict[str, float]] = {}
+        if self.multilabel:
+            gathered_labels = torch.cat([t for part in all_gather_objects(labels, self.env) for t in part])
+        for h, e in enumerate(heads):
+            entropy = float(counts[h, 2]) / n
+            if self.multilabel:
+                s = torch.cat([t for part in all_gather_objects(scores[e.key], self.env) for t in part])
+                results[e.key] = {"mAP": 100 * mean_average_precision(s, gathered_labels), "entropy": entropy}
+            else:
+                results[e.key] = {
+                    "top1": 100 * float(counts[h, 0]) / n, "top5": 100 * float(counts[h, 1]) / n, "entropy": entropy,
+                }
+        return results
+
+    # ----------------------------------------------------------------------------------- driver
+    def fit(self) -> dict[str, dict[str, float]]:
+        """Train (resuming when a checkpoint says so) and return the final evaluation per head."""
+        path = self.resume_path()
+        if path is not None:
+            self.load(path)
+        if self.final is not None:
+            return self.final
+        with PreemptionWatch() as preempt:
+            while self.epoch < self.cfg.epochs:
+                if self.step < self.steps_per_epoch:
+                    self._train_epoch(preempt)
+                self.epoch, self.step = self.epoch + 1, 0
+                if self.cfg.eval_every and self.epoch % self.cfg.eval_every == 0 and self.epoch < self.cfg.epochs:
+                    self._record_eval(self.evaluate())
+                self.save()
+            self.final = self.evaluate()
+            self._record_eval(self.final)
+            self.save()
+        self.log.close()
+        return self.final
+
+    def _record_eval(self, results: dict[str, dict[str, float]]) -> None:
+        self.history.append({"epoch": self.epoch, "results": results})
+        scalars = {f"eval/{k}/{m}": v for k, r in results.items() for m, v in r.items()}
+        self.log.log({"epoch": self.epoch, "eval": results}, self.global_step, scalars)
