@@ -18,24 +18,26 @@ DEMO_PROBE = dict(heads="cls,mean,abmilp", epochs=12, warmup_epochs=2, batch_siz
                   cache_views=2, optimizer="sgd", blr=0.5)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(kind: type, minimum: float, strict: bool, what: str):
+    """An argparse type: a finite ``kind`` above (``strict``) or at least ``minimum``, else ``expected {what}``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_int = _number(int, 0, True, "a positive integer")
+_non_negative_int = _number(int, 0, False, "an integer >= 0")
+_positive_float = _number(float, 0, True, "a positive number")
+_non_negative_float = _number(float, 0, False, "a number >= 0")
+_block = _number(int, -1, False, "a block index (0-based, -1 = last)")
 
 
 def _add_encoder_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -59,36 +61,6 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=_non_negative_int, help="data loading workers (default min(8, cpus))")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    help="hide the progress bar")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _block(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block index (0-based, -1 = last), got {text!r}") from None
-    if value < -1:
-        raise argparse.ArgumentTypeError(f"expected a block index >= 0 or -1 for the last, got {value}")
-    return value
 
 
 def _add_probe_args(p: argparse.ArgumentParser) -> None:
