@@ -30,3 +30,16 @@ echo "== end to end: recorder vs plain inference"
   echo
   echo "GPU tests: $(tail -n 1 "build/gpu_tests_${gpu}.txt")"
 } | tee -a "${stem}.md"
+
+echo "== end to end: probe parts vs the per-head baseline script"
+{
+  echo
+  echo "## beyond-cls bench probe (vit_base_patch16_224, batch 256, Table 1 heads)"
+  echo
+  for decode in gpu cpu; do
+    echo '```'
+    $PY -m beyond_cls.cli bench probe --model vit_base_patch16_224 --batch-size 256 --steps 10 --warmup 3 \
+        --num-workers "$(nproc)" --decode "$decode" $([ "$decode" = cpu ] && echo --no-baseline)
+    echo '```'
+  done
+} | tee -a "${stem}.md"

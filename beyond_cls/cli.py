@@ -151,6 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_probe_args(probe)
 
+    compare = sub.add_parser(
+        "compare", help="the paper's Figs. 3-6 and Table 3 from several analyze runs",
+        description="Draw the information-flow figures (one line per model over blocks, MIM solid, JEA dashed), "
+        "per-head heatmaps and Table 3 (aggregation entropy) from analyze outputs; write CSVs and report.md.",
+    )
+    compare.add_argument("inputs", nargs="+", help="analyze output folders or attention_stats.json files")
+    compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument("--names", help="comma-separated display names, one per input")
+    compare.add_argument("--family", action="append", default=[], metavar="NAME=FAMILY",
+                         help="family of a model (MIM or JEA), repeatable; inferred from the name otherwise")
+
+    zoo = sub.add_parser(
+        "zoo", help="the paper's encoders: architecture, size, official file, where to get it, presence",
+        description="List the encoder zoo. Official files are looked up under --weights-dir or "
+        "$BEYOND_CLS_WEIGHTS (nothing is downloaded); --check loads every present file strictly.",
+    )
+    zoo.add_argument("--weights-dir", help="folder holding the official files (default $BEYOND_CLS_WEIGHTS)")
+    zoo.add_argument("--check", action="store_true", help="load every present file strictly; print OK or the error")
+
     demo = sub.add_parser(
         "demo", help="generate the synthetic set, analyze a small ViT on it and probe it",
         description="Write the embedded synthetic dataset into the cache ($BEYOND_CLS_CACHE or "
@@ -212,6 +231,34 @@ def _run_probe(args: argparse.Namespace) -> None:
     run(load_config(ProbeConfig, args.config, **_overrides(args)))
 
 
+def _run_compare(args: argparse.Namespace) -> None:
+    from beyond_cls.analysis.compare import compare
+
+    families = {}
+    for item in args.family:
+        name, sep, family = item.partition("=")
+        if not sep or not name or not family:
+            raise ValueError(f"--family expects NAME=FAMILY, got {item!r}")
+        families[name] = family
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    result = compare(args.inputs, args.out, names=names, families=families or None)
+    for warning in result["warnings"]:
+        print(f"note: {warning}")
+    print(f"wrote {result['files']['report']}")
+
+
+def _run_zoo(args: argparse.Namespace) -> None:
+    from beyond_cls.models.zoo_table import zoo_rows
+    from beyond_cls.probe.logs import format_table
+
+    rows = zoo_rows(args.weights_dir, check=args.check)
+    columns = ["name", "family", "architecture", "params (M)", "file", "present"] + (["check"] if args.check else [])
+    print(format_table(rows, columns))
+    print()
+    for row in rows:
+        print(f"{row['name']}: {row['get it from']}")
+
+
 def _run_demo(args: argparse.Namespace) -> None:
     from beyond_cls.analysis.analyze import AnalyzeConfig, analyze
     from beyond_cls.data import make_synthetic_dataset
@@ -243,7 +290,10 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "config", "bench")}
 
 
-COMMANDS = {"analyze": _run_analyze, "probe": _run_probe, "demo": _run_demo, "bench": _run_bench}
+COMMANDS = {
+    "analyze": _run_analyze, "probe": _run_probe, "compare": _run_compare, "zoo": _run_zoo, "demo": _run_demo,
+    "bench": _run_bench,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

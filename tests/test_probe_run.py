@@ -309,3 +309,13 @@ def test_bench_probe_measures_every_part_and_the_baseline(tmp_path, monkeypatch,
     assert result["speedup_per_head"] == pytest.approx(expected)
     printed = capsys.readouterr().out
     assert "loader" in printed and "baseline" in printed and "per head" in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_encoder", [False, True])
+def test_probe_on_cuda_with_gpu_decoding(dataset, tmp_path, compile_encoder):
+    results = run(dict(TINY, data=str(dataset), out=str(tmp_path), device="cuda", decode="gpu", amp="bf16",
+                       channels_last=True, compile=compile_encoder, num_workers=2))
+    assert all(0 <= r["top1"] <= 100 for r in results["rows"])
+    state = load_state(tmp_path / "seed0" / "checkpoint.pt")
+    assert state["global_step"] == 9 and all(v.device.type == "cpu" for v in state["bank"].values())

@@ -1,4 +1,4 @@
-"""How each timm attention module computes q, k, v, and how its output is finished.
+"""How each timm (and CAPI) attention module computes q, k, v, and how its output is finished.
 
 The recorder swaps an attention module's forward for one that projects exactly as the module
 does (qkv bias, separate q/v biases, q/k norm, RoPE, grouped kv heads, BEiT relative position
@@ -18,6 +18,8 @@ from timm.layers.attention import Attention, AttentionRope
 from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
 from torch import Tensor, nn
+
+from beyond_cls.models.capi import CapiAttention
 
 
 @dataclass
@@ -111,6 +113,12 @@ def _project_beit(module: BeitAttention, x: Tensor, shared_rel_pos_bias: Tensor 
     return Projected(q, k, v, bias)
 
 
+def _project_capi(module: CapiAttention, x: Tensor, coords: Tensor) -> Projected:
+    """CAPI: the module's own projection, so q and k come rotated by its stored-frequency RoPE."""
+    q, k, v = module.project(x, coords)
+    return Projected(q, k, v)
+
+
 def finish(module: nn.Module, out: Tensor, gate: Tensor | None) -> Tensor:
     """The module's output path after attention: merge heads, scale norm, gate, projection."""
     b, _, n, _ = out.shape
@@ -120,7 +128,9 @@ def finish(module: nn.Module, out: Tensor, gate: Tensor | None) -> Tensor:
         x = norm(x)
     if gate is not None:
         x = x * gate
-    return module.proj_drop(module.proj(x))
+    x = module.proj(x)
+    drop = getattr(module, "proj_drop", None)  # CAPI's attention has none
+    return x if drop is None else drop(x)
 
 
 Projector = Callable[..., Projected]
@@ -131,6 +141,7 @@ ADAPTERS: dict[type, Projector] = {
     AttentionRope: _project_rope,
     EvaAttention: _project_rope,
     BeitAttention: _project_beit,
+    CapiAttention: _project_capi,
 }
 
 

@@ -1,0 +1,455 @@
+"""Compare saved attention summaries: the paper's Figs. 3–6, per-head heatmaps and appendix Table 3.
+
+``compare`` reads the ``attention_stats.json`` of several ``beyond-cls analyze`` runs and writes, into
+one folder, line plots over blocks (one line per encoder, MIM solid / JEA dashed), a blocks × heads
+heatmap figure per encoder, CSV tables and a ``report.md`` that embeds them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from beyond_cls.analysis.analyze import STATS_FILE  # noqa: E402
+from beyond_cls.analysis.plots import PANELS  # noqa: E402
+from beyond_cls.analysis.summary import FIELD_NAMES, FIELDS, AttentionSummary  # noqa: E402
+
+__all__ = ["FAMILIES", "compare", "infer_family"]
+
+#: Method-name prefixes of the paper's encoders (zoo names look like ``mae_vit_base_patch16``).
+FAMILIES: Mapping[str, tuple[str, ...]] = {
+    "MIM": ("mae", "simmim", "maskfeat", "beit", "ijepa", "capi"),
+    "JEA": ("dino", "ibot", "moco"),  # also dinov2, mocov3
+}
+# family -> (line style, marker); anything else is "other"
+_STYLES = {"MIM": ("-", "o"), "JEA": ("--", "s")}
+_OTHER_STYLE = (":", "^")
+_FAMILY_ORDER = {"MIM": 0, "JEA": 1}
+
+COMBINED_FILE = "information_flow.png"
+MODELS_CSV = "summary_by_model.csv"
+BLOCKS_CSV = "summary_by_block.csv"
+REPORT_FILE = "report.md"
+
+# Readable names of every summary field (Markdown table headers).
+_LABELS = {
+    "cls_self": "[cls]-[cls] attention",
+    "cls_patch_entropy": "[cls]→patch entropy",
+    "patch_self": "patch self-attention",
+    "patch_patch_entropy": "patch→patch entropy",
+    "patch_cls": "patch→[cls] attention",
+    "cls_patch_mass": "[cls]→patch mass",
+}
+_NEEDS_CLS = {name for name, _, needs_cls in FIELDS if needs_cls}
+
+
+@dataclass
+class _Model:
+    name: str
+    family: str
+    source: Path
+    summary: AttentionSummary
+    paper_entropy: float | None
+
+    @property
+    def depth(self) -> int:
+        return self.summary.num_blocks
+
+    def field(self, name: str) -> torch.Tensor | None:
+        """The [blocks, heads] statistic, or None when absent (no [cls]) or all NaN."""
+        values = getattr(self.summary, name)
+        if values is None or bool(torch.isnan(values).all()):
+            return None
+        return values
+
+    @property
+    def has_cls(self) -> bool:
+        return self.field("cls_patch_entropy") is not None
+
+
+def infer_family(name: str) -> str:
+    """The family, MIM or JEA, of the paper's method named in ``name`` (zoo, timm or display name), else other."""
+    entry = _zoo_entry(name)
+    if entry is not None:
+        return entry.family
+    for token in re.split(r"[\s_./:,]+", name.lower()):
+        token = re.sub(r"[^a-z0-9]", "", token)  # I-JEPA -> ijepa, MoCo-v3 -> mocov3
+        for family, methods in FAMILIES.items():
+            if token.startswith(methods):
+                return family
+    return "other"
+
+
+def _zoo_entry(name: str):
+    """The zoo entry of ``name`` (family, the paper's Table 3 value), or None when it is not a zoo name."""
+    try:
+        from beyond_cls.models.zoo import zoo_entry
+    except ImportError:  # the zoo is optional here: names alone give the family
+        return None
+    return zoo_entry(name)
+
+
+def _load(path: str | os.PathLike) -> tuple[AttentionSummary, Path]:
+    """The summary in a run directory or JSON file; ValueError naming the path when it cannot be used."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / STATS_FILE
+        if not file.is_file():
+            raise ValueError(f"run directory {path} has no {STATS_FILE} (run `beyond-cls analyze --out {path}`)")
+    elif path.is_file():
+        file = path
+    else:
+        raise ValueError(f"{path} does not exist (expected a run directory holding {STATS_FILE} or a JSON file)")
+    try:
+        summary = AttentionSummary.load(file)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        message = str(exc)
+        if str(file) not in message:
+            message = f"attention summary {file} is unusable: {message}"
+        raise ValueError(message) from None
+    if summary.patch_self is None or summary.patch_patch_entropy is None:
+        raise ValueError(f"attention summary {file} has no patch_self / patch_patch_entropy values")
+    shapes = {name: tuple(t.shape) for name, t in summary.fields().items()}
+    first = shapes["patch_self"]
+    if len(first) != 2 or 0 in first or any(s != first for s in shapes.values()):
+        raise ValueError(
+            f"attention summary {file}: every field must be one non-empty [blocks, heads] array, got {shapes}"
+        )
+    if summary.num_patches <= 0:
+        raise ValueError(f"attention summary {file}: num_patches must be positive, got {summary.num_patches}")
+    return summary, file
+
+
+def _slug(name: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    slug, i = base, 2
+    while slug in taken:
+        slug, i = f"{base}_{i}", i + 1
+    taken.add(slug)
+    return slug
+
+
+def _unique_names(names: list[str], files: list[Path]) -> list[str]:
+    """Make repeated display names unique by their run folder (then a counter)."""
+    counts = {n: names.count(n) for n in names}
+    out: list[str] = []
+    for name, file in zip(names, files):
+        if counts[name] > 1:
+            name = f"{name} ({file.parent.name or file.stem})"
+        base, i = name, 2
+        while name in out:
+            name, i = f"{base} #{i}", i + 1
+        out.append(name)
+    return out
+
+
+def _models(inputs, names, families) -> list[_Model]:
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("compare needs at least one run directory or attention_stats.json file")
+    if names is not None and len(names) != len(inputs):
+        raise ValueError(f"names has {len(names)} entries for {len(inputs)} inputs")
+    loaded = [_load(p) for p in inputs]
+    display = [
+        (names[i] if names is not None else "") or s.model or (f.parent.name if f.name == STATS_FILE else f.stem)
+        for i, (s, f) in enumerate(loaded)
+    ]
+    display = _unique_names(display, [f for _, f in loaded])
+    families = dict(families or {})
+    known = set(display) | {s.model for s, _ in loaded}
+    unknown = sorted(k for k in families if k not in known)
+    if unknown:
+        raise ValueError(f"families has unknown model names {unknown}; the models are {display}")
+    models = []
+    for name, (summary, file) in zip(display, loaded):
+        family = families.get(name, families.get(summary.model))
+        if family is None:
+            family = infer_family(summary.model or name)
+            if family == "other" and summary.model != name:
+                family = infer_family(name)
+        else:
+            family = family.upper() if family.upper() in _STYLES else family
+        entry = _zoo_entry(summary.model) if summary.model else None
+        models.append(_Model(name, family, file, summary, entry.paper_entropy if entry is not None else None))
+    return models
+
+
+def _positions(depth: int, x_axis: str) -> np.ndarray:
+    blocks = np.arange(depth, dtype=np.float64)
+    if x_axis == "block":
+        return blocks + 1
+    return blocks / (depth - 1) if depth > 1 else blocks
+
+
+def _series(models: list[_Model], x_axis: str) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """What the line plots draw: metric -> model -> {"x", "y" (mean over heads), "head_min", "head_max"}."""
+    series: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for metric, _, _ in PANELS:
+        series[metric] = {}
+        for m in models:
+            values = m.field(metric)
+            if values is None:
+                continue
+            series[metric][m.name] = {
+                "x": _positions(m.depth, x_axis).tolist(),
+                "y": values.mean(dim=1).tolist(),
+                "head_min": values.min(dim=1).values.tolist(),
+                "head_max": values.max(dim=1).values.tolist(),
+            }
+    return series
+
+
+def _colors(models: list[_Model]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    return {m.name: cmap(i % cmap.N) for i, m in enumerate(models)}
+
+
+def _draw(ax, metric: str, title: str, figure: str, models: list[_Model], series, colors, x_axis: str) -> None:
+    """One panel of Figs. 3–6: a line per encoder (mean over heads); log |J| lines on entropy panels."""
+    plotted = [m for m in models if m.name in series[metric]]
+    for m in plotted:
+        style, marker = _STYLES.get(m.family, _OTHER_STYLE)
+        s = series[metric][m.name]
+        ax.plot(s["x"], s["y"], linestyle=style, marker=marker, ms=3, color=colors[m.name],
+                label=f"{m.name} ({m.family})")
+    if metric.endswith("entropy"):
+        for patches in sorted({m.summary.num_patches for m in plotted}):
+            ax.axhline(math.log(patches), color="gray", linestyle="-.", linewidth=1,
+                       label=f"max entropy log {patches} = {math.log(patches):.2f}")
+    ax.set_title(f"{title} ({figure})")
+    ax.set_xlabel("block" if x_axis == "block" else "relative depth: block / (depth - 1)")
+    ax.grid(alpha=0.3)
+    if not plotted:
+        ax.text(0.5, 0.5, "no model has a [cls] token", ha="center", va="center", transform=ax.transAxes)
+
+
+def _save(fig, path: Path) -> Path:
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _plot_lines(models, series, colors, x_axis: str, out: Path) -> tuple[Path, dict[str, Path]]:
+    # fixed margins rather than constrained layout: it costs a second draw per figure
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    handles: dict[str, object] = {}
+    for ax, (metric, title, figure) in zip(axes.flat, PANELS):
+        _draw(ax, metric, title, figure, models, series, colors, x_axis)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    ncol = min(len(handles), 3) or 1
+    legend_height = (math.ceil(len(handles) / ncol) * 0.25 + 0.2) / 9  # inches -> figure fraction
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.96, bottom=0.08 + legend_height, hspace=0.3, wspace=0.18)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    combined = _save(fig, out / COMBINED_FILE)
+    per_metric = {}
+    for metric, title, figure in PANELS:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        fig.subplots_adjust(left=0.1, right=0.97, top=0.93, bottom=0.11)
+        _draw(ax, metric, title, figure, models, series, colors, x_axis)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        number = figure.split()[-1]
+        per_metric[metric] = _save(fig, out / f"fig{number}_{metric}.png")
+    return combined, per_metric
+
+
+def _plot_heads(model: _Model, path: Path) -> Path:
+    """Blocks × heads heatmaps of the four panel statistics for one encoder."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9))
+    fig.subplots_adjust(left=0.06, right=0.97, top=0.91, bottom=0.06, hspace=0.3, wspace=0.15)
+    for ax, (metric, title, figure) in zip(axes.flat, PANELS):
+        values = model.field(metric)
+        ax.set_title(f"{title} ({figure})", fontsize=10)
+        if values is None:
+            ax.text(0.5, 0.5, "no [cls] token", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        blocks, heads = values.shape
+        image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+                          extent=(0.5, heads + 0.5, blocks + 0.5, 0.5))
+        fig.colorbar(image, ax=ax)
+        ax.set_xlabel("head")
+        ax.set_ylabel("block")
+    fig.suptitle(f"{model.name} ({model.family}): per-head statistics, {model.summary.num_images} images, "
+                 f"{model.summary.num_patches} patches (log |J| = {model.summary.max_entropy:.3f})")
+    return _save(fig, path)
+
+
+def _model_row(m: _Model) -> dict:
+    """One encoder's overall numbers; aggregation entropy follows appendix Table 3."""
+    s = m.summary
+    overall = {name: (None if m.field(name) is None else float(m.field(name).mean())) for name in FIELD_NAMES}
+    uniform = not m.has_cls
+    entropy = s.max_entropy if uniform else overall["cls_patch_entropy"]
+    return {
+        "model": m.name,
+        "family": m.family,
+        "source": str(m.source),
+        "has_cls": m.has_cls,
+        "num_images": s.num_images,
+        "num_blocks": s.num_blocks,
+        "num_heads": s.num_heads,
+        "num_patches": s.num_patches,
+        "max_entropy": s.max_entropy,
+        "aggregation": "uniform (no [cls])" if uniform else "[cls]",
+        "aggregation_entropy": entropy,
+        "aggregation_entropy_normalized": entropy / s.max_entropy,
+        "paper_entropy": m.paper_entropy,
+        **overall,
+    }
+
+
+def _block_rows(models: list[_Model]) -> list[dict]:
+    rows = []
+    for m in models:
+        positions = _positions(m.depth, "relative")
+        for metric in FIELD_NAMES:
+            values = m.field(metric)
+            if values is None:
+                continue
+            for b in range(m.depth):
+                rows.append({
+                    "model": m.name, "family": m.family, "block": b + 1, "depth": m.depth,
+                    "position": float(positions[b]), "metric": metric, "value": float(values[b].mean()),
+                    "head_min": float(values[b].min()), "head_max": float(values[b].max()),
+                })
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return path
+
+
+def _md(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_md(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+
+
+def _report(models, rows, files, notes, x_axis, out: Path) -> Path:
+    by_name = {r["model"]: r for r in rows}
+    lines = ["# Information flow: model comparison", ""]
+    lines += _table(
+        ["model", "family", "images", "blocks", "heads", "patches |J|", "log |J|", "source"],
+        [[m.name, m.family, str(m.summary.num_images), str(m.depth), str(m.summary.num_heads),
+          str(m.summary.num_patches), _fmt(m.summary.max_entropy), os.path.relpath(m.source, out)] for m in models],
+    )
+    table3 = sorted(rows, key=lambda r: _FAMILY_ORDER.get(r["family"], 2))
+    lines += ["", "## Table 3: aggregation entropy", "",
+              "[cls]→patch attention entropy averaged over blocks and heads (appendix Table 3); "
+              "H / log |J| makes encoders with different patch counts comparable.", ""]
+    lines += _table(
+        ["family", "model", "aggr. entropy", "H / log |J|", "log |J|", "paper"],
+        [[r["family"], r["model"], _fmt(r["aggregation_entropy"]) + ("" if r["has_cls"] else " ‡"),
+          _fmt(r["aggregation_entropy_normalized"]), _fmt(r["max_entropy"]), _fmt(r["paper_entropy"], 2)]
+         for r in table3],
+    )
+    if any(not r["has_cls"] for r in rows):
+        lines += ["", "‡ no [cls] token: aggregation is uniform over the patches, entropy log |J|."]
+    lines += ["", "## Overall means (over blocks and heads)", ""]
+    lines += _table(["model", "family"] + [_LABELS[n] for n in FIELD_NAMES],
+                    [[r["model"], r["family"]] + [_fmt(r[n], 4) for n in FIELD_NAMES] for r in rows])
+    lines += ["", f"Numbers: [{MODELS_CSV}]({MODELS_CSV}) (per model), [{BLOCKS_CSV}]({BLOCKS_CSV}) "
+              "(per model, block and metric; mean, min and max over heads).", ""]
+    axis = ("block number" if x_axis == "block"
+            else "relative depth block / (depth - 1), since the encoders' depths differ")
+    lines += ["## Figures 3–6", "",
+              f"Mean over heads per block; x axis: {axis}. MIM solid, JEA dashed, other dotted; "
+              "dash-dot gray: maximal entropy log |J|. Encoders without [cls] are absent from the [cls] panels.", "",
+              f"![Figs. 3–6]({files['figure'].name})", ""]
+    for metric, title, figure in PANELS:
+        lines += [f"### {figure}: {title}", "", f"![{figure}]({files['metrics'][metric].name})", ""]
+    lines += ["## Per-head heatmaps (blocks × heads)", ""]
+    for m in models:
+        row = by_name[m.name]
+        lines += [f"### {m.name} ({row['family']})", "", f"![{m.name}]({files['heatmaps'][m.name].name})", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    path = out / REPORT_FILE
+    path.write_text("\n".join(lines))
+    return path
+
+
+def compare(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    names: Sequence[str] | None = None,
+    families: Mapping[str, str] | None = None,
+) -> dict:
+    """Compare encoders from their saved attention summaries; write figures, CSVs and ``report.md`` to ``out``.
+
+    ``inputs`` are ``analyze`` run directories or ``attention_stats.json`` files; ``names`` replace the
+    summaries' model names; ``families`` maps a name to "MIM"/"JEA" (else inferred from the name).
+    Returns ``rows`` (per model), ``per_block`` (long format), ``series`` (the plotted lines),
+    ``x_axis`` ("block" or "relative"), ``warnings`` and ``files`` (the written paths).
+    """
+    models = _models(inputs, names, families)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    x_axis = "block" if len({m.depth for m in models}) == 1 else "relative"
+    series = _series(models, x_axis)
+    colors = _colors(models)
+    combined, per_metric = _plot_lines(models, series, colors, x_axis, out)
+    taken: set[str] = set()
+    heatmaps = {m.name: _plot_heads(m, out / f"heads_{_slug(m.name, taken)}.png") for m in models}
+
+    rows = [_model_row(m) for m in models]
+    block_rows = _block_rows(models)
+    files = {
+        "figure": combined,
+        "metrics": per_metric,
+        "heatmaps": heatmaps,
+        "models_csv": _write_csv(out / MODELS_CSV, rows),
+        "blocks_csv": _write_csv(out / BLOCKS_CSV, block_rows),
+    }
+
+    problems = []
+    patches = {m.name: m.summary.num_patches for m in models}
+    if len(set(patches.values())) > 1:
+        problems.append(
+            "patch counts differ (" + ", ".join(f"{n}: {p}" for n, p in patches.items()) + "): entropies are "
+            "bounded by different log |J|, compare H / log |J|"
+        )
+    problems += [f"{m.name}: the summary covers 0 images" for m in models if m.summary.num_images == 0]
+    for problem in problems:
+        warnings.warn(problem, stacklevel=2)
+    notes = list(problems)
+    if x_axis == "relative":
+        depths = ", ".join(f"{m.name}: {m.depth}" for m in models)
+        notes.append(f"depths differ ({depths}): blocks are plotted at block / (depth - 1)")
+    files["report"] = _report(models, rows, files, notes, x_axis, out)
+    return {"rows": rows, "per_block": block_rows, "series": series, "x_axis": x_axis, "warnings": problems,
+            "files": files}
