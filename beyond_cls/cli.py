@@ -40,11 +40,21 @@ _non_negative_float = _number(float, 0, False, "a number >= 0")
 _block = _number(int, -1, False, "a block index (0-based, -1 = last)")
 
 
+def _formats() -> list[str]:
+    from beyond_cls.models import CHECKPOINT_FORMATS
+
+    return ["auto", *CHECKPOINT_FORMATS]
+
+
 def _add_encoder_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=False, help="timm ViT name, e.g. vit_base_patch16_224"
                    + ("" if required else f" (default {DEMO_MODEL})"))
     p.add_argument("--checkpoint", help="encoder weights: .pth/.pt/.pth.tar or .safetensors (local path)")
-    p.add_argument("--checkpoint-format", choices=["auto", "timm", "mae"], help="checkpoint layout (default auto)")
+    p.add_argument("--checkpoint-format", choices=_formats(), help="checkpoint layout (default auto: detected)")
+    p.add_argument("--arch", help="timm architecture for a zoo name's weights, e.g. vit_small_patch16_224")
+    p.add_argument("--source", help="sub-model of a training checkpoint: I-JEPA target_encoder (default) or "
+                   "encoder; DINO/iBOT teacher (default) or student")
+    p.add_argument("--weights-dir", help="folder with the zoo's official files (default $BEYOND_CLS_WEIGHTS)")
     p.add_argument("--img-size", type=_positive_int, help="input resolution (default 224)")
 
 
@@ -73,21 +83,27 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
         f = d[name]
         return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
 
-    def add(flag: str, text: str, **kw) -> None:
-        p.add_argument(flag, help=f"{text} (default: {default(flag[2:].replace('-', '_'))})", **kw)
+    def add(flag: str, text: str, shown: str | None = None, **kw) -> None:
+        p.add_argument(flag, help=f"{text} (default: {shown or default(flag[2:].replace('-', '_'))})", **kw)
 
     p.add_argument("--config", help="YAML file whose keys are these flags' names (flags win)")
-    p.add_argument("--model", help="timm ViT name, e.g. vit_base_patch16_224 (required)")
-    add("--checkpoint", "encoder weights file (local path)")
-    add("--checkpoint-format", "checkpoint layout", choices=["auto", "timm", "mae"])
+    p.add_argument("--model", help="zoo name (beyond-cls zoo) or timm ViT name, e.g. mae_vit_base_patch16 (required)")
+    add("--checkpoint", "encoder weights file (local path)", shown="a zoo name's official file under --weights-dir")
+    add("--checkpoint-format", "checkpoint layout", shown="auto: the zoo's, else detected", choices=_formats())
+    add("--arch", "timm architecture for the weights of a zoo name (e.g. a DINO ViT-S/16)", shown="the zoo's")
+    add("--source", "sub-model of a training checkpoint (I-JEPA target_encoder or encoder, DINO teacher/student)",
+        shown="the zoo's")
+    add("--weights-dir", "folder with the zoo's official files", shown="$BEYOND_CLS_WEIGHTS")
     p.add_argument("--data", help="dataset root folder (required)")
     add("--dataset", "dataset adapter: imagefolder, imagenet, imagenet1pct, cub, food101, cars, pets, coco, "
         "nuswide, synthetic")
     add("--subset-file", "ImageNet-1%% file list (imagenet1pct; default ROOT/1percent.txt)")
     p.add_argument("--out", help="output folder: results, checkpoints, logs (required)")
     add("--img-size", "input resolution", type=_positive_int)
-    add("--block", "take tokens from this block (0-based; SimMIM: 7); default the last", type=_block)
-    add("--final-norm", "apply the encoder's final norm to the tokens", action=argparse.BooleanOptionalAction)
+    add("--block", "take tokens from this block (0-based, -1 = last)", shown="the zoo's (SimMIM: 7), else the last",
+        type=_block)
+    add("--final-norm", "apply the encoder's final norm to the tokens", shown="off: the paper's pre-norm features",
+        action=argparse.BooleanOptionalAction)
     add("--heads", "comma-separated aggregations: cls, mean, abmilp, abmilp+cls, abmilp-k4-mlp2-gelu-pos, "
         "saabmilp, ap1, ap12, ...")
     add("--lrs", "comma-separated base learning rates; every head is trained with each (default: --blr)")
@@ -268,7 +284,8 @@ def _run_demo(args: argparse.Namespace) -> None:
     overrides = _overrides(args)
     overrides["model"] = overrides["model"] or DEMO_MODEL
     analyze(load_config(AnalyzeConfig, None, data=str(root), **overrides))
-    probe = {k: overrides[k] for k in ("model", "checkpoint", "checkpoint_format", "img_size", "num_workers",
+    probe = {k: overrides[k] for k in ("model", "checkpoint", "checkpoint_format", "arch", "source", "weights_dir",
+                                      "img_size", "num_workers",
                                       "device", "progress") if overrides.get(k) is not None}
     out = Path(overrides["out"])
     run(ProbeConfig(data=str(root), out=str(out / "probe"), cache=str(out / "cache"), amp=args.precision or "auto",

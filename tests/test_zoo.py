@@ -109,3 +109,24 @@ def test_zoo_command_lists_presence(tmp_path, capsys):
     assert set(NAMES) <= set(lines)
     assert "| yes" in lines["dino_vit_base_patch16"] and "| no" in lines["mae_vit_base_patch16"]
     assert "85.8" in lines["mae_vit_base_patch16"]
+
+
+def test_zoo_names_load_their_official_file_from_the_weights_folder(tmp_path, monkeypatch):
+    import torch
+
+    from beyond_cls.models import CheckpointError, load_encoder
+    from beyond_cls.models.loader import create_encoder
+
+    monkeypatch.delenv("BEYOND_CLS_WEIGHTS", raising=False)
+    with pytest.raises(CheckpointError, match=r"dino_vitbase16_pretrain\.pth.*dl\.fbaipublicfiles\.com/dino"):
+        load_encoder("dino_vit_base_patch16", weights_dir=tmp_path)
+    source = create_encoder("vit_tiny_patch16_224", img_size=32, depth=2)
+    torch.save(source.state_dict(), tmp_path / "dino_vitbase16_pretrain.pth")  # the official flat layout
+    enc = load_encoder("dino_vit_base_patch16", weights_dir=tmp_path, arch="vit_tiny_patch16_224", img_size=32,
+                       depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(enc.forward_features(x), source.eval().forward_features(x), rtol=0, atol=0)
+    info = enc.beyond_cls_info
+    assert (info.checkpoint_format, info.final_norm, info.block) == ("dino", False, None)
+    assert info.mean == (0.485, 0.456, 0.406) and info.checkpoint.endswith("dino_vitbase16_pretrain.pth")
+    assert load_encoder("vit_tiny_patch16_224", img_size=32, depth=2, block=1).beyond_cls_info.block == 1

@@ -32,6 +32,9 @@ class AnalyzeConfig:
     out: str
     checkpoint: str | None = None
     checkpoint_format: str = "auto"
+    arch: str | None = None
+    source: str | None = None
+    weights_dir: str | None = None
     split: str = "val"
     img_size: int = 224
     batch_size: int = 64
@@ -63,7 +66,10 @@ def analyze(cfg: AnalyzeConfig) -> AttentionSummary:
     if cfg.max_images is not None and cfg.max_images < len(dataset):
         dataset = Subset(dataset, range(cfg.max_images))
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
-    model = load_encoder(cfg.model, cfg.checkpoint, cfg.checkpoint_format, img_size=cfg.img_size).to(device)
+    model = load_encoder(
+        cfg.model, cfg.checkpoint, checkpoint_format=cfg.checkpoint_format, arch=cfg.arch, img_size=cfg.img_size,
+        source=cfg.source, weights_dir=cfg.weights_dir,
+    ).to(device)
 
     start = time.perf_counter()
     with AttentionRecorder(model, name=cfg.model) as recorder, torch.inference_mode(), autocast(cfg.precision, device):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import timm
@@ -12,11 +12,12 @@ from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import Tensor, nn
 
 from beyond_cls.models.checkpoint import (
+    AdaptedCheckpoint,
     CheckpointError,
     CheckpointFormat,
-    adapt_checkpoint,
-    read_checkpoint,
-    resolve_checkpoint_format,
+    PosEmbedResampler,
+    prepare_checkpoint,
+    wrong_format_hint,
 )
 
 __all__ = [
@@ -45,6 +46,12 @@ class EncoderInfo:
     num_heads: int
     depth: int
     checkpoint: str | None = None
+    checkpoint_format: str | None = None
+    source: str | None = None  # the sub-model of a training checkpoint that was loaded
+    block: int | None = None  # default token source for probing: None = the last block
+    final_norm: bool = False  # apply the final norm to probed tokens (the paper does not)
+    mean: tuple[float, ...] | None = None  # input normalization (None: ImageNet's)
+    std: tuple[float, ...] | None = None
 
     @property
     def num_reg_tokens(self) -> int:
@@ -108,13 +115,19 @@ def create_encoder(name: str, img_size: int | tuple[int, int] | None = None, **m
 
 
 def resize_position_tables(
-    sd: dict[str, Tensor], model: nn.Module, path: str | Path | None = None
+    sd: dict[str, Tensor],
+    model: nn.Module,
+    path: str | Path | None = None,
+    *,
+    resample_pos_embed: PosEmbedResampler | None = None,
 ) -> dict[str, Tensor]:
     """Resample ``pos_embed`` and relative-position bias tables in ``sd`` to ``model``'s patch grid.
 
     The absolute embedding keeps its prefix rows (none when ``model.no_embed_class``) and is resized
-    bicubically with timm's ``resample_abs_pos_embed``; BEiT-style tables use ``resize_rel_pos_bias_table``.
-    Entries whose shape differs in any other way are left for the shape check.
+    with ``resample_pos_embed(pos, new_grid, old_grid, num_prefix_rows)`` when given (a format's own
+    interpolation, e.g. DINOv2's), else bicubically with timm's ``resample_abs_pos_embed``; BEiT-style
+    tables use ``resize_rel_pos_bias_table``. Entries whose shape differs in any other way are left for
+    the shape check.
     """
     out = dict(sd)
     target = getattr(model, "pos_embed", None)
@@ -136,12 +149,13 @@ def resize_position_tables(
                 f"pos_embed {tuple(pos.shape)} minus {num_prefix} prefix rows is not a square grid; "
                 f"cannot resample it to the model's {tuple(model.patch_embed.grid_size)} grid",
             )
-        out["pos_embed"] = resample_abs_pos_embed(
-            pos,
-            new_size=list(model.patch_embed.grid_size),
-            old_size=[side, side],
-            num_prefix_tokens=num_prefix,
-        )
+        new_grid = (int(model.patch_embed.grid_size[0]), int(model.patch_embed.grid_size[1]))
+        if resample_pos_embed is not None:
+            out["pos_embed"] = resample_pos_embed(pos, new_grid, (side, side), num_prefix)
+        else:
+            out["pos_embed"] = resample_abs_pos_embed(
+                pos, new_size=list(new_grid), old_size=[side, side], num_prefix_tokens=num_prefix
+            )
     for key, table in sd.items():
         if not key.endswith("relative_position_bias_table"):
             continue
@@ -167,7 +181,37 @@ def resize_position_tables(
     return out
 
 
-def _check_fit(sd: dict[str, Tensor], model: nn.Module, name: str, fmt: str, path: str | Path) -> None:
+_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+
+
+def _spread_shared_rel_pos_bias(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Copy a shared BEiT bias table into every block when ``model`` has per-block tables instead.
+
+    This is how BEiT's fine-tuning script loads pretrained weights; each block then adds the same bias
+    the shared module would have added. Does nothing when the model has a shared table itself.
+    """
+    if _SHARED_TABLE not in sd or getattr(model, "rel_pos_bias", None) is not None:
+        return sd
+    targets = [
+        f"{name}.relative_position_bias_table"
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "relative_position_bias_table", None), Tensor)
+    ]
+    if not targets or any(t in sd for t in targets):
+        return sd
+    out = {k: v for k, v in sd.items() if k != _SHARED_TABLE}
+    out.update({t: sd[_SHARED_TABLE] for t in targets})
+    return out
+
+
+def _check_fit(
+    sd: dict[str, Tensor],
+    model: nn.Module,
+    name: str,
+    fmt: str,
+    path: str | Path,
+    hints: tuple[str, ...] = (),
+) -> None:
     expected = model.state_dict()
     missing = tuple(k for k in expected if k not in sd)
     unexpected = tuple(k for k in sd if k not in expected)
@@ -185,59 +229,137 @@ def _check_fit(sd: dict[str, Tensor], model: nn.Module, name: str, fmt: str, pat
         lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
     if mismatched:
         lines.append(f"  shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+    lines.extend(f"  hint: {h}" for h in hints if h)
     raise CheckpointError(path, "\n".join(lines), missing=missing, unexpected=unexpected)
+
+
+def _fit_hints(ckpt: AdaptedCheckpoint, model: nn.Module) -> tuple[str, ...]:
+    hints = [wrong_format_hint(ckpt.format, ckpt.detected)]
+    if ckpt.model_kwargs:
+        args = ", ".join(f"{k}={v!r}" for k, v in ckpt.model_kwargs.items())
+        hints.append(f"this checkpoint needs a model created with {args}")
+    head = getattr(model, "head", None)
+    if not ckpt.keep_head and isinstance(head, nn.Linear):
+        hints.append("the model has a classifier head: pass keep_head=True to load the checkpoint's head.* "
+                     "(or build the model with num_classes=0)")
+    return tuple(hints)
 
 
 def load_encoder_checkpoint(
     model: nn.Module,
-    checkpoint: str | Path,
+    checkpoint: str | Path | AdaptedCheckpoint,
     checkpoint_format: str | CheckpointFormat = "auto",
     key: str | None = None,
     name: str | None = None,
-) -> None:
+    *,
+    source: str | None = None,
+    keep_head: bool = False,
+) -> CheckpointFormat:
     """Read ``checkpoint``, adapt it to timm layout and load it into ``model`` strictly.
 
-    Non-persistent buffers in the file (e.g. ``relative_position_index``) are ignored since the model
-    rebuilds them; every other leftover or missing key, or wrong shape, raises one :class:`CheckpointError`.
+    ``checkpoint`` is a file, or an :class:`AdaptedCheckpoint` from
+    :func:`~beyond_cls.models.checkpoint.prepare_checkpoint` (then the format arguments were given
+    there). ``source`` picks a sub-model of a training checkpoint (I-JEPA ``"target_encoder"``/
+    ``"encoder"``, DINO/iBOT ``"teacher"``/``"student"``, MoCo-v3 ``"base_encoder"``/
+    ``"momentum_encoder"``); ``keep_head=True`` also loads a fine-tuned classifier ``head.*`` (build the
+    model with ``num_classes``). Position tables are resampled to the model's grid (with the format's
+    own interpolation where it has one) and a shared BEiT bias table is copied into per-block tables if
+    the model has those. Non-persistent buffers in the file (e.g. ``relative_position_index``) are
+    ignored since the model rebuilds them; every other leftover or missing key, or wrong shape, raises
+    one :class:`CheckpointError`. Returns the format used.
     """
-    obj = read_checkpoint(checkpoint)
-    fmt = (
-        checkpoint_format
-        if isinstance(checkpoint_format, CheckpointFormat)
-        else resolve_checkpoint_format(obj, checkpoint_format)
-    )
-    sd = adapt_checkpoint(obj, checkpoint, fmt, key=key)
-    del obj
+    if isinstance(checkpoint, AdaptedCheckpoint):
+        ckpt = checkpoint
+        same_format = checkpoint_format in ("auto", ckpt.format, ckpt.format.name)
+        if not same_format or key is not None or source is not None or keep_head:
+            raise ValueError("pass checkpoint_format/key/source/keep_head to prepare_checkpoint, not here")
+    else:
+        ckpt = prepare_checkpoint(checkpoint, checkpoint_format, key=key, source=source, keep_head=keep_head)
+    fmt, path = ckpt.format, ckpt.path
     non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())
-    sd = {k: v for k, v in sd.items() if k not in non_persistent}
-    sd = resize_position_tables(sd, model, checkpoint)
-    _check_fit(sd, model, name or type(model).__name__, fmt.name, checkpoint)
+    sd = {k: v for k, v in ckpt.state_dict.items() if k not in non_persistent}
+    sd = _spread_shared_rel_pos_bias(sd, model)
+    sd = resize_position_tables(sd, model, path, resample_pos_embed=fmt.resample_pos_embed)
+    _check_fit(sd, model, name or type(model).__name__, fmt.name, path, _fit_hints(ckpt, model))
     model.load_state_dict(sd, strict=True)
+    return fmt
+
+
+def _build(arch: str, img_size: int | tuple[int, int] | None, num_classes: int, kwargs: dict) -> nn.Module:
+    if arch == "capi":
+        from beyond_cls.models.capi import capi_vit_large_patch14
+
+        return capi_vit_large_patch14(img_size=img_size or 224, num_classes=num_classes, **kwargs)
+    if num_classes:  # a fine-tuned classifier kept for analysis
+        create_encoder(arch, img_size=img_size, **kwargs)  # same checks and errors first
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+    return create_encoder(arch, img_size=img_size, **kwargs)
 
 
 def load_encoder(
     name: str,
     checkpoint: str | Path | None = None,
-    checkpoint_format: str = "auto",
-    img_size: int | tuple[int, int] | None = None,
     *,
+    checkpoint_format: str = "auto",
+    arch: str | None = None,
+    img_size: int | tuple[int, int] | None = 224,
+    block: int | None = None,
+    final_norm: bool | None = None,
+    source: str | None = None,
+    weights_dir: str | Path | None = None,
+    keep_head: bool = False,
     checkpoint_key: str | None = None,
     **model_kwargs,
 ) -> nn.Module:
-    """Build timm model ``name`` without a head, load ``checkpoint`` into it and freeze it.
+    """Build encoder ``name`` (a zoo name or any timm ViT/Beit/Eva name), load ``checkpoint``, freeze it.
 
-    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``depth``, ``class_token=False``,
-    ``global_pool="avg"``, ``reg_tokens=4``). ``checkpoint_format`` is a key of
-    :data:`~beyond_cls.models.checkpoint.CHECKPOINT_FORMATS` or ``"auto"``; ``checkpoint_key`` picks a
-    top-level entry such as ``"teacher"``. Position embeddings are resampled to the model's grid.
-    Returns the model in eval mode with ``requires_grad=False`` everywhere and its
-    :class:`EncoderInfo` as ``model.beyond_cls_info``.
+    A zoo name (``beyond_cls.models.ZOO``) brings its architecture, checkpoint format, sub-model
+    (``source``), normalization and token source; ``checkpoint=None`` then means its official file under
+    ``weights_dir`` / ``$BEYOND_CLS_WEIGHTS`` (an error names the file and where to get it; nothing is
+    downloaded). ``arch`` overrides the architecture (e.g. a DINO ViT-S/16: ``load_encoder("dino_vit_base_patch16",
+    path, arch="vit_small_patch16_224")``). ``checkpoint_format`` is ``"auto"`` (detected from the keys) or a
+    registered format; ``source`` picks a sub-model of a training checkpoint (I-JEPA ``target_encoder`` /
+    ``encoder``, DINO/iBOT ``teacher`` / ``student``); ``keep_head`` keeps a fine-tuned classifier.
+    ``model_kwargs`` go to ``timm.create_model`` after what the file needs (e.g. ``fc_norm`` of a
+    fine-tuned MAE). ``block`` / ``final_norm`` set the default token source recorded in the returned
+    model's :class:`EncoderInfo` (``model.beyond_cls_info``): the zoo's, else the last block without the
+    final norm (the paper's features). The model is in eval mode with ``requires_grad=False``.
     """
-    model = create_encoder(name, img_size=img_size, **model_kwargs)
-    info = encoder_info(model, name=name, checkpoint=checkpoint)  # fails early for non-ViT models
+    from beyond_cls.models.checkpoint import prepare_checkpoint
+    from beyond_cls.models.zoo import find_weights, zoo_entry
+
+    entry = zoo_entry(name)
+    kwargs: dict = {}
+    if entry is not None:
+        kwargs.update(entry.kwargs())
+        if checkpoint_format == "auto":
+            checkpoint_format = entry.checkpoint_format
+        source = source if source is not None else entry.source
+        if checkpoint is None:
+            try:
+                checkpoint = find_weights(entry, weights_dir)
+            except FileNotFoundError as exc:
+                raise CheckpointError(None, str(exc)) from None
+    ckpt = None
     if checkpoint is not None:
-        load_encoder_checkpoint(model, checkpoint, checkpoint_format, key=checkpoint_key, name=name)
+        ckpt = prepare_checkpoint(checkpoint, checkpoint_format, key=checkpoint_key, source=source,
+                                  keep_head=keep_head)
+        kwargs.update(ckpt.model_kwargs)
+    kwargs.update(model_kwargs)
+    architecture = arch or (entry.arch if entry is not None else name)
+    model = _build(architecture, img_size, ckpt.num_classes if ckpt is not None else 0, kwargs)
+    info = encoder_info(model, name=name, checkpoint=checkpoint)  # fails early for non-ViT models
+    if ckpt is not None:
+        load_encoder_checkpoint(model, ckpt, name=name)
     model.eval()
     model.requires_grad_(False)
-    model.beyond_cls_info = info
+    model.beyond_cls_info = replace(
+        info,
+        block=block if block is not None else (entry.block if entry is not None else None),
+        final_norm=final_norm if final_norm is not None else (entry.final_norm if entry is not None else False),
+        source=source if ckpt is not None else None,
+        checkpoint_format=ckpt.format.name if ckpt is not None else None,
+        mean=tuple(entry.mean) if entry is not None else None,
+        std=tuple(entry.std) if entry is not None else None,
+    )
     return model

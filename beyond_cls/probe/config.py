@@ -50,9 +50,12 @@ class ProbeConfig:
     dataset: str = "imagefolder"
     checkpoint: str | None = None
     checkpoint_format: str = "auto"
+    arch: str | None = None
+    source: str | None = None
+    weights_dir: str | None = None
     img_size: int = 224
     block: int | None = None
-    final_norm: bool = True
+    final_norm: bool | None = None
     heads: str = DEFAULT_HEADS
     lrs: str | None = None
     epochs: int = 90

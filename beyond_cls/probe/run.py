@@ -108,9 +108,12 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     val_set = build_dataset(cfg.dataset, cfg.data, "val", **options)
     multilabel = bool(getattr(train_set, "multilabel", False))
     torch.manual_seed(cfg.seed_list()[0])  # a randomly initialized encoder (no --checkpoint) is reproducible
-    encoder = load_encoder(cfg.model, cfg.checkpoint, cfg.checkpoint_format, img_size=cfg.img_size)
-    info = encoder.beyond_cls_info
-    source = TokenSource(encoder, cfg.block, cfg.final_norm).to(env.device)
+    encoder = load_encoder(
+        cfg.model, cfg.checkpoint, checkpoint_format=cfg.checkpoint_format, arch=cfg.arch, img_size=cfg.img_size,
+        block=cfg.block, final_norm=cfg.final_norm, source=cfg.source, weights_dir=cfg.weights_dir,
+    )
+    info = encoder.beyond_cls_info  # token source: the flags, else the zoo's, else the last block, pre-norm
+    source = TokenSource(encoder, info.block, info.final_norm).to(env.device)
     if cfg.channels_last:
         source = source.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -118,7 +121,8 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     accum, effective = cfg.accumulation(env.world_size)
     mean, std = cfg.normalization()
     view_kwargs = dict(
-        img_size=cfg.img_size, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD, decode=cfg.decode,
+        img_size=cfg.img_size, mean=mean or info.mean or IMAGENET_MEAN, std=std or info.std or IMAGENET_STD,
+        decode=cfg.decode,
         skip_bad_images=cfg.skip_bad_images,
     )
     if env.is_main:
@@ -128,7 +132,8 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     token_shape = (info.num_tokens, info.embed_dim)
     fingerprint = {
         "model": cfg.model, "weights": fingerprint_file(cfg.checkpoint), "format": cfg.checkpoint_format,
-        "img_size": cfg.img_size, "block": source_block(source), "final_norm": cfg.final_norm,
+        "img_size": cfg.img_size, "block": source_block(source), "final_norm": info.final_norm,
+        "arch": cfg.arch, "source": info.source,
         "dataset": cfg.dataset, "data": str(Path(cfg.data).resolve()), "subset": cfg.subset_file,
         "mean": view_kwargs["mean"], "std": view_kwargs["std"], "amp": cfg.amp, "skip_bad": cfg.skip_bad_images,
     }
@@ -173,7 +178,7 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     summary = summarize(rows)
     results = {
         "rows": rows, "summary": summary, "encoder": asdict(info), "config": asdict(cfg),
-        "token_source": {"block": source_block(source), "final_norm": cfg.final_norm},
+        "token_source": {"block": source_block(source), "final_norm": info.final_norm, "source": info.source},
         "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective,
     }
     if env.is_main:
