@@ -43,3 +43,23 @@ echo "== end to end: probe parts vs the per-head baseline script"
     echo '```'
   done
 } | tee -a "${stem}.md"
+
+if [ -n "${BEYOND_CLS_WEIGHTS:-}" ]; then
+  echo "== encoder zoo with the official files in ${BEYOND_CLS_WEIGHTS}"
+  {
+    echo
+    echo "## beyond-cls zoo --check"
+    echo
+    $PY -m beyond_cls.cli zoo --check | sed -n '/^|/p'
+  } | tee -a "${stem}.md"
+  if [ -n "${IMAGENET_ROOT:-}" ]; then  # Table 3: analyze 1,000 validation images (ROOT/val/<class>/) per encoder
+    for m in mae_vit_base_patch16 simmim_vit_base_patch16 beitv2_vit_base_patch16 ijepa_vit_huge_patch14 \
+             capi_vit_large_patch14 dino_vit_base_patch16; do
+      $PY -m beyond_cls.cli analyze --model "$m" --data "$IMAGENET_ROOT" --split val --max-images 1000 \
+          --batch-size 250 --out "build/table3/$m" --no-progress || echo "$m: not analyzed (file missing?)"
+    done
+    runs=$(for d in build/table3/*/; do [ -f "$d/attention_stats.json" ] && echo "$d"; done)
+    [ -n "$runs" ] && $PY -m beyond_cls.cli compare $runs --out build/table3/compare
+    sed -n '/Table 3/,/^$/p' build/table3/compare/report.md | tee -a "${stem}.md"
+  fi
+fi

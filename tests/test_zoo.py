@@ -130,3 +130,11 @@ def test_zoo_names_load_their_official_file_from_the_weights_folder(tmp_path, mo
     assert (info.checkpoint_format, info.final_norm, info.block) == ("dino", False, None)
     assert info.mean == (0.485, 0.456, 0.406) and info.checkpoint.endswith("dino_vitbase16_pretrain.pth")
     assert load_encoder("vit_tiny_patch16_224", img_size=32, depth=2, block=1).beyond_cls_info.block == 1
+
+
+def test_zoo_check_reports_a_bad_file(tmp_path, capsys):
+    (tmp_path / "mae_pretrain_vit_base.pth").write_bytes(b"not a checkpoint")
+    assert main(["zoo", "--weights-dir", str(tmp_path), "--check"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| mae_vit_base_patch16 "))
+    assert "error" in row and "mae_pretrain_vit_base.pth" in row

@@ -81,7 +81,8 @@ def analyze(cfg: AnalyzeConfig) -> AttentionSummary:
     out = Path(cfg.out)
     summary.save(out / STATS_FILE)
     plot_information_flow({cfg.model: summary}, out / PLOT_FILE)
-    (out / "analyze_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    resolved = {**asdict(cfg), "encoder": asdict(model.beyond_cls_info)}  # incl. the sub-model (source) loaded
+    (out / "analyze_config.json").write_text(json.dumps(resolved, indent=1, default=str))
     print(summary)
     print(f"{summary.num_images} images in {seconds:.1f} s ({summary.num_images / seconds:.1f} images/s) "
           f"on {device}; wrote {out / STATS_FILE} and {out / PLOT_FILE}")
