@@ -248,8 +248,9 @@ def test_first_slurm_host(nodelist, host):
 def test_launch_environment_torchrun_wins_over_slurm(monkeypatch):
     from beyond_cls.probe.distributed import _launch_env
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    # _launch_env exports RANK, MASTER_ADDR... for env:// rendezvous: give it a private copy of the environment
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in (
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
