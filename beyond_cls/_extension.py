@@ -39,10 +39,11 @@ def available() -> bool:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("beyond_cls::attention_with_stats")
-    def _attention_with_stats_fake(q, k, v, num_prefix_tokens=1, scale=None, bias=None):
+    def _attention_with_stats_fake(q, k, v, num_prefix_tokens=1, scale=None, bias=None, keep_rows=None):
         b, h, n, _ = q.shape
         stat = q.new_empty((b, h, n), dtype=torch.float32)
-        return torch.empty_like(v), stat, stat.clone(), stat.clone(), stat.clone()
+        kept = q.new_empty((b, h, 0 if keep_rows is None else len(keep_rows), n), dtype=torch.float32)
+        return torch.empty_like(v), stat, stat.clone(), stat.clone(), stat.clone(), kept
 
 
 def _register_triton_cuda() -> None:
@@ -50,9 +51,13 @@ def _register_triton_cuda() -> None:
     if importlib.util.find_spec("triton") is None:
         return
 
-    def _attention_with_stats_cuda(q, k, v, num_prefix_tokens=1, scale=None, bias=None):
+    def _attention_with_stats_cuda(q, k, v, num_prefix_tokens=1, scale=None, bias=None, keep_rows=None):
         from beyond_cls.kernels.attention_stats import attention_with_stats_forward
 
-        return attention_with_stats_forward(q, k, v, num_prefix_tokens, scale, bias)
+        if keep_rows is not None and len(keep_rows) > 0:
+            return attention_with_stats_forward(q, k, v, num_prefix_tokens, scale, bias, keep_rows)
+        results = attention_with_stats_forward(q, k, v, num_prefix_tokens, scale, bias)
+        b, h, n, _ = q.shape
+        return (*results, q.new_empty((b, h, 0, n), dtype=torch.float32))
 
     torch.library.register_kernel("beyond_cls::attention_with_stats", "cuda", _attention_with_stats_cuda)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -81,24 +82,32 @@ def attention_with_stats(
     num_prefix_tokens: int = 1,
     scale: float | None = None,
     bias: Tensor | None = None,
-) -> tuple[Tensor, AttentionRows]:
+    keep_rows: Sequence[int] | None = None,
+) -> tuple[Tensor, AttentionRows] | tuple[Tensor, AttentionRows, Tensor]:
     """Softmax attention of q, k, v [B, H, N, d] and the row statistics of every query.
 
     ``out`` matches ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)``;
     the statistics are [B, H, N] float32 (float64 from the reference on float64 inputs).
+    ``keep_rows``: up to 8 distinct query indices (negative from the end, e.g. ``(0, -1)``); then the
+    result is ``(out, rows, kept)`` with ``kept`` [B, H, R, N] the full softmax rows a_i of those
+    queries over all keys (bias and masks included), in the order given, from the same fused pass.
     """
     backend = backend_for("attention_with_stats", q.device, q.dtype)
     if backend == "reference":
-        return reference.attention_with_stats(q, k, v, num_prefix_tokens, scale, bias)
+        return reference.attention_with_stats(q, k, v, num_prefix_tokens, scale, bias, keep_rows)
+    kept_index = None if keep_rows is None else list(reference.keep_row_indices(keep_rows, q.shape[-2]))
     if backend == "triton":
         from beyond_cls.kernels.attention_stats import attention_with_stats_forward
 
-        out, self_attn, cls_attn, mass, ent = attention_with_stats_forward(q, k, v, num_prefix_tokens, scale, bias)
-    else:
-        out, self_attn, cls_attn, mass, ent = torch.ops.beyond_cls.attention_with_stats(
-            q, k, v, num_prefix_tokens, scale, bias
+        out, self_attn, cls_attn, mass, ent, *kept = attention_with_stats_forward(
+            q, k, v, num_prefix_tokens, scale, bias, kept_index
         )
-    return out, AttentionRows(self_attn, cls_attn if num_prefix_tokens > 0 else None, mass, ent)
+    else:
+        out, self_attn, cls_attn, mass, ent, *kept = torch.ops.beyond_cls.attention_with_stats(
+            q, k, v, num_prefix_tokens, scale, bias, kept_index
+        )
+    rows = AttentionRows(self_attn, cls_attn if num_prefix_tokens > 0 else None, mass, ent)
+    return (out, rows) if keep_rows is None else (out, rows, kept[0])
 
 
 def _pooling_backend(op: str, tokens: Tensor, k: int) -> str:

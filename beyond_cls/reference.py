@@ -7,6 +7,7 @@ Readable in a minute and exact in float64. Kernels in ``kernels/`` (Triton) and
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -37,6 +38,32 @@ def attention_logits(
     return logits
 
 
+MAX_KEPT_ROWS = 8  # rows ``keep_rows`` may ask for: the Triton kernel holds them in one static loop
+
+
+def keep_row_indices(keep_rows: Sequence[int], n: int) -> tuple[int, ...]:
+    """``keep_rows`` as non-negative query indices in [0, n), in the order given.
+
+    Negative indices count from the end (Python style). Raises a ValueError unless there are 1 to
+    ``MAX_KEPT_ROWS`` distinct indices in [-n, n), a TypeError unless it is a sequence of integers.
+    """
+    if isinstance(keep_rows, (str, bytes)) or not isinstance(keep_rows, Sequence):
+        raise TypeError(f"keep_rows must be a sequence of query indices, got {type(keep_rows).__name__}")
+    try:
+        indices = tuple(operator.index(i) for i in keep_rows)
+    except TypeError:
+        raise TypeError(f"keep_rows must hold integers, got {list(keep_rows)!r}") from None
+    if not 1 <= len(indices) <= MAX_KEPT_ROWS:
+        raise ValueError(f"keep_rows must hold 1 to {MAX_KEPT_ROWS} query indices, got {len(indices)}")
+    bad = [i for i in indices if not -n <= i < n]
+    if bad:
+        raise ValueError(f"keep_rows {list(indices)}: indices {bad} are outside [-{n}, {n}) for N={n} tokens")
+    normalized = tuple(i % n for i in indices)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"keep_rows {list(indices)} name the same query twice (N={n})")
+    return normalized
+
+
 def _stats_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 stays float64 (ground truth); everything else is computed in float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -49,16 +76,21 @@ def attention_with_stats(
     num_prefix_tokens: int = 1,
     scale: float | None = None,
     bias: Tensor | None = None,
-) -> tuple[Tensor, AttentionRows]:
+    keep_rows: Sequence[int] | None = None,
+) -> tuple[Tensor, AttentionRows] | tuple[Tensor, AttentionRows, Tensor]:
     """Softmax attention and the row statistics of every query, materialized.
 
     q, k, v: [B, H, N, d]; bias broadcastable to [B, H, N, N]. Returns ``out`` [B, H, N, d]
     in v's dtype and :class:`AttentionRows` in float32 (float64 for float64 inputs).
     Tokens ``0..num_prefix_tokens-1`` are prefix tokens; the rest are patches.
+    With ``keep_rows`` (R distinct query indices, negative from the end) it also returns
+    ``kept`` [B, H, R, N]: the full attention rows a_i of those queries over all keys, in the
+    order given, in the statistics' dtype.
     """
     n = q.shape[-2]
     if not 0 <= num_prefix_tokens < n:
         raise ValueError(f"num_prefix_tokens must be in [0, {n - 1}], got {num_prefix_tokens}")
+    kept_index = None if keep_rows is None else keep_row_indices(keep_rows, n)
     dtype = _stats_dtype(q, k, v)
     logits = attention_logits(q.to(dtype), k.to(dtype), scale, bias)
     attn = logits.softmax(dim=-1)
@@ -75,7 +107,9 @@ def attention_with_stats(
         patch_mass=attn[..., num_prefix_tokens:].sum(-1),
         patch_entropy=entropy,
     )
-    return out, rows
+    if kept_index is None:
+        return out, rows
+    return out, rows, attn[..., list(kept_index), :]
 
 
 def softmax_pool(tokens: Tensor, logits: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,8 @@
 // around one pass over its rows. The row pass turns logits into probabilities in place and
 // reduces them to exact statistics: patch keys are exponentiated relative to the patch-only
 // maximum, so the patch entropy and mass stay exact even when prefix tokens take almost all of
-// the attention. Row loops are vectorized by the compiler (see row_math.h).
+// the attention. Row loops are vectorized by the compiler (see row_math.h). Kept rows (keep_rows)
+// are the probabilities of their tile row, copied out between the row pass and p·v.
 #include "attention_stats.h"
 
 #include <ATen/Parallel.h>
@@ -100,10 +101,30 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
+// keep_rows as indices in [0, n), order kept; checks count, range and distinctness.
+std::vector<int64_t> kept_row_indices(at::OptionalIntArrayRef keep_rows, int64_t n) {
+  std::vector<int64_t> rows;
+  if (!keep_rows.has_value()) return rows;
+  TORCH_CHECK(static_cast<int64_t>(keep_rows->size()) <= kMaxKeptRows, "attention_with_stats: keep_rows holds ",
+              keep_rows->size(), " indices, at most ", kMaxKeptRows, " are supported");
+  for (const int64_t i : *keep_rows) {
+    TORCH_CHECK(i >= -n && i < n, "attention_with_stats: keep_rows index ", i, " is outside [-", n, ", ", n,
+                ") for N=", n, " tokens");
+    const int64_t row = i < 0 ? i + n : i;
+    TORCH_CHECK(std::find(rows.begin(), rows.end(), row) == rows.end(), "attention_with_stats: keep_rows ",
+                *keep_rows, " name query ", row, " twice");
+    rows.push_back(row);
+  }
+  return rows;
+}
+
 template <typename acc_t>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, bool has_bias,
-         int64_t prefix, double scale, at::Tensor& out, std::array<at::Tensor, 4>& stats) {
+         int64_t prefix, double scale, at::Tensor& out, std::array<at::Tensor, 4>& stats,
+         const std::vector<int64_t>& kept_index, at::Tensor& kept) {
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2);
+  const int64_t num_kept = static_cast<int64_t>(kept_index.size());
+  float* kept_ptr = num_kept > 0 ? kept.data_ptr<float>() : nullptr;
   const int64_t block = std::clamp<int64_t>(kTileElements / n, 16, n);
   const int64_t q_blocks = (n + block - 1) / block;
   float* self_ptr = stats[0].data_ptr<float>();
@@ -136,6 +157,14 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
         mass_ptr[at_row] = st.patch_mass;
         entropy_ptr[at_row] = st.patch_entropy;
       }
+      for (int64_t slot = 0; slot < num_kept; ++slot) {  // kept rows: probabilities = tile row · row scale
+        const int64_t r = kept_index[slot] - i0;
+        if (r < 0 || r >= rows) continue;
+        const acc_t* e = sp + r * n;
+        const acc_t f = row_scale[r];
+        float* dst = kept_ptr + (bh * num_kept + slot) * n;
+        for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(e[j] * f);
+      }
       at::Tensor o = out[b][h].narrow(0, i0, rows);
       at::mm_out(o, s, v[b][h]);
       o.mul_(scales.narrow(0, 0, rows).unsqueeze(1));
@@ -145,10 +174,11 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_stats_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_stats_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t num_prefix_tokens,
-    std::optional<double> scale, const std::optional<at::Tensor>& bias) {
+    std::optional<double> scale, const std::optional<at::Tensor>& bias, at::OptionalIntArrayRef keep_rows) {
   check_inputs(q, k, v, num_prefix_tokens, bias);
+  const std::vector<int64_t> kept_index = kept_row_indices(keep_rows, q.size(2));
   const at::NoGradGuard no_grad;  // forward-only op: the GEMMs below write into out= buffers
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3);
@@ -162,13 +192,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const auto stat_options = q.options().dtype(at::kFloat);
   std::array<at::Tensor, 4> stats;
   for (auto& t : stats) t = at::empty({batch, heads, n}, stat_options);
+  at::Tensor kept = at::empty({batch, heads, static_cast<int64_t>(kept_index.size()), n}, stat_options);
 
   if (acc == at::kDouble) {
-    run<double>(qa, ka, va, b4, bias.has_value(), num_prefix_tokens, sc, out, stats);
+    run<double>(qa, ka, va, b4, bias.has_value(), num_prefix_tokens, sc, out, stats, kept_index, kept);
   } else {
-    run<float>(qa, ka, va, b4, bias.has_value(), num_prefix_tokens, sc, out, stats);
+    run<float>(qa, ka, va, b4, bias.has_value(), num_prefix_tokens, sc, out, stats, kept_index, kept);
   }
-  return {out.to(v.scalar_type()), stats[0], stats[1], stats[2], stats[3]};
+  return {out.to(v.scalar_type()), stats[0], stats[1], stats[2], stats[3], kept};
 }
 
 TORCH_LIBRARY_IMPL(beyond_cls, CPU, m) {

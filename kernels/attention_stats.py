@@ -11,13 +11,21 @@ so that
 
 Every key costs one exp2: patch keys are exponentiated against ``mp`` and rescaled to the global
 max by one per-row factor. Logits stay in natural units and the max is subtracted before the
-base-2 scaling, so large logits lose no precision. The diagonal and key-0 logits are recomputed
-outside the key loop from q·k of those keys.
+base-2 scaling, so large logits lose no precision. The diagonal and key-0 logits are picked out
+of the score blocks as they stream past.
+
+Kept rows (``keep_rows``, constexpr ``KEEP_ROWS``): a program whose block of queries holds a kept
+row picks that row's raw logits out of each score block as the keys stream and stores them into
+the output [B, H, R, N]; once the row's max m and normalizer l are final it sweeps its R×N slice
+again, turning each logit s into e^(s − m) / l. K and V are read once; the default specialization
+(``KEEP_ROWS=False``) compiles to the same instructions as a kernel without kept rows.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -30,6 +38,7 @@ _LN2 = tl.constexpr(LN2)
 MAX_PREFIX_TOKENS = 16  # prefix keys must fit the first key block (BLOCK_N >= 32)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
+MAX_KEPT_ROWS = 8  # kept rows per call: each owning program walks them once per key block
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): small so CI can compile every one ahead of time.
 CONFIGS = [
@@ -129,16 +138,57 @@ def _online_update(
 
 
 @triton.jit
+def _owns_kept_row(KeepRows, first_row, NUM_KEPT, BLOCK_M: tl.constexpr):
+    """Whether any kept query row falls in this program's block of rows."""
+    owns = False
+    for r in range(NUM_KEPT):
+        row = tl.load(KeepRows + r)
+        owns = owns | ((row >= first_row) & (row < first_row + BLOCK_M))
+    return owns
+
+
+@triton.jit
+def _store_kept_logits(s, offs_m, offs_n, col_ok, first_row, owns_kept, KeepRows, kept_base, N, NUM_KEPT,
+                       BLOCK_M: tl.constexpr):
+    """Store the raw logits of this program's kept rows from one score block (row r of kept_base: slot r)."""
+    if owns_kept:
+        for r in range(NUM_KEPT):
+            row = tl.load(KeepRows + r)
+            if (row >= first_row) & (row < first_row + BLOCK_M):
+                logits = tl.sum(tl.where(offs_m[:, None] == row, s, 0.0), 0)
+                tl.store(kept_base + r * N + offs_n, logits, mask=col_ok)
+
+
+@triton.jit
+def _normalize_kept_rows(m_i, l_i, offs_m, first_row, owns_kept, KeepRows, kept_base, N, NUM_KEPT,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Turn this program's kept rows' logits s into probabilities e^(s − m) / l, in place."""
+    tl.debug_barrier()  # the logits were stored by other threads of this program
+    if owns_kept:
+        for r in range(NUM_KEPT):
+            row = tl.load(KeepRows + r)
+            if (row >= first_row) & (row < first_row + BLOCK_M):
+                mine = offs_m == row
+                m_row = tl.sum(tl.where(mine, m_i, 0.0), 0)
+                inv_l = 1.0 / tl.sum(tl.where(mine, l_i, 0.0), 0)
+                for start_n in range(0, N, BLOCK_N):
+                    offs_n = start_n + tl.arange(0, BLOCK_N)
+                    ptrs = kept_base + r * N + offs_n
+                    logits = tl.load(ptrs, mask=offs_n < N, other=float("-inf"))
+                    tl.store(ptrs, tl.exp2((logits - m_row) * _LOG2E) * inv_l, mask=offs_n < N)
+
+
+@triton.jit
 def _attention_stats_fwd_kernel(
-    Q, K, V, Bias, Out, SelfAttn, ClsAttn, PatchMass, PatchEntropy,
+    Q, K, V, Bias, Out, SelfAttn, ClsAttn, PatchMass, PatchEntropy, KeepRows, Kept,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, HEAD_DIM, qk_scale,
+    H, N, HEAD_DIM, NUM_KEPT, qk_scale,
     NUM_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEEP_ROWS: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -164,6 +214,10 @@ def _attention_stats_fwd_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     diag_s = tl.zeros([BLOCK_M], tl.float32)  # raw logits of the diagonal key and of key 0
     first_row = pid_m * BLOCK_M
+    kept_base = Kept + pid_bh.to(tl.int64) * NUM_KEPT * N  # [R, N] slice of this batch·head
+    owns_kept = False
+    if KEEP_ROWS:
+        owns_kept = _owns_kept_row(KeepRows, first_row, NUM_KEPT, BLOCK_M)
 
     # first key block, peeled: it holds every prefix key (NUM_PREFIX < BLOCK_N) and key 0
     s, v, offs_n, col_ok = _score_block(
@@ -173,6 +227,8 @@ def _attention_stats_fwd_kernel(
     cls_s = tl.sum(tl.where(offs_n[None, :] == 0, s, 0.0), 1)
     if first_row < BLOCK_N:
         diag_s += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s, 0.0), 1)
+    if KEEP_ROWS:
+        _store_kept_logits(s, offs_m, offs_n, col_ok, first_row, owns_kept, KeepRows, kept_base, N, NUM_KEPT, BLOCK_M)
     m_i, l_i, acc, mp_i, zp_i, tp_i = _online_update(
         s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i, NUM_PREFIX, NUM_PREFIX > 0, IEEE_DOT, UPCAST_DOT)
 
@@ -183,8 +239,14 @@ def _attention_stats_fwd_kernel(
             HAS_BIAS, IEEE_DOT, UPCAST_DOT, BLOCK_N)
         if (start_n < first_row + BLOCK_M) & (start_n + BLOCK_N > first_row):  # block crosses the diagonal
             diag_s += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s, 0.0), 1)
+        if KEEP_ROWS:
+            _store_kept_logits(s, offs_m, offs_n, col_ok, first_row, owns_kept, KeepRows, kept_base, N, NUM_KEPT,
+                               BLOCK_M)
         m_i, l_i, acc, mp_i, zp_i, tp_i = _online_update(
             s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i, NUM_PREFIX, False, IEEE_DOT, UPCAST_DOT)
+    if KEEP_ROWS:
+        _normalize_kept_rows(m_i, l_i, offs_m, first_row, owns_kept, KeepRows, kept_base, N, NUM_KEPT, BLOCK_M,
+                             BLOCK_N)
 
     inv_l = 1.0 / l_i
     out = acc * inv_l[:, None]
@@ -201,7 +263,7 @@ def _attention_stats_fwd_kernel(
 
 _attention_stats_fwd_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in CONFIGS],
-    key=["N", "HEAD_DIM", "NUM_PREFIX", "HAS_BIAS", "IEEE_DOT", "UPCAST_DOT"],
+    key=["N", "HEAD_DIM", "NUM_PREFIX", "HAS_BIAS", "IEEE_DOT", "UPCAST_DOT", "KEEP_ROWS"],
 )(_attention_stats_fwd_kernel)
 
 
@@ -230,6 +292,12 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix_t
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _kept_row_table(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The kept query rows as the kernel reads them, int32 [R] on ``device`` (cached: no copy per call)."""
+    return torch.tensor(rows, dtype=torch.int32).to(device)
+
+
 def attention_with_stats_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -237,17 +305,28 @@ def attention_with_stats_forward(
     num_prefix_tokens: int = 1,
     scale: float | None = None,
     bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    keep_rows: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Launch the kernel: (out [B, H, N, d] in v's dtype, self_attn, cls_attn, patch_mass, patch_entropy).
 
     q, k, v may be strided views (e.g. timm's qkv reshape/permute): no copies are made. ``bias``
-    must broadcast to [B, H, N, N]; broadcast dimensions are read with stride 0.
+    must broadcast to [B, H, N, N]; broadcast dimensions are read with stride 0. With ``keep_rows``
+    (1 to 8 distinct query indices, negative from the end) a sixth tensor follows: the kept rows'
+    softmax probabilities [B, H, R, N] float32, computed in the same launch.
     """
     check_inputs(q, k, v, num_prefix_tokens)
     batch, heads, n, d = q.shape
+    kept_rows = None
+    if keep_rows is not None:
+        from beyond_cls.reference import keep_row_indices
+
+        kept_rows = keep_row_indices(keep_rows, n)
     scale = d**-0.5 if scale is None else float(scale)
     out = torch.empty((batch, heads, n, d), dtype=v.dtype, device=v.device)
     stats = [torch.empty((batch, heads, n), dtype=torch.float32, device=q.device) for _ in range(4)]
+    num_kept = 0 if kept_rows is None else len(kept_rows)
+    kept = torch.empty((batch, heads, num_kept, n), dtype=torch.float32, device=q.device)
+    table = q if kept_rows is None else _kept_row_table(kept_rows, q.device)
     if bias is not None:
         try:
             bias = bias.expand(batch, heads, n, n)
@@ -258,15 +337,16 @@ def attention_with_stats_forward(
     else:
         bias_strides = (0, 0, 0, 0)
     args = (
-        q, k, v, bias if bias is not None else q, out, *stats,
+        q, k, v, bias if bias is not None else q, out, *stats, table, kept if num_kept else q,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
-        heads, n, d, scale,
+        heads, n, d, num_kept, scale,
     )
     meta = dict(
         NUM_PREFIX=num_prefix_tokens,
         HAS_BIAS=bias is not None,
         IEEE_DOT=q.dtype == torch.float32,
         UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        KEEP_ROWS=kept_rows is not None,
         D_PAD=max(16, triton.next_power_of_2(d)),
     )
     if _interpreting():
@@ -279,7 +359,7 @@ def attention_with_stats_forward(
             return (triton.cdiv(n, cfg["BLOCK_M"]), batch * heads)
 
         _attention_stats_fwd_autotuned[grid](*args, **meta)
-    return (out, *stats)
+    return (out, *stats) if kept_rows is None else (out, *stats, kept)
 
 
 def flops(batch: int, heads: int, n: int, d: int) -> int:
@@ -292,6 +372,7 @@ __all__ = [
     "LN2",
     "LOG2E",
     "MAX_HEAD_DIM",
+    "MAX_KEPT_ROWS",
     "SUPPORTED_DTYPES",
     "attention_with_stats_forward",
     "check_inputs",
@@ -300,18 +381,22 @@ __all__ = [
 
 
 def aot_specializations():
-    """Every autotune config for bf16 (head dim 80, padded to 128, with bias) and fp32 (64) inputs."""
+    """Every autotune config for bf16 (head dim 80, padded to 128, with bias) and fp32 (64) inputs,
+    and the bf16 one again with kept rows (``KEEP_ROWS``)."""
     from beyond_cls.kernels.aot import Specialization, pointer
 
     strides = [a for a in _attention_stats_fwd_kernel.arg_names if a.startswith("stride_")]
+    variants = ((torch.bfloat16, 80, True, False), (torch.float32, 64, False, False), (torch.bfloat16, 80, True, True))
     for block_m, block_n, warps, stages in CONFIGS:
-        for dtype, head_dim, has_bias in ((torch.bfloat16, 80, True), (torch.float32, 64, False)):
+        for dtype, head_dim, has_bias, keep_rows in variants:
             signature = {name: pointer(dtype) for name in ("Q", "K", "V", "Out")}
             signature |= {name: "*fp32" for name in ("Bias", "SelfAttn", "ClsAttn", "PatchMass", "PatchEntropy")}
-            signature |= {name: "i32" for name in (*strides, "H", "N", "HEAD_DIM")} | {"qk_scale": "fp32"}
+            signature |= {"KeepRows": "*i32", "Kept": "*fp32"}
+            signature |= {name: "i32" for name in (*strides, "H", "N", "HEAD_DIM", "NUM_KEPT")} | {"qk_scale": "fp32"}
             constexprs = dict(
                 NUM_PREFIX=1, HAS_BIAS=has_bias, IEEE_DOT=dtype == torch.float32, UPCAST_DOT=False,
-                D_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                KEEP_ROWS=keep_rows, D_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
             )
-            label = f"{str(dtype).removeprefix('torch.')}-d{head_dim}-M{block_m}-N{block_n}-w{warps}-s{stages}"
+            keep = "-keep" if keep_rows else ""
+            label = f"{str(dtype).removeprefix('torch.')}-d{head_dim}{keep}-M{block_m}-N{block_n}-w{warps}-s{stages}"
             yield Specialization(signature, constexprs, warps, stages, label)

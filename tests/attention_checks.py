@@ -54,3 +54,38 @@ def check_against_reference(out, rows, q, k, v, prefix, scale, bias):
             continue
         assert got.dtype == torch.float32 and got.shape == want.shape, name
         assert_within(name, got, want, getattr(torch_rows, name))
+
+
+def check_kept_rows(kept, q, k, v, prefix, scale, bias, keep_rows):
+    """Kept rows [B, H, R, N] against rows of the float64 softmax (and the float64 reference op)."""
+    idx = [i % q.shape[-2] for i in keep_rows]
+    bias64 = None if bias is None else bias.double()
+    exact = reference.attention_logits(q.double(), k.double(), scale, bias64).softmax(-1)[..., idx, :]
+    *_, exact_kept = reference.attention_with_stats(q.double(), k.double(), v.double(), prefix, scale, bias64,
+                                                    keep_rows)
+    assert torch.equal(exact_kept, exact)
+    # PyTorch's own float32 computation (the op's accumulation dtype) from the same rounded inputs
+    bias32 = None if bias is None else bias.float()
+    torch_kept = reference.attention_logits(q.float(), k.float(), scale, bias32).softmax(-1)[..., idx, :]
+    assert kept.dtype == torch.float32 and kept.shape == (*q.shape[:2], len(idx), q.shape[-2])
+    assert not kept.isnan().any(), "kept rows left unwritten (NaN)"
+    err = (kept.double() - exact).abs().max().item()
+    allowed = 2 * (torch_kept.double() - exact).abs().max().item() + FLOOR
+    assert err <= allowed, f"kept rows: max error {err:.3g} > allowed {allowed:.3g}"
+
+
+def kept_bias(kind, b, h, n, prefix):
+    """Biases for the keep_rows tests: none, BEiT relative position [H, N, N], per image [B, 1, N, N],
+    masked keys, a [cls] logit 200 above the patches, and the last two together."""
+    if kind is None:
+        return None
+    if kind == "beit":
+        return torch.randn(h, n, n) * 2
+    if kind == "per_image":
+        return torch.randn(b, 1, n, n) * 2
+    bias = torch.zeros(n, n)
+    if "masked" in kind:
+        bias[:, prefix + 10 : prefix + 40] = float("-inf")
+    if "cls200" in kind:
+        bias[:, 0] = 200.0
+    return bias

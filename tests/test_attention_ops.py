@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_checks import DTYPES, check_against_reference, poison_heap, qkv_inputs
+from attention_checks import DTYPES, check_against_reference, check_kept_rows, kept_bias, poison_heap, qkv_inputs
 
 from beyond_cls import _extension, ops, reference
 
@@ -92,6 +92,110 @@ def test_cpp_rejects_non_broadcastable_bias():
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(RuntimeError, match="does not broadcast"):
         torch.ops.beyond_cls.attention_with_stats(q, q, q, 1, None, torch.randn(3, 8, 8))
+
+
+# (N, prefix, bias, keep_rows): ViT-B/16 (central patch 1 + 7·14 + 7 = 106), 256 patches without
+# prefix, 4 registers + [cls]; BEiT relative bias [H, N, N], per-image bias, masked keys, [cls] +200
+KEPT_CASES = [
+    (197, 1, None, (0,)),
+    (197, 1, "beit", (0, 106)),
+    (257, 0, "per_image", (128, -1)),
+    (261, 5, "masked", (0, 4, -3)),
+    (197, 1, "cls200", (106, 0, -1)),
+    (261, 5, "cls200_masked", (-261, 5, 260)),
+]
+KEPT_BACKENDS = ["reference", pytest.param("cpp", marks=needs_cpp)]
+
+
+@pytest.mark.parametrize("backend", KEPT_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,prefix,bias_kind,keep", KEPT_CASES)
+def test_keep_rows_are_rows_of_the_softmax(backend, dtype, n, prefix, bias_kind, keep, monkeypatch):
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
+    q, k, v = qkv_inputs(2, 3, n, 64, dtype, 4.0, contiguous=False)
+    bias = kept_bias(bias_kind, 2, 3, n, prefix)
+    plain_out, plain_rows = ops.attention_with_stats(q, k, v, prefix, None, bias)
+    poison_heap(2 * 3 * len(keep) * n)
+    out, rows, kept = ops.attention_with_stats(q, k, v, prefix, None, bias, keep_rows=keep)
+    # the kept rows change nothing else
+    assert torch.equal(out, plain_out)
+    for got, want in zip(rows, plain_rows):
+        assert (got is None and want is None) or torch.equal(got, want)
+    if backend == "reference" and dtype == torch.float64:
+        assert kept.dtype == torch.float64  # the ground truth stays float64
+        kept = kept.float()
+    check_kept_rows(kept, q, k, v, prefix, None, bias, keep)
+    # and agree with the statistics of the same rows
+    for r, i in enumerate(keep):
+        torch.testing.assert_close(kept[:, :, r, i], rows.self_attn[:, :, i].float(), rtol=1e-5, atol=1e-7)
+        if prefix:
+            torch.testing.assert_close(kept[:, :, r, 0], rows.cls_attn[:, :, i].float(), rtol=1e-5, atol=1e-7)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_rows_agree_across_backends(dtype, monkeypatch):
+    """C++, Triton (interpreted here) and the reference give the same kept rows, up to eight of them."""
+    n, keep = 197, (0, 1, 63, 64, 106, 130, -2, -1)
+    q, k, v = qkv_inputs(1, 2, n, 64, dtype, 4.0, contiguous=False)
+    bias = kept_bias("beit", 1, 2, n, 1)
+    kept = {}
+    for backend in ("reference", "cpp", "triton"):
+        monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
+        kept[backend] = ops.attention_with_stats(q, k, v, 1, None, bias, keep_rows=keep)[2]
+    for backend in ("cpp", "triton"):
+        torch.testing.assert_close(kept[backend], kept["reference"], rtol=1e-5, atol=1e-6, msg=backend)
+
+
+@pytest.mark.parametrize("backend", KEPT_BACKENDS)
+@pytest.mark.parametrize(
+    "keep,error,match",
+    [
+        ((0, -10), ValueError, "name the same query twice"),
+        ((10,), ValueError, r"outside \[-10, 10\)"),
+        ((-11,), ValueError, "outside"),
+        (tuple(range(9)), ValueError, "1 to 8"),
+        ((), ValueError, "1 to 8"),
+        (0, TypeError, "sequence of query indices"),
+        ((0.5,), TypeError, "integers"),
+    ],
+)
+def test_keep_rows_rejects_bad_indices(backend, keep, error, match, monkeypatch):
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
+    q = torch.randn(1, 2, 10, 4)
+    with pytest.raises(error, match=match):
+        ops.attention_with_stats(q, q, q, 1, keep_rows=keep)
+
+
+@needs_cpp
+def test_keep_rows_op_checks_and_traces():
+    q, k, v = qkv_inputs(1, 2, 17, 8, torch.float32)
+    bias = torch.randn(17, 17)
+    op = torch.ops.beyond_cls.attention_with_stats
+    torch.library.opcheck(op.default, (q, k, v, 1, None, bias, [0, 5, -1]))
+    assert op(q, k, v, 1)[5].shape == (1, 2, 0, 17)  # without keep_rows: an empty [B, H, 0, N]
+    fake = op(q.to("meta"), k.to("meta"), v.to("meta"), 1, None, None, [0, 5, -1])
+    assert fake[5].shape == (1, 2, 3, 17) and fake[5].dtype == torch.float32
+    for keep, match in (([0, -17], "twice"), ([17], "outside"), (list(range(9)), "at most 8")):
+        with pytest.raises(RuntimeError, match=match):
+            op(q, k, v, 1, None, None, keep)
+
+
+@needs_cpp
+def test_keep_rows_compile_fullgraph(monkeypatch):
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", "cpp")
+    q, k, v = qkv_inputs(2, 3, 197, 64, torch.float32)
+    bias = torch.randn(3, 197, 197)
+
+    def f(q, k, v, bias):
+        out, rows, kept = ops.attention_with_stats(q, k, v, 1, None, bias, keep_rows=(0, 106))
+        return out, rows.patch_entropy, kept
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, bias)
+    for g, w in zip(got, f(q, k, v, bias)):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w)
+    assert got[2].shape == (2, 3, 2, 197)
 
 
 def test_backend_env_switch(monkeypatch):

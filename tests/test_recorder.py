@@ -40,8 +40,8 @@ def make_model(key: str, dtype=torch.float64) -> torch.nn.Module:
     return model.eval().to(dtype)
 
 
-def materialized_summary(model: torch.nn.Module, images: torch.Tensor, prefix: int, has_cls: bool) -> dict:
-    """Statistics from the attention matrices timm's unfused path computes (caught after softmax)."""
+def materialized_attention(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The attention matrices [B, H, N, N] of every block from timm's unfused path (caught after softmax)."""
     maps: list[torch.Tensor] = []
     attns = [m for m in model.modules() if hasattr(m, "attn_drop") and hasattr(m, "fused_attn")]
     hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: maps.append(out)) for m in attns]
@@ -56,8 +56,13 @@ def materialized_summary(model: torch.nn.Module, images: torch.Tensor, prefix: i
             h.remove()
         for m, f in zip(attns, fused):
             m.fused_attn = f
+    return maps
+
+
+def materialized_summary(model: torch.nn.Module, images: torch.Tensor, prefix: int, has_cls: bool) -> dict:
+    """Statistics from the attention matrices timm's unfused path computes."""
     out: dict[str, list] = {}
-    for a in maps:  # [B, H, N, N]
+    for a in materialized_attention(model, images):  # [B, H, N, N]
         n = a.shape[-1]
         idx = torch.arange(n)
         mass = a[..., prefix:].sum(-1)
@@ -120,6 +125,81 @@ def test_recorder_with_triton_kernel(key, monkeypatch):
     torch.testing.assert_close(tri_out, ref_out, rtol=1e-4, atol=1e-4)
     for name, value in ref.fields().items():
         torch.testing.assert_close(tri.fields()[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key", ["vit", "vit_reg4", "beit_rel_pos"])
+def test_recorder_kept_rows_are_rows_of_materialized_attention(key, backend, monkeypatch):
+    """kept_rows[block] are timm's own attention rows; recording them changes no statistic or output."""
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
+    model = make_model(key)
+    images = torch.randn(2, 3, *model.patch_embed.img_size, dtype=torch.float64)
+    with torch.no_grad(), AttentionRecorder(model) as plain:
+        plain_out = model.forward_features(images)
+    prefix = plain.num_prefix_tokens
+    central = prefix + model.patch_embed.num_patches // 2 + model.patch_embed.grid_size[1] // 2
+    keep = {0: (prefix - 1,), -1: (0, central, -1)}  # [cls] (or the last register) of block 0; last block
+    with torch.no_grad(), AttentionRecorder(model, keep_rows=keep) as rec:
+        out = model.forward_features(images)
+    assert torch.equal(out, plain_out)
+    summary, want_summary = rec.summary(), plain.summary()
+    for name, value in want_summary.fields().items():
+        assert torch.equal(summary.fields()[name], value), name
+
+    maps = materialized_attention(model, images)
+    n = maps[0].shape[-1]
+    assert sorted(rec.kept_rows) == [0, 1] and rec.kept_rows[-1] is rec.kept_rows[1]
+    tol = 1e-10 if backend == "reference" else 2e-6
+    for block, rows in ((0, [prefix - 1]), (1, [0, central, n - 1])):
+        kept = rec.kept_rows[block]
+        assert kept.shape == (2, model.blocks[0].attn.num_heads, len(rows), n)
+        assert kept.dtype == (torch.float64 if backend == "reference" else torch.float32)
+        torch.testing.assert_close(kept.double(), maps[block][:, :, rows, :], rtol=tol, atol=tol, msg=str(block))
+
+
+def test_recorder_keeps_the_last_batch_only(monkeypatch):
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", "reference")
+    model = make_model("vit", torch.float32)
+    images = torch.randn(5, 3, 224, 224)
+    with torch.no_grad(), AttentionRecorder(model, keep_rows=(0, 105)) as rec:  # bare indices: the last block
+        model.forward_features(images[:3])
+        model.forward_features(images[3:])
+    assert list(rec.kept_rows) == [1]
+    want = materialized_attention(model, images[3:])[1][:, :, [0, 105]]
+    torch.testing.assert_close(rec.kept_rows[-1], want, rtol=1e-5, atol=1e-6)
+    assert rec.summary().num_images == 5  # the statistics still accumulate over both batches
+    rec.reset()
+    assert not rec.kept_rows
+    with pytest.raises(KeyError, match="no kept rows recorded for block -1"):
+        rec.kept_rows[-1]
+
+
+def test_recorder_rejects_bad_keep_rows():
+    model = make_model("vit", torch.float32)
+    with pytest.raises(ValueError, match="block 2 is outside"):
+        AttentionRecorder(model, keep_rows={2: (0,)})
+    with pytest.raises(TypeError, match="sequence of query indices"):
+        AttentionRecorder(model, keep_rows={0: 0})
+    with AttentionRecorder(model, keep_rows=(0, 197)) as rec, pytest.raises(ValueError, match="outside"):
+        model.forward_features(torch.randn(1, 3, 224, 224))
+    assert not rec.kept_rows
+
+
+def test_recorder_kept_rows_with_triton_kernel(monkeypatch):
+    """The Triton kernel's kept rows (interpreted on CPU, compiled on GPU) match the reference's."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_model("beit_rel_pos", torch.float32).to(device)
+    images = torch.randn(2, 3, *model.patch_embed.img_size, device=device)
+    keep = {0: (0, 106), 1: (-1,)}
+    kept = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
+        with AttentionRecorder(model, keep_rows=keep) as rec, torch.no_grad():
+            model.forward_features(images)
+        kept[backend] = dict(rec.kept_rows)
+    for block in (0, 1):
+        assert kept["triton"][block].device.type == device
+        torch.testing.assert_close(kept["triton"][block], kept["reference"][block], rtol=1e-5, atol=1e-6)
 
 
 def test_prefix_layout_is_read_from_the_model():

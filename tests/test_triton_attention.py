@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_checks import check_against_reference, poison_heap, qkv_inputs
-from beyond_cls.kernels.attention_stats import attention_with_stats_forward
+from attention_checks import check_against_reference, check_kept_rows, kept_bias, poison_heap, qkv_inputs
+from beyond_cls.kernels.attention_stats import MAX_KEPT_ROWS, attention_with_stats_forward
 
 from beyond_cls import ops
 from beyond_cls.reference import AttentionRows
@@ -62,6 +62,39 @@ def test_triton_masked_keys_and_dominant_prefix():
     assert (rows.patch_mass < 1e-30).all()  # e^-200 underflows float32: the entropy above did not
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "n,prefix,bias_kind,keep",
+    [
+        (197, 1, "beit", (0, 106)),  # [cls] and the central patch, BEiT relative bias [H, N, N]
+        (257, 0, "per_image", (-1,)),
+        (261, 5, "cls200_masked", (0, 4, -3)),  # registers, masked keys, [cls] 200 above the patches
+        (97, 1, None, (0, 1, 31, 32, 63, 64, -2, -1)),  # eight rows, on block edges, two in one block
+    ],
+)
+def test_triton_keep_rows(dtype, n, prefix, bias_kind, keep):
+    """Kept rows are rows of the float64 softmax, and keeping them changes no other output."""
+    q, k, v = (t.to(DEVICE) for t in qkv_inputs(2, 2, n, 64, dtype, 4.0, contiguous=False))
+    bias = kept_bias(bias_kind, 2, 2, n, prefix)
+    bias = None if bias is None else bias.to(DEVICE)
+    plain = attention_with_stats_forward(q, k, v, prefix, None, bias)
+    poison_heap(2 * 2 * len(keep) * n)
+    results = attention_with_stats_forward(q, k, v, prefix, None, bias, keep)
+    assert len(results) == 6
+    for got, want in zip(results, plain):
+        assert torch.equal(got, want)
+    cpu = [t.cpu() for t in (q, k, v)]
+    check_kept_rows(results[5].cpu(), *cpu, prefix, None, None if bias is None else bias.cpu(), keep)
+
+
+def test_triton_keep_rows_limits():
+    assert MAX_KEPT_ROWS == 8
+    q = torch.randn(1, 2, 20, 16, device=DEVICE)
+    for keep, match in (((0, -20), "twice"), ((20,), "outside"), (tuple(range(9)), "1 to 8")):
+        with pytest.raises(ValueError, match=match):
+            attention_with_stats_forward(q, q, q, 1, None, None, keep)
+
+
 def test_triton_rejects_what_it_cannot_run():
     q = torch.randn(1, 2, 20, 16, device=DEVICE)
     with pytest.raises(ValueError, match="float16/bfloat16/float32"):
@@ -82,6 +115,9 @@ def test_ops_dispatches_to_triton(monkeypatch):
     out, rows = ops.attention_with_stats(q, k, v, 1)
     direct = run_kernel(q, k, v, 1)
     assert torch.equal(out, direct[0]) and torch.equal(rows.patch_entropy, direct[1].patch_entropy)
+    out, rows, kept = ops.attention_with_stats(q, k, v, 1, keep_rows=(0, -1))
+    assert torch.equal(out, direct[0]) and torch.equal(kept, attention_with_stats_forward(q, k, v, 1, None, None,
+                                                                                          (0, 39))[5])
     with pytest.raises(RuntimeError, match="float16, bfloat16, float32, got torch.float64"):
         ops.attention_with_stats(q.double(), k.double(), v.double(), 1)
 

@@ -4,11 +4,15 @@ Inside ``with AttentionRecorder(model) as rec:`` every supported attention modul
 output with :func:`beyond_cls.ops.attention_with_stats` (fused: no N×N matrix leaves the kernel)
 and adds per-head sums of the row statistics to float64 accumulators on the model's device.
 The model's outputs are those of its own forward; the original forwards return on exit.
+With ``keep_rows`` the same fused pass also returns the full attention rows of chosen queries
+(e.g. [cls] and the central patch of the last block), kept for the last batch only.
 """
 
 from __future__ import annotations
 
+import operator
 import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +52,31 @@ def row_sums(rows: AttentionRows, num_prefix_tokens: int, has_cls: bool) -> dict
     return out
 
 
+class KeptRows(dict):
+    """Block index -> kept attention rows [B, H, R, N]; a negative index counts from the last block."""
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+
+    def __missing__(self, key):
+        if isinstance(key, int) and -self.num_blocks <= key < 0 and key + self.num_blocks in self:
+            return self[key + self.num_blocks]
+        raise KeyError(f"no kept rows recorded for block {key!r} (recorded: {sorted(self)})")
+
+
 class AttentionRecorder:
     """Context manager that records attention statistics of every block of a timm model.
 
     Works for timm's VisionTransformer (with or without [cls], with registers), Beit and Eva.
     ``num_prefix_tokens``, ``has_class_token`` and ``name`` default to :func:`encoder_info` of the model.
+
+    ``keep_rows``: ``{block_index: query_indices}`` (blocks in :attr:`modules` order, negative from
+    the last), or bare query indices for the last block, e.g. ``(0, c)`` for [cls] and the central
+    patch c. After each forward, ``kept_rows[block_index]`` holds those queries' full softmax rows over
+    all N keys, [B, H, R, N] on the model's device (float32; float64 from the reference backend on a
+    float64 model), in the order given, computed in the fused pass (no N×N matrix). Only the last
+    batch is kept: each forward replaces it, nothing accumulates; memory B·H·R·N per block.
     """
 
     def __init__(
@@ -61,6 +85,7 @@ class AttentionRecorder:
         num_prefix_tokens: int | None = None,
         has_class_token: bool | None = None,
         name: str = "",
+        keep_rows: Mapping[int, Sequence[int]] | Sequence[int] | None = None,
     ) -> None:
         if num_prefix_tokens is None or has_class_token is None or not name:
             info = encoder_info(model)  # TypeError for non-ViT models: then pass all three explicitly
@@ -86,6 +111,25 @@ class AttentionRecorder:
         self._blocks: list[_BlockSums | None] = [None] * len(self.modules)
         self._num_tokens: int | None = None
         self._saved: list[object] = []
+        self._keep_rows = self._block_keep_rows(keep_rows)
+        self.kept_rows = KeptRows(len(self.modules))
+
+    def _block_keep_rows(self, keep_rows) -> dict[int, tuple[int, ...]]:
+        """``keep_rows`` as {non-negative block index: query indices}; indices are checked per call."""
+        if keep_rows is None:
+            return {}
+        blocks = len(self.modules)
+        if not isinstance(keep_rows, Mapping):
+            keep_rows = {blocks - 1: keep_rows}
+        out = {}
+        for block, rows in keep_rows.items():
+            index = operator.index(block)
+            if not -blocks <= index < blocks:
+                raise ValueError(f"keep_rows: block {block} is outside [-{blocks}, {blocks}) for {blocks} blocks")
+            if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+                raise TypeError(f"keep_rows[{block}] must be a sequence of query indices, got {rows!r}")
+            out[index % blocks] = tuple(rows)
+        return out
 
     # -- context management -------------------------------------------------------------
     def __enter__(self) -> AttentionRecorder:
@@ -118,10 +162,14 @@ class AttentionRecorder:
             if module.training and drop is not None and drop.p > 0:
                 raise RuntimeError("AttentionRecorder needs eval mode: attention dropout is active")
             proj = project(module, x, *args, **kwargs)
-            out, rows = ops.attention_with_stats(
-                proj.q, proj.k, proj.v, recorder.num_prefix_tokens, module.scale, proj.bias
+            keep = recorder._keep_rows.get(index)
+            result = ops.attention_with_stats(
+                proj.q, proj.k, proj.v, recorder.num_prefix_tokens, module.scale, proj.bias, keep
             )
+            out, rows = result[:2]
             recorder._accumulate(index, rows)
+            if keep is not None:
+                recorder.kept_rows[index] = result[2].detach()
             return finish(module, out.to(proj.v.dtype), proj.gate)
 
         return forward
@@ -145,9 +193,10 @@ class AttentionRecorder:
         block.images += rows.self_attn.shape[0]
 
     def reset(self) -> None:
-        """Forget everything recorded so far."""
+        """Forget everything recorded so far (kept rows included)."""
         self._blocks = [None] * len(self.modules)
         self._num_tokens = None
+        self.kept_rows.clear()
 
     @property
     def num_images(self) -> int:
