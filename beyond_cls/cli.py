@@ -196,6 +196,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=os.path.join("runs", "demo"), help="output directory (default runs/demo)")
     _add_run_args(demo)
 
+    aggregations = sub.add_parser(
+        "aggregations", help="non-trainable vs trained aggregations: entropy, KL, maps (paper Tab. 5, Figs. 7, 9)",
+        description="Selection vectors of each --methods entry over a dataset split (eval transform: resize 256, "
+        "center crop 224): write aggregations.json/.csv (mean aggregation entropy per method), kl.csv and kl.png "
+        "(mean pairwise KL) and examples.png (selection maps of the first images) into --out.",
+    )
+    _add_encoder_args(aggregations, required=True)
+    aggregations.add_argument("--data", help="dataset root")
+    aggregations.add_argument("--dataset", help="dataset adapter of --data (default imagefolder)")
+    aggregations.add_argument("--split", help="split (default val)")
+    aggregations.add_argument("--methods", help="comma-separated: attn-mean, attn-minent, attn-center, "
+                              "guide:MODEL[@CHECKPOINT], abmilp:RUN[@HEAD] (RUN: a beyond-cls probe --out folder)")
+    aggregations.add_argument("--out", help="output directory")
+    aggregations.add_argument("--examples", type=_non_negative_int, help="images in examples.png (default 4)")
+    _add_run_args(aggregations)
+
+    localize = sub.add_parser(
+        "localize", help="MaxBoxAccV2 of [cls] attention and AbMILP maps (paper Tab. 7/8, Fig. 8)",
+        description="Resize images to --img-size squared (no crop, the WSOL protocol), read ground-truth boxes "
+        "from --boxes/<image stem>.xml (Pascal VOC), score each --map with MaxBoxAccV2; write localization.json "
+        "and overlays (ground truth blue, [cls] red, AbMILP green) into --out.",
+    )
+    _add_encoder_args(localize, required=True)
+    localize.add_argument("--data", help="dataset root (ImageNet: SPLIT/<wnid>/<images>)")
+    localize.add_argument("--dataset", help="dataset adapter of --data (default imagefolder)")
+    localize.add_argument("--split", help="split (default val)")
+    localize.add_argument("--boxes", help="folder of Pascal-VOC XML annotations named like the images")
+    localize.add_argument("--map", dest="maps", action="append", metavar="MAP",
+                          help="cls-attn or abmilp:RUN[@HEAD] (or any aggregations method); repeatable")
+    localize.add_argument("--out", help="output directory")
+    localize.add_argument("--overlays", type=_non_negative_int, help="images drawn as overlays (default 8)")
+    _add_run_args(localize)
+
     bench = sub.add_parser("bench", help="throughput measurements").add_subparsers(
         dest="bench", required=True, metavar="WHAT"
     )
@@ -303,13 +336,25 @@ def _run_bench(args: argparse.Namespace) -> None:
     bench_analyze(load_config(BenchAnalyzeConfig, None, **_overrides(args)))
 
 
+def _run_aggregations(args: argparse.Namespace) -> None:
+    from beyond_cls.analysis.aggregations import AggregationsConfig, aggregations
+
+    aggregations(load_config(AggregationsConfig, None, **_overrides(args)))
+
+
+def _run_localize(args: argparse.Namespace) -> None:
+    from beyond_cls.analysis.localize import LocalizeConfig, localize
+
+    localize(load_config(LocalizeConfig, None, **_overrides(args)))
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "config", "bench")}
 
 
 COMMANDS = {
     "analyze": _run_analyze, "probe": _run_probe, "compare": _run_compare, "zoo": _run_zoo, "demo": _run_demo,
-    "bench": _run_bench,
+    "bench": _run_bench, "aggregations": _run_aggregations, "localize": _run_localize,
 }
 
 

@@ -1,0 +1,195 @@
+"""The ``aggregations`` job: non-trainable and trained token aggregations compared (paper Tab. 5, Figs. 7 and 9).
+
+Every method's selection vector (:mod:`beyond_cls.selection`) over a dataset split: mean aggregation entropy per
+method, mean pairwise KL divergence between methods, and the selection maps of the first images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+from torchvision.transforms import InterpolationMode  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from beyond_cls.config import ConfigError  # noqa: E402
+from beyond_cls.data import build_dataset, default_num_workers, make_loader  # noqa: E402
+from beyond_cls.localization import draw_overlay  # noqa: E402
+from beyond_cls.runtime import check_precision, resolve_device  # noqa: E402
+from beyond_cls.selection import SelectionRunner, entropy, kl, parse_methods  # noqa: E402
+
+__all__ = ["AggregationsConfig", "aggregations", "plot_examples", "plot_kl", "unnormalized_eval_transform"]
+
+RESULTS_FILE = "aggregations.json"
+
+
+def unnormalized_eval_transform(img_size: int, crop: bool = True) -> T.Compose:
+    """MAE's evaluation geometry (bicubic resize to img_size/0.875, center crop) or, with ``crop=False``, a
+    bicubic resize to img_size x img_size (the WSOL protocol); pixels in [0, 1], normalized later per encoder."""
+    if crop:
+        steps = [T.Resize(int(img_size / (224 / 256)), interpolation=InterpolationMode.BICUBIC),
+                 T.CenterCrop(img_size)]
+    else:
+        steps = [T.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC)]
+    return T.Compose([*steps, T.ToTensor()])
+
+
+@dataclass
+class AggregationsConfig:
+    """What ``beyond-cls aggregations`` runs; every field is also a CLI flag."""
+
+    data: str
+    out: str
+    methods: str
+    model: str | None = None
+    checkpoint: str | None = None
+    checkpoint_format: str = "auto"
+    arch: str | None = None
+    source: str | None = None
+    weights_dir: str | None = None
+    dataset: str = "imagefolder"
+    split: str = "val"
+    img_size: int = 224
+    batch_size: int = 64
+    max_images: int | None = None
+    examples: int = 4
+    num_workers: int = field(default_factory=default_num_workers)
+    device: str = "auto"
+    precision: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_images is not None and self.max_images <= 0:
+            raise ConfigError(f"max_images must be a positive integer, got {self.max_images}")
+        if self.examples < 0 or self.num_workers < 0:
+            raise ConfigError("examples and num_workers must be >= 0")
+        check_precision(self.precision)
+        parse_methods(self.methods)
+
+
+def _runner(cfg, device: torch.device) -> SelectionRunner:
+    return SelectionRunner(
+        cfg.methods, cfg.model, cfg.checkpoint, checkpoint_format=cfg.checkpoint_format, arch=cfg.arch,
+        source=cfg.source, weights_dir=cfg.weights_dir, img_size=cfg.img_size, device=device,
+        precision=cfg.precision,
+    )
+
+
+def _dataset(cfg, crop: bool):
+    dataset = build_dataset(cfg.dataset, cfg.data, cfg.split, transform=unnormalized_eval_transform(cfg.img_size, crop))
+    if cfg.max_images is not None and cfg.max_images < len(dataset):
+        return dataset, Subset(dataset, range(cfg.max_images))
+    return dataset, dataset
+
+
+def aggregations(cfg: AggregationsConfig) -> dict:
+    """Run every method over ``cfg.data``/``cfg.split``; write ``aggregations.json``/``.csv``, ``kl.csv``,
+    ``kl.png`` and ``examples.png`` into ``cfg.out`` and return the results."""
+    device = resolve_device(cfg.device)
+    runner = _runner(cfg, device)  # bad methods, runs and models fail before the data is read
+    _, dataset = _dataset(cfg, crop=True)
+    loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
+    names = [m.name for m in runner.methods]
+    ent_sum = {n: 0.0 for n in names}
+    ent_sq = {n: 0.0 for n in names}
+    kl_sum = torch.zeros(len(names), len(names), dtype=torch.float64)
+    count = 0
+    example_images, example_maps = [], {n: [] for n in names}
+    for images, _ in tqdm(loader, desc="aggregations", unit="batch", disable=not cfg.progress):
+        sel = {k: v.cpu() for k, v in runner(images).items()}
+        for n in names:
+            e = entropy(sel[n])
+            ent_sum[n] += float(e.sum())
+            ent_sq[n] += float((e * e).sum())
+        for i, p in enumerate(names):
+            for j, q in enumerate(names):
+                if i != j:
+                    kl_sum[i, j] += kl(sel[p], sel[q], reduction="none").sum()
+        take = max(0, cfg.examples - len(example_images))
+        if take:
+            example_images.extend(images[:take])
+            for n in names:
+                example_maps[n].extend(sel[n][:take].reshape(-1, *runner.grid_size))
+        count += images.shape[0]
+    if count == 0:
+        raise ConfigError(f"no images in {cfg.data} split {cfg.split}")
+    kl_mean = kl_sum / count
+    rows = []
+    for n in names:
+        mean = ent_sum[n] / count
+        std = math.sqrt(max(0.0, ent_sq[n] / count - mean * mean))
+        rows.append({"method": n, "entropy": mean, "entropy_std": std, "max_entropy": math.log(runner.num_patches)})
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "methods": rows, "kl": {p: {q: float(kl_mean[i, j]) for j, q in enumerate(names)} for i, p in enumerate(names)},
+        "num_images": count, "num_patches": runner.num_patches, "grid_size": list(runner.grid_size),
+        "config": asdict(cfg),
+    }
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
+    with open(out / "aggregations.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / "kl.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["KL(row || column)", *names])
+        for i, p in enumerate(names):
+            writer.writerow([p, *(f"{float(v):.6g}" for v in kl_mean[i])])
+    plot_kl(kl_mean, names, out / "kl.png")
+    if example_images:
+        plot_examples(example_images, example_maps, out / "examples.png")
+    for r in rows:
+        print(f"{r['method']:<40} entropy {r['entropy']:.4f} (max {r['max_entropy']:.4f})")
+    print(f"{count} images; wrote {out / RESULTS_FILE}, kl.csv, kl.png" + (", examples.png" if example_images else ""))
+    return results
+
+
+def plot_kl(matrix: torch.Tensor, names: list[str], path: Path) -> None:
+    """Heatmap of mean pairwise KL(row || column) (Fig. 7)."""
+    size = 1.2 + 0.9 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(matrix.numpy(), cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", color="w", fontsize=7)
+    ax.set_title("mean KL(row || column)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_examples(images: list[torch.Tensor], maps: dict[str, list[torch.Tensor]], path: Path) -> None:
+    """Grid: one row per image, the image then each method's selection map overlaid (Fig. 9)."""
+    names = list(maps)
+    fig, axes = plt.subplots(len(images), 1 + len(names), figsize=(2.2 * (1 + len(names)), 2.2 * len(images)),
+                             squeeze=False)
+    for r, image in enumerate(images):
+        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        axes[r, 0].imshow(pixels.permute(1, 2, 0).numpy())
+        for c, n in enumerate(names, start=1):
+            axes[r, c].imshow(draw_overlay(pixels, maps[n][r].float(), None))
+            if r == 0:
+                axes[r, c].set_title(n if len(n) <= 28 else "..." + n[-25:], fontsize=7)
+        for ax in axes[r]:
+            ax.axis("off")
+    axes[0, 0].set_title("image", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

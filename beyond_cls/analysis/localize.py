@@ -1,0 +1,167 @@
+"""The ``localize`` job: MaxBoxAccV2 of [cls] attention and Selective Aggregation maps (paper App. C.3, Tab. 7/8,
+Fig. 8).
+
+Images are resized to ``img_size x img_size`` without cropping (the WSOL protocol), ground-truth boxes read from
+Pascal-VOC XML files (``<boxes>/<image stem>.xml``) and scaled the same way. A map is a selection vector
+(:mod:`beyond_cls.selection`) reshaped to the patch grid: ``cls-attn`` is ``attn-mean``, ``abmilp:RUN[@HEAD]``
+a trained head's scores; any other selection method is accepted too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from beyond_cls.analysis.aggregations import unnormalized_eval_transform
+from beyond_cls.config import ConfigError
+from beyond_cls.data import DataError, build_dataset, default_num_workers, make_loader
+from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, draw_overlay, load_voc_boxes
+from beyond_cls.runtime import check_precision, resolve_device
+from beyond_cls.selection import SelectionRunner, parse_method
+
+__all__ = ["LocalizeConfig", "localize", "map_method"]
+
+RESULTS_FILE = "localization.json"
+ALIASES = {"cls-attn": "attn-mean"}
+# Fig. 8: [cls] red, Selective Aggregation green; further maps in other colours
+COLORS = {"cls-attn": (255, 0, 0), "attn-mean": (255, 0, 0)}
+OTHER_COLORS = [(255, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0)]
+
+
+def map_method(name: str) -> str:
+    """The selection method behind a ``--map`` name (``cls-attn`` -> ``attn-mean``)."""
+    return ALIASES.get(name, name)
+
+
+@dataclass
+class LocalizeConfig:
+    """What ``beyond-cls localize`` runs; every field is also a CLI flag."""
+
+    data: str
+    boxes: str
+    out: str
+    maps: list[str]
+    model: str | None = None
+    checkpoint: str | None = None
+    checkpoint_format: str = "auto"
+    arch: str | None = None
+    source: str | None = None
+    weights_dir: str | None = None
+    dataset: str = "imagefolder"
+    split: str = "val"
+    img_size: int = 224
+    batch_size: int = 64
+    max_images: int | None = None
+    overlays: int = 8
+    num_workers: int = field(default_factory=default_num_workers)
+    device: str = "auto"
+    precision: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.maps, str):
+            self.maps = [m.strip() for m in self.maps.split(",") if m.strip()]
+        if not self.maps:
+            raise ConfigError("maps: give at least one --map (cls-attn or abmilp:RUN[@HEAD])")
+        if len(set(self.maps)) != len(self.maps):
+            raise ConfigError(f"maps: {self.maps} lists a map twice")
+        for m in self.maps:
+            parse_method(map_method(m))
+        for name in ("img_size", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_images is not None and self.max_images <= 0:
+            raise ConfigError(f"max_images must be a positive integer, got {self.max_images}")
+        if self.overlays < 0 or self.num_workers < 0:
+            raise ConfigError("overlays and num_workers must be >= 0")
+        check_precision(self.precision)
+
+
+def _color(name: str, index: int) -> tuple[int, int, int]:
+    if name in COLORS:
+        return COLORS[name]
+    if map_method(name).startswith("abmilp:"):
+        return (0, 255, 0)
+    return OTHER_COLORS[index % len(OTHER_COLORS)]
+
+
+def localize(cfg: LocalizeConfig) -> dict:
+    """MaxBoxAccV2 of each ``--map`` over ``cfg.data``/``cfg.split``; writes ``localization.json`` and overlay PNGs
+    of the first ``cfg.overlays`` images into ``cfg.out`` (ground truth blue, [cls] red, AbMILP green)."""
+    device = resolve_device(cfg.device)
+    if not Path(cfg.boxes).is_dir():
+        raise DataError(f"boxes folder {cfg.boxes} does not exist (expected <image stem>.xml files)")
+    methods = [map_method(m) for m in cfg.maps]
+    runner = SelectionRunner(
+        methods, cfg.model, cfg.checkpoint, checkpoint_format=cfg.checkpoint_format, arch=cfg.arch,
+        source=cfg.source, weights_dir=cfg.weights_dir, img_size=cfg.img_size, device=device,
+        precision=cfg.precision,
+    )
+    full = build_dataset(cfg.dataset, cfg.data, cfg.split, transform=unnormalized_eval_transform(cfg.img_size, False))
+    count = len(full) if cfg.max_images is None else min(cfg.max_images, len(full))
+    paths = [str(p) for p in list(full.paths)[:count]]
+    size = (cfg.img_size, cfg.img_size)
+    gt = load_voc_boxes(cfg.boxes, paths, to_size=size)  # every annotation checked before the model runs
+    loader = make_loader(Subset(full, range(count)), cfg.batch_size, num_workers=cfg.num_workers)
+    accs = {m: MaxBoxAccV2Accumulator(image_size=size) for m in cfg.maps}
+    kept_images, kept_maps = [], {m: [] for m in cfg.maps}
+    start = 0
+    for images, _ in tqdm(loader, desc="localize", unit="batch", disable=not cfg.progress):
+        sel = runner(images)
+        boxes = gt[start:start + images.shape[0]]
+        for name, method in zip(cfg.maps, methods):
+            maps = sel[method].reshape(-1, *runner.grid_size)
+            accs[name].update(maps, boxes)
+            kept_maps[name].extend(maps[: max(0, cfg.overlays - len(kept_images))].cpu())
+        kept_images.extend(images[: max(0, cfg.overlays - len(kept_images))])
+        start += images.shape[0]
+    if start == 0:
+        raise ConfigError(f"no images in {cfg.data} split {cfg.split}")
+    scores = {name: acc.compute() for name, acc in accs.items()}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = _overlays(cfg, kept_images, kept_maps, gt, scores, out / "overlays") if kept_images else []
+    results = {
+        "maps": {name: {**s, "maxboxacc": {str(d): v for d, v in s["maxboxacc"].items()},
+                        "best_threshold": {str(d): v for d, v in s["best_threshold"].items()}}
+                 for name, s in scores.items()},
+        "images": paths, "num_images": start, "image_size": list(size), "grid_size": list(runner.grid_size),
+        "overlays": files, "config": asdict(cfg),
+    }
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
+    for name, s in scores.items():
+        per = ", ".join(f"@{d:g}: {100 * v:.1f}" for d, v in s["maxboxacc"].items())
+        print(f"{name:<40} MaxBoxAccV2 {100 * s['maxboxacc_v2']:.1f} ({per})")
+    print(f"{start} images; wrote {out / RESULTS_FILE}" + (f" and {len(files)} overlays" if files else ""))
+    return results
+
+
+def _overlays(cfg, images, maps, gt, scores, folder: Path) -> list[str]:
+    """Per image: ``<i>_boxes.png`` (all boxes at each map's best threshold for IoU 0.5) and ``<i>_map<k>_<name>.png``
+    (that map's heatmap and box; ``k`` its position among the maps)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size = (cfg.img_size, cfg.img_size)
+    n = len(images)
+    pred = {}
+    for name in cfg.maps:
+        best = scores[name]["best_threshold"]
+        threshold = best.get(0.5, next(iter(best.values())))
+        pred[name] = best_boxes(torch.stack(maps[name]), threshold, gt[:n], image_size=size)
+    files = []
+    for i, image in enumerate(images):
+        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        boxes = {name: (pred[name][i], _color(name, k)) for k, name in enumerate(cfg.maps)}
+        path = folder / f"{i:04d}_boxes.png"
+        draw_overlay(pixels, None, gt[i], boxes, boxes_size=size).save(path)
+        files.append(str(path))
+        for k, name in enumerate(cfg.maps):
+            safe = "".join(c if c.isalnum() or c in "-+@" else "_" for c in name.rstrip("/"))[-40:]
+            path = folder / f"{i:04d}_map{k}_{safe}.png"
+            draw_overlay(pixels, maps[name][i].float(), gt[i], {name: boxes[name]}, boxes_size=size).save(path)
+            files.append(str(path))
+    return files
