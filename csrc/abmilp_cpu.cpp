@@ -587,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_p
   const at::Tensor gs = grad_scores.has_value() ? grad_scores->to(acc).contiguous() : at::Tensor();
   const at::Tensor w = weight.defined() ? weight.to(acc).contiguous() : at::Tensor();
   const at::Tensor p = pooled.to(acc);
-  at::Tensor grad_tokens = at::empty({tokens_grad ? batch : 0, n, d}, tokens.options());
+  at::Tensor grad_tokens = tokens_grad ? at::empty({batch, n, d}, tokens.options()) : at::empty({0}, tokens.options());
   at::Tensor grad_logits, weight_partial, bias_partial;
   if (weight.defined()) {
     weight_partial = at::empty({batch, k, d}, acc_options);
