@@ -465,7 +465,7 @@ void pool_forward(const at::Tensor& tokens, const at::Tensor& weight, const at::
   acc_t* scores_ptr = scores.data_ptr<acc_t>();
   acc_t* pooled_ptr = pooled.data_ptr<acc_t>();  // contiguous [B, K, D] acc_t
 
-  parallel_rows(batch, [&](RowQueue& queue) {
+  parallel_rows(batch, n * d * k, [&](RowQueue& queue) {
     TokenRows<acc_t> rows(tokens, acc);
     std::vector<acc_t> zero_row(weight.defined() ? d : 0, acc_t(0)), ref(k), total(k);
     for (int64_t b; (b = queue.next()) >= 0;) {
@@ -502,7 +502,7 @@ void pool_backward(const at::Tensor& grad_pooled, const at::Tensor& grad_scores,
   acc_t* weight_partial_ptr = abmilp ? weight_partial.data_ptr<acc_t>() : nullptr;
   acc_t* bias_partial_ptr = abmilp ? bias_partial.data_ptr<acc_t>() : nullptr;
 
-  parallel_rows(batch, [&](RowQueue& queue) {
+  parallel_rows(batch, n * d * k, [&](RowQueue& queue) {
     TokenRows<acc_t> rows(tokens, acc);
     // AbMILP: `stack` = [s; dl] [2K, N] and `right` = [g_b; W] [2K, D], so that
     // grad_tokens_b = sᵀ·g_b + dlᵀ·W is one GEMM with inner size 2K.

@@ -40,14 +40,20 @@ class RowQueue {
   std::atomic<int64_t> next_{0};
 };
 
-// Runs task(queue) once per thread of one region (per-thread scratch goes before its loop over queue.next()).
-// Rows are claimed dynamically rather than split in fixed chunks, so a thread that starts late
-// (descheduled on a busy machine) takes fewer rows instead of leaving its whole chunk to be
-// waited for. Which thread computes a row does not change the row's result.
+// Runs task(queue) once per thread of one region (per-thread scratch goes before its loop over
+// queue.next()). Rows are claimed dynamically rather than split in fixed chunks, so a thread that
+// starts late (descheduled on a busy machine) takes fewer rows instead of leaving its whole chunk
+// to be waited for. Which thread computes a row does not change the row's result. `row_work`
+// (elements a row touches) keeps small calls on the calling thread: each thread gets at least
+// kMinThreadWork elements, ATen's own grain (at::internal::GRAIN_SIZE), so no region is opened
+// for work that a wake-up of the other threads would outweigh.
+constexpr int64_t kMinThreadWork = 32768;
+
 template <typename F>
-void parallel_rows(int64_t n, const F& task) {
+void parallel_rows(int64_t n, int64_t row_work, const F& task) {
   RowQueue queue(n);
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  const int64_t by_work = std::max<int64_t>(1, n * std::max<int64_t>(row_work, 1) / kMinThreadWork);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({n, by_work, at::get_num_threads()}));
   parallel_tasks(0, threads, 1, [&](int64_t, int64_t) { task(queue); });
 }
 

@@ -329,9 +329,10 @@ def test_abmilp_backward_takes_strided_grad_pooled():
 
 
 def test_abmilp_results_do_not_depend_on_threads():
-    """Rows are handed to threads dynamically; each row's result (and the in-order sums) are the same."""
-    tokens = sliced_tokens(9, 61, 48, torch.float32)
-    weight, bias = torch.randn(3, 48), torch.randn(3)
+    """Rows are handed to threads dynamically; each row's result (and the in-order sums) are the same.
+    (Enough work for 3 threads: calls below 32768 elements a thread stay on the calling thread.)"""
+    tokens = sliced_tokens(9, 101, 96, torch.float32)
+    weight, bias = torch.randn(3, 96), torch.randn(3)
     threads = torch.get_num_threads()
     results = []
     try:
