@@ -11,17 +11,32 @@ import pytest
 
 SCRIPT = """
 import json
+import multiprocessing
+import os
+
 from beyond_cls.kernels import abmilp, attention_stats
 from beyond_cls.kernels.aot import ARCHS, SHARED_MEMORY_BYTES, compile_for
 
 specs = [(attention_stats._attention_stats_fwd_kernel, s) for s in attention_stats.aot_specializations()]
 specs += [(kernel, s) for kernel, s in abmilp.aot_specializations()]
-rows = []
-for kernel, spec in specs:
-    for arch in ARCHS:
-        compiled = compile_for(kernel, spec, arch)
-        assert compiled.asm["cubin"] and f"sm_{arch}" in compiled.asm["ptx"], (spec.label, arch)
-        rows.append([spec.label, arch, compiled.metadata.shared, SHARED_MEMORY_BYTES[arch]])
+jobs = [(i, arch) for i in range(len(specs)) for arch in ARCHS]
+
+
+def compile_one(job):
+    i, arch = job
+    kernel, spec = specs[i]
+    compiled = compile_for(kernel, spec, arch)
+    assert compiled.asm["cubin"] and f"sm_{arch}" in compiled.asm["ptx"], (spec.label, arch)
+    return [spec.label, arch, compiled.metadata.shared, SHARED_MEMORY_BYTES[arch]]
+
+
+# compiles are independent and single-threaded: one process per core (forked: the workers share specs)
+workers = min(len(jobs), os.cpu_count() or 1, 8)
+if workers > 1:
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        rows = pool.map(compile_one, jobs, chunksize=1)
+else:
+    rows = [compile_one(job) for job in jobs]
 print(json.dumps(rows))
 """
 
