@@ -3,7 +3,8 @@
 CPU: ViT-B shapes (B=64, N=196, D=768, K=1), the C++ kernels, frozen tokens (no token gradient), the
 probe's case. GPU (skipped without CUDA): B=1024, N=196, D=768/1024/1280, K=1 and 8, bf16 tokens,
 the Triton kernels; ``extra_info`` carries the bytes each pass must move so the report can state
-GB/s against the device's copy bandwidth (measured in the same run by the ``copy`` case).
+GB/s against the device's bandwidth, measured in the same run by the ``copy`` case (and on CPU by
+``read``: two plain read passes over the tokens, ``tokens.sum()`` twice, the floor of fwd+bwd).
 """
 
 from __future__ import annotations
@@ -49,13 +50,18 @@ def _run(benchmark, impl, shape, dtype, device, rounds):
 
         def step(*_):
             out.copy_(tokens)
+    elif impl == "read":
+
+        def step(*_):
+            tokens.sum()
+            tokens.sum()
     else:
         step = _step(impl, device)
     token_bytes = tokens.numel() * tokens.element_size()
     benchmark.extra_info.update(
         shape=list(shape), dtype=str(dtype).removeprefix("torch."),
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        bytes=2 * token_bytes,  # fwd+bwd read the tokens twice at least; a copy reads and writes once
+        bytes=2 * token_bytes,  # fwd+bwd and `read` read the tokens twice; a copy reads and writes once
         threads=torch.get_num_threads(),
     )
 
@@ -66,7 +72,7 @@ def _run(benchmark, impl, shape, dtype, device, rounds):
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=3, iterations=1)
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager"])
+@pytest.mark.parametrize("impl", ["fused", "eager", "read", "copy"])
 @pytest.mark.parametrize("name", list(CPU_SHAPES))
 def test_abmilp_cpu(benchmark, monkeypatch, name, impl):
     monkeypatch.setenv("BEYOND_CLS_BACKEND", "cpp" if impl == "fused" else "reference")

@@ -4,8 +4,9 @@
 
 Every group (one shape) gets median / p20 / p80 per implementation, achieved TFLOP/s (cases that
 state FLOPs) or GB/s (cases that state bytes), and on the fused row the time of every other
-implementation over the fused one's (>1: fused is faster; for ``copy``, the fraction of copy
-bandwidth reached). Rows carry the device, torch, triton and beyond-cls versions of the run.
+implementation over the fused one's (>1: fused is faster; for ``copy`` and ``read``, the fraction of
+the copy / plain-read bandwidth reached). Rows carry the device, torch, triton and beyond-cls
+versions of the run.
 """
 
 from __future__ import annotations

@@ -45,6 +45,31 @@ def _register_fakes() -> None:
         kept = q.new_empty((b, h, 0 if keep_rows is None else len(keep_rows), n), dtype=torch.float32)
         return torch.empty_like(v), stat, stat.clone(), stat.clone(), stat.clone(), kept
 
+    # The pooling ops: the backward ops are called straight from the autograd formulas in pooling.py.
+    def _pooled_scores(tokens, k):
+        b, n, d = tokens.shape
+        acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+        return tokens.new_empty((b, k, d), dtype=acc), tokens.new_empty((b, k, n), dtype=acc)
+
+    def _grad_tokens(tokens, tokens_grad):
+        return tokens.new_empty(tokens.shape) if tokens_grad else tokens.new_empty((0,))
+
+    @torch.library.register_fake("beyond_cls::abmilp_forward")
+    def _abmilp_forward_fake(tokens, weight, bias, mask=None):
+        return _pooled_scores(tokens, weight.shape[0])
+
+    @torch.library.register_fake("beyond_cls::abmilp_backward")
+    def _abmilp_backward_fake(grad_pooled, grad_scores, tokens, weight, scores, pooled, tokens_grad):
+        return _grad_tokens(tokens, tokens_grad), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+    @torch.library.register_fake("beyond_cls::softmax_pool_forward")
+    def _softmax_pool_forward_fake(tokens, logits, mask=None):
+        return _pooled_scores(tokens, logits.shape[1])
+
+    @torch.library.register_fake("beyond_cls::softmax_pool_backward")
+    def _softmax_pool_backward_fake(grad_pooled, grad_scores, tokens, scores, pooled, tokens_grad):
+        return _grad_tokens(tokens, tokens_grad), scores.new_empty(scores.shape)
+
 
 def _register_triton_cuda() -> None:
     """CUDA tensors given to ``torch.ops.beyond_cls.attention_with_stats`` run the Triton kernel."""

@@ -133,7 +133,11 @@ def abmilp_pool(
         return reference.abmilp_pool(tokens, weight, bias, mask)
     if weight2d.dim() != 2 or weight2d.shape[-1] != tokens.shape[-1]:
         raise ValueError(f"weight must be [D] or [K, D] with D={tokens.shape[-1]}, got {tuple(weight.shape)}")
-    bias1d = torch.as_tensor(bias, device=tokens.device, dtype=weight.dtype).reshape(-1).expand(weight2d.shape[0])
+    k = weight2d.shape[0]
+    if isinstance(bias, Tensor) and bias.shape == (k,) and bias.dtype == weight.dtype and bias.device == tokens.device:
+        bias1d = bias  # as given: no view / expand nodes in the autograd graph
+    else:
+        bias1d = torch.as_tensor(bias, device=tokens.device, dtype=weight.dtype).reshape(-1).expand(k)
     from beyond_cls import pooling  # noqa: F401  (registers the custom ops)
 
     pooled, scores = torch.ops.beyond_cls.abmilp_pool(tokens, weight2d, bias1d, mask)

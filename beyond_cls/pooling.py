@@ -110,9 +110,9 @@ def _backward_abmilp(ctx, grad_pooled, grad_scores):
     tokens, weight, scores, pooled = ctx.saved_tensors
     grad_pooled = torch.zeros_like(pooled) if grad_pooled is None else grad_pooled
     tokens_grad = ctx.needs_input_grad[0]
-    grad_tokens, grad_weight, grad_bias = abmilp_pool_backward_op(
-        grad_pooled, grad_scores, tokens, weight, scores, pooled, tokens_grad
-    )
+    # C++: its own op directly (one traced node too, fake in _extension), without the custom op's layers
+    op = torch.ops.beyond_cls.abmilp_backward if _backend(tokens) == "cpp" else abmilp_pool_backward_op
+    grad_tokens, grad_weight, grad_bias = op(grad_pooled, grad_scores, tokens, weight, scores, pooled, tokens_grad)
     return (grad_tokens if tokens_grad else None), grad_weight, grad_bias.to(ctx.bias_dtype), None
 
 
@@ -128,7 +128,8 @@ def _backward_softmax(ctx, grad_pooled, grad_scores):
     tokens, scores, pooled = ctx.saved_tensors
     grad_pooled = torch.zeros_like(pooled) if grad_pooled is None else grad_pooled
     tokens_grad = ctx.needs_input_grad[0]
-    grad_tokens, grad_logits = softmax_pool_backward_op(grad_pooled, grad_scores, tokens, scores, pooled, tokens_grad)
+    op = torch.ops.beyond_cls.softmax_pool_backward if _backend(tokens) == "cpp" else softmax_pool_backward_op
+    grad_tokens, grad_logits = op(grad_pooled, grad_scores, tokens, scores, pooled, tokens_grad)
     return (grad_tokens if tokens_grad else None), grad_logits.to(ctx.logits_dtype), None
 
 

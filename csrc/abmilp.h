@@ -19,11 +19,13 @@ std::tuple<at::Tensor, at::Tensor> abmilp_forward_cpu(const at::Tensor& tokens, 
                                                       const std::optional<at::Tensor>& mask);
 
 // Gradients of abmilp_forward given grad_pooled [B, K, D] and optionally grad_scores [B, K, N].
-// Returns (grad_tokens [B, N, D] contiguous in tokens' dtype, or an empty tensor when tokens_grad is
-// false and then not computed; grad_weight [K, D] and grad_bias [K], both in weight's dtype: the
-// backward does not see bias, the caller casts). `pooled` is checked but not read: the softmax
-// backward uses Σ_n s·(g·z_n), which equals g·pooled (what autograd's softmax backward computes)
-// and keeps the accumulation type's precision for low-precision tokens.
+// Returns (grad_tokens [B, N, D] contiguous in tokens' dtype, or an empty [0] tensor when tokens_grad
+// is false and then not computed; grad_weight [K, D] and grad_bias [K], both in weight's dtype: the
+// backward does not see bias, the caller casts). `pooled` (the forward's, = Σ_n s·z_n) gives the
+// softmax backward's c = Σ_n s·(g·z_n) up front as g·pooled, so dl and grad_weight come out of one
+// sweep over the tokens; Σ_n s·(g·z_n) is still summed on the way and corrects the estimate, so
+// the result is what autograd's softmax backward computes. grad_pooled and pooled may have any
+// strides (an expanded gradient is not copied first).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> abmilp_backward_cpu(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_scores, const at::Tensor& tokens,
     const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& pooled, bool tokens_grad);

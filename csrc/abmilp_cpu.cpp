@@ -1,13 +1,14 @@
 // CPU kernels of beyond_cls::abmilp_{forward,backward} and beyond_cls::softmax_pool_{forward,backward}.
 //
-// Work is split over the batch with at::parallel_for. Each task does all the work of one batch row
-// while its tokens z_b [N, D] are hot in cache (600 KiB at ViT-B sizes: one L2): forward is the
-// [K, N] logit GEMM, a softmax pass over that tile and the pooled GEMM; backward is the g·z_bᵀ GEMM,
-// the softmax backward pass, the per-row grad_weight GEMM and, only when asked for, one grad_tokens
-// GEMM. So z is read from memory once per op, where eager autograd reads it twice per op. The
-// per-row grad_weight / grad_bias partials are summed over the batch in order at the end, so the
-// result does not depend on the thread count. Low-precision tokens are converted one batch row at a
-// time into a per-thread buffer; strided tokens (e.g. tokens[:, 1:]) go to the GEMMs as views.
+// Batch rows are handed to the threads one at a time (parallel_rows). AbMILP reads every token
+// row from memory once per op, in blocks of 8 rows that stay in L1 between their two uses: the
+// forward computes the block's logits and adds its softmax-weighted rows to pooled (lazy online
+// softmax); the backward computes g·z, dl and adds the rows to the grad_weight partial. Eager
+// autograd reads the tokens twice per op. Only grad_tokens (when asked for) and softmax_pool use
+// per-row GEMMs. The per-row grad_weight / grad_bias partials are summed over the batch in order
+// at the end, so the result does not depend on the thread count. Low-precision or feature-strided
+// tokens are converted one batch row at a time into a per-thread buffer; row-strided tokens (e.g.
+// tokens[:, 1:]) are read in place.
 #include "abmilp.h"
 
 #include <ATen/Parallel.h>
@@ -177,50 +178,127 @@ at::ScalarType acc_type(const at::Tensor& tokens) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Single-pass AbMILP rows: every token row is read once, while it is in L1, for all K branches.
+// Single-sweep AbMILP rows: every token row is read from memory once per op, for all K branches.
+//
+// Tokens go in blocks of kBlock rows (24 KiB at D = 768: the block stays in L1 between its two
+// uses). Per branch, a register-blocked dot gives the block's kBlock logits (kBlock independent
+// accumulators: the weight row is loaded once per block and the FMA latency is hidden), then one
+// blocked axpy adds the block's kBlock weighted rows to the accumulator (one load and store of the
+// accumulator per block instead of per token).
 
+constexpr int kBlock = 8;
+
+// The float row kernels are compiled once per x86 ISA level (row_math.h); their template bodies
+// must be inlined into the clones to get the wider vectors.
+#if defined(__GNUC__) || defined(__clang__)
+#define BEYOND_CLS_INLINE inline __attribute__((always_inline))
+#else
+#define BEYOND_CLS_INLINE inline
+#endif
+
+// out[t] = Σ_c r[t][c]·w[c] for the block's kBlock rows.
 template <typename T>
-T dot(const T* a, const T* b, int64_t d) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
-  return acc;
+BEYOND_CLS_INLINE void dot_block(const T* const* r, const T* w, int64_t d, T* out) {
+  static_assert(kBlock == 8, "dot_block is written out for 8 rows");
+  const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5], *r6 = r[6], *r7 = r[7];
+  T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
+  for (int64_t c = 0; c < d; ++c) {
+    const T x = w[c];
+    a0 += r0[c] * x;
+    a1 += r1[c] * x;
+    a2 += r2[c] * x;
+    a3 += r3[c] * x;
+    a4 += r4[c] * x;
+    a5 += r5[c] * x;
+    a6 += r6[c] * x;
+    a7 += r7[c] * x;
+  }
+  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3, out[4] = a4, out[5] = a5, out[6] = a6, out[7] = a7;
 }
 
+// y[c] += Σ_t e[t]·r[t][c] over the block's kBlock rows (summed as a tree).
 template <typename T>
-void axpy(T* y, T a, const T* x, int64_t d) {
+BEYOND_CLS_INLINE void axpy_block(T* y, const T* e, const T* const* r, int64_t d) {
+  const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5], *r6 = r[6], *r7 = r[7];
+  const T e0 = e[0], e1 = e[1], e2 = e[2], e3 = e[3], e4 = e[4], e5 = e[5], e6 = e[6], e7 = e[7];
 #pragma omp simd
-  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
+  for (int64_t c = 0; c < d; ++c) {
+    y[c] += ((e0 * r0[c] + e1 * r1[c]) + (e2 * r2[c] + e3 * r3[c])) +
+            ((e4 * r4[c] + e5 * r5[c]) + (e6 * r6[c] + e7 * r7[c]));
+  }
 }
 
-// Forward of one batch row: raw = z·Wᵀ (into `raw` [K, N], bias not added) and pooled [K, D] by an
-// online softmax (running max per branch, the accumulator rescaled when it moves).
+// e^x for x <= kLazyRescale (the lazy online softmax below); NaN stays NaN.
+BEYOND_CLS_INLINE void exp_block(float* x) {
+#pragma omp simd
+  for (int t = 0; t < kBlock; ++t) x[t] = exp_nonpositive(x[t]);
+}
+
+BEYOND_CLS_INLINE void exp_block(double* x) {
+  for (int t = 0; t < kBlock; ++t) x[t] = std::exp(x[t]);
+}
+
+// Lazy online softmax: the accumulator holds Σ e^(l_j − ref)·z_j against a reference `ref` that is
+// moved (and the accumulator rescaled) only when a block's maximum exceeds it by more than this.
+// The result is exact either way (the final division cancels ref); the threshold only bounds the
+// accumulated terms by e^kLazyRescale, far from overflow. Logits of random rows rarely move ref
+// after the first block, so the accumulator is almost never rescaled.
+constexpr double kLazyRescale = 8.0;
+
+// Forward of one batch row. raw [K, N] gets z·Wᵀ (bias not added; masked tokens 0, softmax_row
+// masks them); pooled [K, D] = softmax-weighted sum of the kept rows. `zero_row` [D] of zeros pads
+// the last block; `ref`, `total` [K] are scratch. Masked rows are skipped (never read).
 template <typename T>
-void abmilp_forward_row(const T* z, int64_t zs, int64_t n, int64_t d, const T* w, const T* bias, int64_t k,
-                        const bool* keep, T* raw, T* pooled) {
+BEYOND_CLS_INLINE void abmilp_forward_row(const T* z, int64_t zs, int64_t n, int64_t d, const T* w, const T* bias,
+                                          int64_t k, const bool* keep, const T* zero_row, T* raw, T* pooled, T* ref,
+                                          T* total) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
-  std::vector<T> m(k, -kInf), total(k, T(0));
+  const T lazy = static_cast<T>(kLazyRescale);
   std::fill(pooled, pooled + k * d, T(0));
-  for (int64_t j = 0; j < n; ++j) {
-    const T* row = z + j * zs;
-    for (int64_t i = 0; i < k; ++i) {
-      const T r = dot(row, w + i * d, d);
-      raw[i * n + j] = r;
+  std::fill(ref, ref + k, -kInf);
+  std::fill(total, total + k, T(0));
+  if (keep != nullptr) {
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        if (!keep[j]) raw[i * n + j] = T(0);
+  }
+  const T* rows[kBlock];
+  int64_t idx[kBlock];
+  int64_t j = 0;
+  while (true) {
+    int cnt = 0;  // gather the next kBlock kept rows
+    for (; j < n && cnt < kBlock; ++j) {
       if (keep != nullptr && !keep[j]) continue;
-      const T l = r + (bias ? bias[i] : T(0));
+      rows[cnt] = z + j * zs;
+      idx[cnt++] = j;
+    }
+    if (cnt == 0) break;
+    for (int t = cnt; t < kBlock; ++t) rows[t] = zero_row;
+    for (int64_t i = 0; i < k; ++i) {
+      T l[kBlock];
+      dot_block(rows, w + i * d, d, l);
+      const T b = bias ? bias[i] : T(0);
+      T block_max = -kInf;
+      for (int t = 0; t < cnt; ++t) {
+        raw[i * n + idx[t]] = l[t];
+        l[t] += b;
+        block_max = l[t] > block_max ? l[t] : block_max;
+      }
       T* acc = pooled + i * d;
-      if (l > m[i]) {  // new maximum: rescale what was accumulated against the old one
-        const T scale = m[i] == -kInf ? T(0) : std::exp(m[i] - l);
-        if (total[i] != T(0)) {
+      if (block_max > ref[i] + lazy || ref[i] == -kInf) {  // -inf: first kept block (or all -inf so far)
+        if (ref[i] != -kInf && total[i] != T(0)) {
+          const T scale = exp_nonpositive(ref[i] - block_max);
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) acc[c] *= scale;
+          total[i] *= scale;
         }
-        total[i] *= scale;
-        m[i] = l;
+        if (block_max > ref[i]) ref[i] = block_max;
       }
-      const T e = std::exp(l - m[i]);
-      total[i] += e;
-      axpy(acc, e, row, d);
+      for (int t = 0; t < kBlock; ++t) l[t] = t < cnt ? l[t] - ref[i] : -kInf;  // padding: e^-inf = 0
+      exp_block(l);
+      for (int t = 0; t < cnt; ++t) total[i] += l[t];
+      axpy_block(acc, l, rows, d);
     }
   }
   for (int64_t i = 0; i < k; ++i) {
@@ -230,45 +308,152 @@ void abmilp_forward_row(const T* z, int64_t zs, int64_t n, int64_t d, const T* w
   }
 }
 
-// Backward of one batch row: t = g·z (+ gs) per token (first sweep, K dots per row), then
-// dl = s·(t − Σ s·t) accumulated into the grad_weight / grad_bias partials (second sweep, K axpys
-// per row; the rows are still in cache). Σ s·t, as autograd computes it, keeps dl exact when t and
-// its mean nearly cancel.
+// Backward of one batch row in one sweep over its tokens: t_j = g·z_j (+ gs_j) and
+// dl_j = s_j (t_j − c) with c = Σ_j s_j t_j, and grad_weight's partial Σ_j dl_j z_j.
+// c is only known after the sweep, so the sweep uses the estimate c0 = g·pooled (+ Σ s·gs), equal
+// to c up to rounding (the forward's pooled is Σ_j s_j z_j): each block of rows gives its t_j and
+// s_j (t_j − c0), which are added to the partial while the rows are in L1, and c = Σ s_j t_j is
+// summed on the way. Then with δ = c − c0: dl_j −= s_j δ and partial −= δ·pooled (Σ_j s_j z_j).
+// So dl is exactly the two-sweep dl = s·(t − Σ s·t) that autograd computes, which keeps the bias
+// gradient (exactly 0 in exact arithmetic) at rounding level, and the weight gradient's error from
+// δ·(Σ s z − pooled) is below rounding. dl [K, N] is written (grad_tokens needs it); b_partial [K]
+// = Σ_j dl_j in token order; `c` [2K] is scratch.
 template <typename T>
-void abmilp_backward_row(const T* z, int64_t zs, int64_t n, int64_t d, const T* g, const T* s, const T* gs,
-                         int64_t k, T* dl, T* w_partial, T* b_partial) {
-  for (int64_t j = 0; j < n; ++j) {
-    const T* row = z + j * zs;
-    for (int64_t i = 0; i < k; ++i) dl[i * n + j] = dot(g + i * d, row, d);
+BEYOND_CLS_INLINE void abmilp_backward_row(const T* z, int64_t zs, int64_t n, int64_t d, const T* g, const T* p,
+                                           const T* s, const T* gs, int64_t k, const T* zero_row, T* dl,
+                                           T* w_partial, T* b_partial, T* c) {
+  T* c_exact = c + k;
+  for (int64_t i = 0; i < k; ++i) {
+    T ci = 0;
+#pragma omp simd reduction(+ : ci)
+    for (int64_t x = 0; x < d; ++x) ci += g[i * d + x] * p[i * d + x];
+    if (gs != nullptr) {
+      T cs = 0;
+#pragma omp simd reduction(+ : cs)
+      for (int64_t j = 0; j < n; ++j) cs += s[i * n + j] * gs[i * n + j];
+      ci += cs;
+    }
+    c[i] = ci;
+    c_exact[i] = 0;
   }
-  for (int64_t i = 0; i < k; ++i) b_partial[i] = softmax_backward_row<T>(dl + i * n, s + i * n, gs ? gs + i * n : nullptr, n);
   std::fill(w_partial, w_partial + k * d, T(0));
-  for (int64_t j = 0; j < n; ++j) {
-    const T* row = z + j * zs;
+  const T* rows[kBlock];
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int cnt = static_cast<int>(std::min<int64_t>(kBlock, n - j0));
+    for (int t = 0; t < kBlock; ++t) rows[t] = t < cnt ? z + (j0 + t) * zs : zero_row;
     for (int64_t i = 0; i < k; ++i) {
-      const T dlj = dl[i * n + j];
-      if (dlj != T(0)) axpy(w_partial + i * d, dlj, row, d);
+      T e[kBlock];
+      dot_block(rows, g + i * d, d, e);
+      bool any = false;
+      for (int t = 0; t < kBlock; ++t) {
+        if (t >= cnt) {
+          e[t] = T(0);
+          continue;
+        }
+        const int64_t at = i * n + j0 + t;
+        const T tj = gs != nullptr ? e[t] + gs[at] : e[t];
+        c_exact[i] += s[at] * tj;
+        e[t] = s[at] * (tj - c[i]);  // masked tokens: s = 0, dl = 0
+        dl[at] = e[t];
+        any |= e[t] != T(0);
+      }
+      if (any) axpy_block(w_partial + i * d, e, rows, d);
     }
   }
+  for (int64_t i = 0; i < k; ++i) {
+    const T delta = c_exact[i] - c[i];
+    T* dl_i = dl + i * n;
+    const T* s_i = s + i * n;
+    T total = 0;
+    for (int64_t j = 0; j < n; ++j) {  // in token order, as the two-sweep softmax backward sums it
+      dl_i[j] -= s_i[j] * delta;
+      total += dl_i[j];
+    }
+    b_partial[i] = total;
+    if (delta != T(0)) {
+      T* w_i = w_partial + i * d;
+      const T* p_i = p + i * d;
+#pragma omp simd
+      for (int64_t x = 0; x < d; ++x) w_i[x] -= delta * p_i[x];
+    }
+  }
+}
+
+// The float rows, one clone per x86 ISA level (other targets: their baseline).
+BEYOND_CLS_ISA_CLONES void abmilp_forward_row_f32(const float* z, int64_t zs, int64_t n, int64_t d, const float* w,
+                                                  const float* bias, int64_t k, const bool* keep,
+                                                  const float* zero_row, float* raw, float* pooled, float* ref,
+                                                  float* total) {
+  abmilp_forward_row<float>(z, zs, n, d, w, bias, k, keep, zero_row, raw, pooled, ref, total);
+}
+
+BEYOND_CLS_ISA_CLONES void abmilp_backward_row_f32(const float* z, int64_t zs, int64_t n, int64_t d, const float* g,
+                                                   const float* p, const float* s, const float* gs, int64_t k,
+                                                   const float* zero_row, float* dl, float* w_partial,
+                                                   float* b_partial, float* c) {
+  abmilp_backward_row<float>(z, zs, n, d, g, p, s, gs, k, zero_row, dl, w_partial, b_partial, c);
+}
+
+void forward_row(const float* z, int64_t zs, int64_t n, int64_t d, const float* w, const float* bias, int64_t k,
+                 const bool* keep, const float* zero_row, float* raw, float* pooled, float* ref, float* total) {
+  abmilp_forward_row_f32(z, zs, n, d, w, bias, k, keep, zero_row, raw, pooled, ref, total);
+}
+
+void forward_row(const double* z, int64_t zs, int64_t n, int64_t d, const double* w, const double* bias, int64_t k,
+                 const bool* keep, const double* zero_row, double* raw, double* pooled, double* ref, double* total) {
+  abmilp_forward_row<double>(z, zs, n, d, w, bias, k, keep, zero_row, raw, pooled, ref, total);
+}
+
+void backward_row(const float* z, int64_t zs, int64_t n, int64_t d, const float* g, const float* p, const float* s,
+                  const float* gs, int64_t k, const float* zero_row, float* dl, float* w_partial, float* b_partial,
+                  float* c) {
+  abmilp_backward_row_f32(z, zs, n, d, g, p, s, gs, k, zero_row, dl, w_partial, b_partial, c);
+}
+
+void backward_row(const double* z, int64_t zs, int64_t n, int64_t d, const double* g, const double* p,
+                  const double* s, const double* gs, int64_t k, const double* zero_row, double* dl,
+                  double* w_partial, double* b_partial, double* c) {
+  abmilp_backward_row<double>(z, zs, n, d, g, p, s, gs, k, zero_row, dl, w_partial, b_partial, c);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Kernels. `weight` is undefined for softmax_pool, `logits` for AbMILP.
 
-// One batch row of tokens as an acc_t [N, D] matrix: a view when tokens are acc_t already, else a
-// per-thread converted copy.
+// One batch row of tokens as an acc_t [N, D] matrix with unit feature stride: a view when tokens
+// are acc_t with unit feature stride already, else a per-thread converted copy.
+template <typename acc_t>
 struct TokenRows {
   const at::Tensor& tokens;
   at::Tensor buffer;
   TokenRows(const at::Tensor& t, at::ScalarType acc) : tokens(t) {
-    if (t.scalar_type() != acc) buffer = at::empty({t.size(1), t.size(2)}, t.options().dtype(acc));
+    if (t.scalar_type() != acc || t.stride(2) != 1) buffer = at::empty({t.size(1), t.size(2)}, t.options().dtype(acc));
   }
   at::Tensor operator[](int64_t b) {
     if (!buffer.defined()) return tokens[b];
     buffer.copy_(tokens[b]);
     return buffer;
   }
+  // (first row, row stride) of batch row b.
+  std::pair<const acc_t*, int64_t> rows(int64_t b) {
+    if (!buffer.defined()) return {tokens.const_data_ptr<acc_t>() + b * tokens.stride(0), tokens.stride(1)};
+    buffer.copy_(tokens[b]);
+    return {buffer.const_data_ptr<acc_t>(), buffer.stride(0)};
+  }
 };
+
+// Batch row b of an acc_t [B, K, D] tensor with any strides (e.g. the expanded gradient of a sum)
+// as a contiguous [K, D] pointer: the tensor's own memory when it is, else a copy into `buffer`
+// (per thread; no whole-tensor .contiguous() pass before the kernel).
+template <typename acc_t>
+const acc_t* batch_row(const at::Tensor& t, int64_t b, std::vector<acc_t>& buffer) {
+  const int64_t k = t.size(1), d = t.size(2);
+  const acc_t* base = t.const_data_ptr<acc_t>() + b * t.stride(0);
+  if (t.stride(2) == 1 && (k == 1 || t.stride(1) == d)) return base;
+  buffer.resize(k * d);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t c = 0; c < d; ++c) buffer[i * d + c] = base[i * t.stride(1) + c * t.stride(2)];
+  return buffer.data();
+}
 
 template <typename acc_t>
 void pool_forward(const at::Tensor& tokens, const at::Tensor& weight, const at::Tensor& bias,
@@ -278,38 +463,33 @@ void pool_forward(const at::Tensor& tokens, const at::Tensor& weight, const at::
   const bool* keep_ptr = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
   const acc_t* bias_ptr = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   acc_t* scores_ptr = scores.data_ptr<acc_t>();
+  acc_t* pooled_ptr = pooled.data_ptr<acc_t>();  // contiguous [B, K, D] acc_t
 
-  parallel_tasks(0, batch, 1, [&](int64_t begin, int64_t end) {
-    TokenRows rows(tokens, acc);
-    at::Tensor pooled_acc;  // acc_t staging for low-precision pooled
-    if (pooled.scalar_type() != acc) pooled_acc = at::empty({k, d}, scores.options());
-    for (int64_t b = begin; b < end; ++b) {
-      const at::Tensor z = rows[b];
-      at::Tensor s = scores[b];
+  parallel_rows(batch, n * d * k, [&](RowQueue& queue) {
+    TokenRows<acc_t> rows(tokens, acc);
+    std::vector<acc_t> zero_row(weight.defined() ? d : 0, acc_t(0)), ref(k), total(k);
+    for (int64_t b; (b = queue.next()) >= 0;) {
       acc_t* sp = scores_ptr + b * k * n;
       const bool* keep_b = keep_ptr ? keep_ptr + b * n : nullptr;
-      if (weight.defined()) {  // one pass over the token rows: logits and pooled together
-        const at::Tensor zc = z.stride(1) == 1 ? z : z.contiguous();
-        abmilp_forward_row<acc_t>(zc.const_data_ptr<acc_t>(), zc.stride(0), n, d, weight.const_data_ptr<acc_t>(),
-                                  bias_ptr, k, keep_b, sp, pooled[b].data_ptr<acc_t>());
+      if (weight.defined()) {  // one sweep over the token rows: logits and pooled together
+        const auto [z, zs] = rows.rows(b);
+        forward_row(z, zs, n, d, weight.const_data_ptr<acc_t>(), bias_ptr, k, keep_b, zero_row.data(), sp,
+                    pooled_ptr + b * k * d, ref.data(), total.data());
         for (int64_t i = 0; i < k; ++i) softmax_row<acc_t>(sp + i * n, n, bias_ptr ? bias_ptr[i] : acc_t(0), keep_b);
         continue;
       }
+      at::Tensor s = scores[b];
       s.copy_(logits[b]);
       for (int64_t i = 0; i < k; ++i) softmax_row<acc_t>(sp + i * n, n, acc_t(0), keep_b);
-      if (pooled_acc.defined()) {
-        at::mm_out(pooled_acc, s, z);
-        pooled[b].copy_(pooled_acc);
-      } else {
-        at::Tensor p = pooled[b];
-        at::mm_out(p, s, z);
-      }
+      at::Tensor p = pooled[b];
+      at::mm_out(p, s, rows[b]);
     }
   });
 }
 
 // grad_logits: [B, K, N] acc_t output (softmax_pool) or undefined (AbMILP: dl stays per-thread).
 // weight_partial [B, K, D] and bias_partial [B, K]: per-row grad_weight / grad_bias (AbMILP).
+// grad_pooled and pooled are acc_t with any strides; scores and grad_scores contiguous acc_t.
 template <typename acc_t>
 void pool_backward(const at::Tensor& grad_pooled, const at::Tensor& grad_scores, const at::Tensor& tokens,
                    const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& pooled, at::Tensor& grad_tokens,
@@ -319,16 +499,20 @@ void pool_backward(const at::Tensor& grad_pooled, const at::Tensor& grad_scores,
   const bool abmilp = weight.defined(), tokens_grad = grad_tokens.numel() > 0;
   const acc_t* scores_ptr = scores.const_data_ptr<acc_t>();
   const acc_t* gs_ptr = grad_scores.defined() ? grad_scores.const_data_ptr<acc_t>() : nullptr;
+  acc_t* weight_partial_ptr = abmilp ? weight_partial.data_ptr<acc_t>() : nullptr;
   acc_t* bias_partial_ptr = abmilp ? bias_partial.data_ptr<acc_t>() : nullptr;
 
-  parallel_tasks(0, batch, 1, [&](int64_t begin, int64_t end) {
-    TokenRows rows(tokens, acc);
+  parallel_rows(batch, n * d * k, [&](RowQueue& queue) {
+    TokenRows<acc_t> rows(tokens, acc);
     // AbMILP: `stack` = [s; dl] [2K, N] and `right` = [g_b; W] [2K, D], so that
     // grad_tokens_b = sᵀ·g_b + dlᵀ·W is one GEMM with inner size 2K.
     at::Tensor stack, right, dl_tile;
+    std::vector<acc_t> zero_row, c, g_buffer, p_buffer;
     if (abmilp) {
       stack = at::empty({2 * k, n}, scores.options());
       dl_tile = stack.narrow(0, k, k);
+      zero_row.assign(d, acc_t(0));
+      c.resize(2 * k);
       if (tokens_grad) {
         right = at::empty({2 * k, d}, scores.options());
         right.narrow(0, k, k).copy_(weight);
@@ -337,18 +521,15 @@ void pool_backward(const at::Tensor& grad_pooled, const at::Tensor& grad_scores,
     at::Tensor tokens_acc;  // acc_t staging for low-precision grad_tokens
     if (tokens_grad && grad_tokens.scalar_type() != acc) tokens_acc = at::empty({n, d}, scores.options());
 
-    for (int64_t b = begin; b < end; ++b) {
-      const at::Tensor z = rows[b];
-      const at::Tensor g = grad_pooled[b], s = scores[b];
+    for (int64_t b; (b = queue.next()) >= 0;) {
       at::Tensor dl = abmilp ? dl_tile : grad_logits[b];
-      if (abmilp) {  // one pass over the token rows for dl, grad_weight and grad_bias
-        const at::Tensor zc = z.stride(1) == 1 ? z : z.contiguous();
-        abmilp_backward_row<acc_t>(zc.const_data_ptr<acc_t>(), zc.stride(0), n, d,
-                                   grad_pooled.const_data_ptr<acc_t>() + b * k * d, scores_ptr + b * k * n,
-                                   gs_ptr ? gs_ptr + b * k * n : nullptr, k, dl.data_ptr<acc_t>(),
-                                   weight_partial[b].data_ptr<acc_t>(), bias_partial_ptr + b * k);
+      if (abmilp) {  // one sweep over the token rows for dl, grad_weight and grad_bias
+        const auto [z, zs] = rows.rows(b);
+        backward_row(z, zs, n, d, batch_row(grad_pooled, b, g_buffer), batch_row(pooled, b, p_buffer),
+                     scores_ptr + b * k * n, gs_ptr ? gs_ptr + b * k * n : nullptr, k, zero_row.data(),
+                     dl.data_ptr<acc_t>(), weight_partial_ptr + b * k * d, bias_partial_ptr + b * k, c.data());
       } else {
-        at::mm_out(dl, g, z.t());  // gz = g_b·z_bᵀ [K, N]
+        at::mm_out(dl, grad_pooled[b], rows[b].t());  // gz = g_b·z_bᵀ [K, N]
         acc_t* dlp = dl.data_ptr<acc_t>();
         for (int64_t i = 0; i < k; ++i) {
           const int64_t row = (b * k + i) * n;
@@ -356,6 +537,7 @@ void pool_backward(const at::Tensor& grad_pooled, const at::Tensor& grad_scores,
         }
       }
       if (!tokens_grad) continue;
+      const at::Tensor g = grad_pooled[b], s = scores[b];
       at::Tensor out = tokens_acc.defined() ? tokens_acc : grad_tokens[b];
       if (abmilp) {
         stack.narrow(0, 0, k).copy_(s);
@@ -398,12 +580,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_p
   const auto acc = acc_type(tokens);
   const int64_t batch = tokens.size(0), n = tokens.size(1), d = tokens.size(2), k = scores.size(1);
   const auto acc_options = tokens.options().dtype(acc);
-  const at::Tensor g = grad_pooled.to(acc).contiguous();
+  // grad_pooled and pooled keep their strides: an expanded gradient (of a sum) is read per row in
+  // the kernel rather than materialized by a parallel copy first.
+  const at::Tensor g = grad_pooled.to(acc);
   const at::Tensor s = scores.to(acc).contiguous();
   const at::Tensor gs = grad_scores.has_value() ? grad_scores->to(acc).contiguous() : at::Tensor();
   const at::Tensor w = weight.defined() ? weight.to(acc).contiguous() : at::Tensor();
-  const at::Tensor p = pooled.to(acc).contiguous();
-  at::Tensor grad_tokens = at::empty({tokens_grad ? batch : 0, n, d}, tokens.options());
+  const at::Tensor p = pooled.to(acc);
+  at::Tensor grad_tokens = tokens_grad ? at::empty({batch, n, d}, tokens.options()) : at::empty({0}, tokens.options());
   at::Tensor grad_logits, weight_partial, bias_partial;
   if (weight.defined()) {
     weight_partial = at::empty({batch, k, d}, acc_options);

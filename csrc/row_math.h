@@ -12,6 +12,7 @@
 namespace beyond_cls {
 
 // e^x for x <= 0 (shifted logits) within ~2 ulp; x < -87.3 (results below FLT_MIN) and -inf give 0.
+// Also exact to ~2 ulp for small positive x (up to 88: the AbMILP forward's lazy rescale uses x <= 8).
 // Cody-Waite range reduction and a degree-6 polynomial (Cephes coefficients).
 #pragma omp declare simd
 inline float exp_nonpositive(float x) {

@@ -19,10 +19,26 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: exact tests
 MAX_BRANCHES = 16
-# (BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel, compiled ahead of time in CI
-CONFIGS = {"logits": (64, 128, 4, 3), "pool": (64, 128, 4, 3), "wgrad": (64, 128, 4, 3)}
+# Launch configs (BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel. On a GPU each kernel is
+# autotuned over its list, per (N, D, K_PAD, flags, dtypes); CI compiles every one ahead of time for
+# sm_80 and sm_90 (aot_specializations), and each fits their shared memory for bf16 and fp32
+# tokens. The kernels are memory-bound: the configs trade the tile's shape (more tokens or more
+# features per load; N = 196 fills 64-token tiles to 77 %, 32-token ones to 88 %) against bytes in
+# flight per SM (warps × stages). The first config of each list is the former fixed one.
+# No kernel accumulates into its outputs (the weight gradient's split reduction stores one partial
+# per split, summed afterwards), so rerunning a launch while tuning is idempotent: no
+# reset_to_zero / restore_value is needed.
+CONFIGS = {
+    "logits": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 64, 8, 4)],
+    "pool": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 64, 4, 4)],
+    "pool_bwd": [(64, 128, 4, 3), (32, 128, 4, 4), (128, 64, 8, 3)],
+    "wgrad": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 128, 8, 3)],
+}
+# Under TRITON_INTERPRET=1 (CPU tests) one small config runs: autotuning would only time numpy.
 INTERPRET_CONFIG = (32, 64, 4, 1)
 WGRAD_SPLITS = 128  # programs along (batch, token tiles) for the weight gradient
+# the weight gradient's splits are sized for the smallest token tile; with larger tiles some store zeros
+_WGRAD_MIN_BLOCK_N = min([cfg[0] for cfg in CONFIGS["wgrad"]] + [INTERPRET_CONFIG[0]])
 
 
 @triton.jit
@@ -190,11 +206,11 @@ def _softmax_pool_bwd_kernel(
 def _weight_grad_kernel(
     Z, DLogits, Partial,
     stride_zb, stride_zn, stride_zd,
-    B, N, D, K, TILES_PER_ROW, SPLITS,
+    B, N, D, K, SPLITS,
     K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """partial[split, k, chunk] = Σ over this split's (b, token tile) pairs of dlᵀ·z."""
+    """partial[split, k, chunk] = Σ over this split's (b, token tile) pairs of dlᵀ·z (0 if it has none)."""
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
     offs_k = tl.arange(0, K_PAD)
@@ -202,9 +218,10 @@ def _weight_grad_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     acc = tl.zeros([K_PAD, BLOCK_D], Partial.dtype.element_ty)
-    for t in range(split, B * TILES_PER_ROW, SPLITS):
-        b = (t // TILES_PER_ROW).to(tl.int64)
-        offs_n = (t % TILES_PER_ROW) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tiles_per_row = tl.cdiv(N, BLOCK_N)
+    for t in range(split, B * tiles_per_row, SPLITS):
+        b = (t // tiles_per_row).to(tl.int64)
+        offs_n = (t % tiles_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         dl = tl.load(DLogits + b * K * N + offs_k[:, None] * N + offs_n[None, :],
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -230,9 +247,33 @@ def _acc(tokens: torch.Tensor) -> torch.dtype:
     return torch.float64 if tokens.dtype == torch.float64 else torch.float32
 
 
-def _config(kernel: str) -> tuple[int, int, int, int]:
-    """The launch config of a kernel (a small one in the interpreter)."""
-    return INTERPRET_CONFIG if _interpreting() else CONFIGS[kernel]
+# kernel name -> (jit kernel, autotune key); the key adds the tensor arguments' dtypes itself
+_KERNELS = {
+    "logits": (_abmilp_logits_kernel, ["N", "D", "K_PAD", "IEEE", "UPCAST"]),
+    "pool": (_softmax_pool_fwd_kernel, ["N", "D", "K_PAD", "HAS_MASK", "IEEE", "UPCAST"]),
+    "pool_bwd": (_softmax_pool_bwd_kernel,
+                 ["N", "D", "K_PAD", "HAS_GS", "HAS_WEIGHT", "TOKENS_GRAD", "IEEE", "UPCAST"]),
+    "wgrad": (_weight_grad_kernel, ["N", "D", "K_PAD", "IEEE", "UPCAST"]),
+}
+_AUTOTUNED = {
+    name: triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=st)
+                 for n, d, w, st in CONFIGS[name]],
+        key=key,
+    )(kernel)
+    for name, (kernel, key) in _KERNELS.items()
+}
+
+
+def _launch(name: str, grid, *args, **meta) -> None:
+    """Run kernel ``name`` over ``grid(config)``: autotuned over CONFIGS[name] on a GPU, the one
+    INTERPRET_CONFIG in the interpreter (where tuning would run every config and time numpy)."""
+    if _interpreting():
+        block_n, block_d, warps, stages = INTERPRET_CONFIG
+        blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d)
+        _KERNELS[name][0][grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
+    else:
+        _AUTOTUNED[name][grid](*args, **meta)
 
 
 def check_tokens(tokens: torch.Tensor, k: int, mask: torch.Tensor | None) -> None:
@@ -254,13 +295,12 @@ def _pool(tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None)
     # float32 like the scores: exact for the probe's head and for g·pooled in the backward
     pooled = torch.empty((b, k, d), dtype=_acc(tokens), device=tokens.device)
     scores = torch.empty((b, k, n), dtype=_acc(tokens), device=tokens.device)
-    block_n, block_d, warps, stages = _config("pool")
     mask_arg = mask if mask is not None else tokens
     mask_strides = mask.stride() if mask is not None else (0, 0)
-    _softmax_pool_fwd_kernel[(triton.cdiv(d, block_d), b)](
+    _launch(
+        "pool", lambda cfg: (triton.cdiv(d, cfg["BLOCK_D"]), b),
         tokens, logits, mask_arg, pooled, scores, *tokens.stride(), *mask_strides, n, d, k,
-        HAS_MASK=mask is not None, K_PAD=_k_pad(k), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=warps, num_stages=stages, **_dot_flags(tokens.dtype),
+        HAS_MASK=mask is not None, K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
     )
     return pooled, scores
 
@@ -271,11 +311,10 @@ def abmilp_forward(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     b, n, d = tokens.shape
     k = weight.shape[0]
     logits = torch.empty((b, k, n), dtype=_acc(tokens), device=tokens.device)
-    block_n, block_d, warps, stages = _config("logits")
-    _abmilp_logits_kernel[(triton.cdiv(n, block_n), b)](
+    _launch(
+        "logits", lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), b),
         tokens, weight, bias, logits, *tokens.stride(), *weight.stride(), n, d, k,
-        K_PAD=_k_pad(k), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
-        **_dot_flags(tokens.dtype),
+        K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
     )
     return _pool(tokens, logits, mask)
 
@@ -310,13 +349,12 @@ def pool_backward(
     dlogits = torch.empty((b, k, n), dtype=acc, device=tokens.device)
     dz = torch.empty((b, n, d) if tokens_grad else (0,), dtype=tokens.dtype, device=tokens.device)
     w = weight if weight is not None else g
-    block_n, block_d, warps, stages = _config("pool")
-    _softmax_pool_bwd_kernel[(triton.cdiv(n, block_n), b)](
+    _launch(
+        "pool_bwd", lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), b),
         tokens, g, scores, gp, gs, gsum, w, dlogits, dz,
         *tokens.stride(), *(w.stride() if weight is not None else (0, 0)), n, d, k,
         HAS_GS=has_gs, HAS_WEIGHT=weight is not None, TOKENS_GRAD=tokens_grad,
-        K_PAD=_k_pad(k), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
-        **_dot_flags(tokens.dtype),
+        K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
     )
     return dz, dlogits
 
@@ -325,14 +363,12 @@ def weight_grad(tokens: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
     """Σ_{b,n} dlogits[b, k, n] tokens[b, n, :] as [K, D] float32 (split over token tiles, then summed)."""
     b, n, d = tokens.shape
     k = dlogits.shape[1]
-    block_n, block_d, warps, stages = _config("wgrad")
-    tiles = triton.cdiv(n, block_n)
-    splits = max(1, min(WGRAD_SPLITS, b * tiles))
+    splits = max(1, min(WGRAD_SPLITS, b * triton.cdiv(n, _WGRAD_MIN_BLOCK_N)))  # the same for every config
     partial = torch.empty((splits, k, d), dtype=dlogits.dtype, device=tokens.device)
-    _weight_grad_kernel[(triton.cdiv(d, block_d), splits)](
-        tokens, dlogits, partial, *tokens.stride(), b, n, d, k, tiles, splits,
-        K_PAD=_k_pad(k), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
-        **_dot_flags(tokens.dtype),
+    _launch(
+        "wgrad", lambda cfg: (triton.cdiv(d, cfg["BLOCK_D"]), splits),
+        tokens, dlogits, partial, *tokens.stride(), b, n, d, k, splits,
+        K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
     )
     return partial.sum(0)
 
@@ -353,33 +389,31 @@ def abmilp_backward(
 
 
 def aot_specializations():
-    """Every kernel at its launch config, for bf16 (hi/lo split dots) and fp32 (IEEE) tokens, K ≤ 16."""
+    """Every kernel at every config of CONFIGS, for bf16 (hi/lo split dots) and fp32 (IEEE) tokens, K ≤ 16."""
     from beyond_cls.kernels.aot import Specialization, pointer
 
     for dtype in (torch.bfloat16, torch.float32):
         tok, acc = pointer(dtype), "*fp32"
         flags = dict(IEEE=dtype == torch.float32, UPCAST=False, K_PAD=16)
         name = str(dtype).removeprefix("torch.")
-        block_n, block_d, warps, stages = CONFIGS["logits"]
-        yield _abmilp_logits_kernel, Specialization(
-            {"Z": tok, "W": acc, "Bias": acc, "Logits": acc} | _ints(_abmilp_logits_kernel),
-            dict(flags, BLOCK_N=block_n, BLOCK_D=block_d), warps, stages, f"logits-{name}")
-        block_n, block_d, warps, stages = CONFIGS["pool"]
-        yield _softmax_pool_fwd_kernel, Specialization(
-            {"Z": tok, "Logits": acc, "Mask": "*i1", "Pooled": acc, "Scores": acc} | _ints(_softmax_pool_fwd_kernel),
-            dict(flags, HAS_MASK=True, BLOCK_N=block_n, BLOCK_D=block_d), warps, stages, f"pool-{name}")
-        yield _softmax_pool_bwd_kernel, Specialization(
-            {"Z": tok, "G": acc, "Scores": acc, "GP": acc, "GS": acc, "GSum": acc, "W": acc, "DLogits": acc,
-             "DZ": tok} | _ints(_softmax_pool_bwd_kernel),
-            dict(flags, HAS_GS=True, HAS_WEIGHT=True, TOKENS_GRAD=True, BLOCK_N=block_n, BLOCK_D=block_d),
-            warps, stages, f"pool-bwd-{name}")
-        block_n, block_d, warps, stages = CONFIGS["wgrad"]
-        yield _weight_grad_kernel, Specialization(
-            {"Z": tok, "DLogits": acc, "Partial": acc} | _ints(_weight_grad_kernel),
-            dict(flags, BLOCK_N=block_n, BLOCK_D=block_d), warps, stages, f"wgrad-{name}")
+        pointers = {
+            "logits": {"Z": tok, "W": acc, "Bias": acc, "Logits": acc},
+            "pool": {"Z": tok, "Logits": acc, "Mask": "*i1", "Pooled": acc, "Scores": acc},
+            "pool_bwd": {"Z": tok, "G": acc, "Scores": acc, "GP": acc, "GS": acc, "GSum": acc, "W": acc,
+                         "DLogits": acc, "DZ": tok},
+            "wgrad": {"Z": tok, "DLogits": acc, "Partial": acc},
+        }
+        # the widest variant of each kernel: mask, grad_scores, scorer weight and tokens' gradient on
+        variants = {"pool": dict(HAS_MASK=True), "pool_bwd": dict(HAS_GS=True, HAS_WEIGHT=True, TOKENS_GRAD=True)}
+        for kernel_name, (kernel, _) in _KERNELS.items():
+            for block_n, block_d, warps, stages in CONFIGS[kernel_name]:
+                yield kernel, Specialization(
+                    pointers[kernel_name] | _ints(kernel),
+                    dict(flags, **variants.get(kernel_name, {}), BLOCK_N=block_n, BLOCK_D=block_d), warps, stages,
+                    f"{kernel_name}-{name}-N{block_n}-D{block_d}-w{warps}-s{stages}")
 
 
 def _ints(kernel) -> dict[str, str]:
     """i32 for every scalar argument of ``kernel``: strides and sizes."""
-    sizes = ("N", "D", "K", "B", "TILES_PER_ROW", "SPLITS")
+    sizes = ("N", "D", "K", "B", "SPLITS")
     return {a: "i32" for a in kernel.arg_names if a.startswith("stride_") or a in sizes}

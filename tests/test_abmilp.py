@@ -195,3 +195,30 @@ def test_triton_rejects_what_it_cannot_run():
                        torch.ones(2, 9, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match=r"\[B, N, D\]"):
         abmilp_forward(z[0], torch.randn(1, 8, device=DEVICE), torch.zeros(1, device=DEVICE))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+@pytest.mark.parametrize("config", range(3))
+def test_every_triton_config_matches_reference(config, monkeypatch):
+    """Each kernel at its config ``config`` of CONFIGS (the autotuner's candidates; the interpreter
+    otherwise runs INTERPRET_CONFIG only), with a mask, grad_scores and the tokens' gradient."""
+    from beyond_cls.kernels import abmilp
+
+    def launch(name, grid, *args, **meta):
+        block_n, block_d, warps, stages = abmilp.CONFIGS[name][min(config, len(abmilp.CONFIGS[name]) - 1)]
+        blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d)
+        abmilp._KERNELS[name][0][grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
+
+    monkeypatch.setattr(abmilp, "_launch", launch)
+    # N spans several 32-token tiles but not one 128-token tile; D is not a multiple of 64
+    _assert_close_to_reference("triton", monkeypatch, *_inputs(3, 150, 200, 3, True, torch.float32), tol=2e-5)
+
+
+def test_triton_interpreter_does_not_autotune(monkeypatch):
+    """Under TRITON_INTERPRET=1 every launch runs INTERPRET_CONFIG: the autotuners are never called."""
+    if DEVICE == "cuda" or "triton" not in BACKENDS:
+        pytest.skip("only the interpreter skips autotuning")
+    from beyond_cls.kernels import abmilp
+
+    _run("triton", monkeypatch, *_inputs(2, 40, 48, 2, True, torch.float32))
+    assert all(not tuner.cache for tuner in abmilp._AUTOTUNED.values())

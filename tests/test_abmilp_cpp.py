@@ -214,12 +214,12 @@ def _opcheck_cases():
     ]
 
 
-# test_faketensor / test_aot_dispatch_dynamic need the fake kernels that the Python side registers
+# the fake kernels are registered from Python (beyond_cls/_extension.py, loaded by the skipif above)
 @pytest.mark.parametrize("case", range(7))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     op = getattr(torch.ops.beyond_cls, name).default
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def _bad(name, **changes):
@@ -268,3 +268,81 @@ def test_bad_arguments_are_named(name, changes, match):
     name, args = _bad(name, **changes)
     with pytest.raises(RuntimeError, match=match):
         getattr(ops(), name)(**args)
+
+
+# The AbMILP forward sums e^(l - ref) · z over blocks of 8 tokens and moves `ref` (rescaling what it
+# has summed) only when a block's maximum exceeds it by more than 8 (csrc/abmilp_cpu.cpp,
+# kLazyRescale). These logit sequences move the maximum by more and by less than that, once or often.
+GROWING_LOGITS = {
+    "ramp": lambda n: torch.arange(n, dtype=torch.float64) * 0.35,  # +2.8 a block: ref moves every ~3 blocks
+    "steps": lambda n: (torch.arange(n) // 20).double() * 9.0,  # +9 every 20 tokens: every step rescales
+    "below_threshold": lambda n: (torch.arange(n) // 40).double() * 7.5,  # +7.5: summed unrescaled up to e^30
+    "falling": lambda n: -torch.arange(n, dtype=torch.float64) * 0.5,  # the first block holds the maximum
+    "late_spike": lambda n: torch.where(torch.arange(n) == n - 3, 60.0, 0.0).double(),
+}
+
+
+@pytest.mark.parametrize("dtype,floor", TOLERANCES[:2])
+@pytest.mark.parametrize("pattern", list(GROWING_LOGITS))
+@pytest.mark.parametrize("masked", [False, True])
+def test_abmilp_forward_lazy_rescale(dtype, floor, pattern, masked):
+    """Logits whose running maximum grows by more or less than the lazy-rescale threshold."""
+    b, n, d, k = 2, 197, 40, 2
+    tokens = torch.randn(b, n, d, dtype=torch.float64)
+    tokens[:, :, 0] = GROWING_LOGITS[pattern](n) + 0.1 * torch.randn(b, n, dtype=torch.float64)
+    weight = torch.zeros(k, d, dtype=torch.float64)
+    weight[0, 0] = 1.0  # branch 0: the logits above; branch 1: a small random scorer
+    weight[1] = torch.randn(d, dtype=torch.float64) * 0.1
+    bias = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.rand(b, n) > 0.4
+        mask[:, -3] = True  # keep the spike
+    grad_pooled = torch.randn(b, k, d, dtype=torch.float64)
+    exact = eager(tokens, grad_pooled, None, mask, True, weight=weight, bias=bias)
+    t, g, w, bi = (x.to(dtype) for x in (tokens, grad_pooled, weight, bias))
+    in_dtype = eager(t, g, None, mask, True, weight=w, bias=bi)
+    pooled, scores = ops().abmilp_forward(t, w, bi, mask)
+    grads = ops().abmilp_backward(g, None, t, w, scores, pooled, True)
+    names = ["pooled", "scores", "grad_tokens", "grad_weight", "grad_bias"]
+    check(names, (pooled, scores) + tuple(grads), exact, in_dtype, floor)
+
+
+def test_abmilp_backward_takes_strided_grad_pooled():
+    """Expanded (the gradient of pooled.sum()), transposed or sliced grad_pooled and pooled give the
+    contiguous result: the backward reads them row by row instead of copying them first."""
+    tokens = sliced_tokens(3, 50, 24, torch.float32)
+    weight, bias = torch.randn(2, 24), torch.randn(2)
+    pooled, scores = ops().abmilp_forward(tokens, weight, bias)
+    pooled_t = pooled.transpose(1, 2).contiguous().transpose(1, 2)
+    strided = (
+        torch.ones(1, 1, 1).expand(3, 2, 24),
+        torch.randn(3, 24, 2).transpose(1, 2),
+        torch.randn(3, 4, 24)[:, 1:3],
+        torch.randn(3, 2, 48)[..., ::2],
+    )
+    for g in strided:
+        want = ops().abmilp_backward(g.contiguous(), None, tokens, weight, scores, pooled, True)
+        got = ops().abmilp_backward(g, None, tokens, weight, scores, pooled_t, True)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_abmilp_results_do_not_depend_on_threads():
+    """Rows are handed to threads dynamically; each row's result (and the in-order sums) are the same.
+    (Enough work for 3 threads: calls below 32768 elements a thread stay on the calling thread.)"""
+    tokens = sliced_tokens(9, 101, 96, torch.float32)
+    weight, bias = torch.randn(3, 96), torch.randn(3)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            pooled, scores = ops().abmilp_forward(tokens, weight, bias)
+            grads = ops().abmilp_backward(torch.ones_like(pooled), None, tokens, weight, scores, pooled, True)
+            results.append((pooled, scores) + tuple(grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
