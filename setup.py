@@ -49,6 +49,7 @@ setup(
         "beyond_cls",
         "beyond_cls.analysis",
         "beyond_cls.data",
+        "beyond_cls.localization",
         "beyond_cls.models",
         "beyond_cls.probe",
         "beyond_cls.kernels",

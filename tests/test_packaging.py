@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,8 +22,24 @@ for mod in (beyond_cls, beyond_cls.kernels, beyond_cls._C):
 q = torch.randn(1, 2, 9, 8)
 out, *_ = torch.ops.beyond_cls.attention_with_stats(q, q, q, 1)
 assert out.shape == q.shape
+import importlib
+for name in sys.argv[1:]:  # every module of the source tree must be in the wheel and import from it
+    module = importlib.import_module(name)
+    assert prefix in pathlib.Path(module.__file__).resolve().parents, (name, module.__file__)
 print("ok", beyond_cls.__version__)
 """
+
+
+def source_modules() -> list[str]:
+    """Dotted names of every module in the source tree (kernels/ installs as beyond_cls.kernels)."""
+    names = []
+    for root, package in ((REPO / "beyond_cls", "beyond_cls"), (REPO / "kernels", "beyond_cls.kernels")):
+        for path in sorted(root.rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            names.append(".".join([package, *parts]))
+    return names
 
 
 def run(cmd, cwd, **kw):
@@ -33,6 +50,10 @@ def run(cmd, cwd, **kw):
 
 @pytest.mark.slow
 def test_wheel_in_clean_venv(tmp_path):
+    # stale build/lib, bdist or egg-info from an earlier build must not smuggle modules into the wheel; the
+    # compiled objects in build/temp* are kept, so the extension is not compiled again
+    for stale in [*REPO.glob("build/lib*"), *REPO.glob("build/bdist*"), *REPO.glob("*.egg-info")]:
+        shutil.rmtree(stale)
     dist = tmp_path / "dist"
     run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", dist, REPO],
         cwd=tmp_path, timeout=900)
@@ -48,5 +69,7 @@ def test_wheel_in_clean_venv(tmp_path):
     run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=tmp_path)
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    assert run([py, "-c", CHECK], cwd=tmp_path, env=env).startswith("ok")
+    modules = source_modules()
+    assert "beyond_cls.localization.metric" in modules and "beyond_cls.kernels.abmilp" in modules
+    assert run([py, "-c", CHECK, *modules], cwd=tmp_path, env=env).startswith("ok")
     assert "analyze" in run([venv / "bin" / "beyond-cls", "--help"], cwd=tmp_path, env=env)
