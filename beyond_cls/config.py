@@ -46,3 +46,18 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
+def check_run_settings(cfg: object) -> None:
+    """The checks every dataset-streaming job shares: image size, batch size, image cap, workers, precision."""
+    from beyond_cls.runtime import check_precision
+
+    for name in ("img_size", "batch_size"):
+        if int(getattr(cfg, name)) <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
+    max_images = getattr(cfg, "max_images", None)
+    if max_images is not None and max_images <= 0:
+        raise ConfigError(f"max_images must be a positive integer, got {max_images}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    check_precision(cfg.precision)

@@ -22,10 +22,10 @@ from torchvision import transforms as T  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from beyond_cls.config import ConfigError  # noqa: E402
+from beyond_cls.config import ConfigError, check_run_settings  # noqa: E402
 from beyond_cls.data import build_dataset, default_num_workers, make_loader  # noqa: E402
 from beyond_cls.localization import draw_overlay  # noqa: E402
-from beyond_cls.runtime import check_precision, resolve_device  # noqa: E402
+from beyond_cls.runtime import resolve_device  # noqa: E402
 from beyond_cls.selection import SelectionRunner, entropy, kl, parse_methods  # noqa: E402
 
 __all__ = ["AggregationsConfig", "aggregations", "plot_examples", "plot_kl", "unnormalized_eval_transform"]
@@ -69,14 +69,9 @@ class AggregationsConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.max_images is not None and self.max_images <= 0:
-            raise ConfigError(f"max_images must be a positive integer, got {self.max_images}")
-        if self.examples < 0 or self.num_workers < 0:
-            raise ConfigError("examples and num_workers must be >= 0")
-        check_precision(self.precision)
+        check_run_settings(self)
+        if self.examples < 0:
+            raise ConfigError(f"examples must be >= 0, got {self.examples}")
         parse_methods(self.methods)
 
 

@@ -14,10 +14,10 @@ from tqdm import tqdm
 from beyond_cls.analysis.plots import plot_information_flow
 from beyond_cls.analysis.recorder import AttentionRecorder
 from beyond_cls.analysis.summary import AttentionSummary
-from beyond_cls.config import ConfigError
+from beyond_cls.config import check_run_settings
 from beyond_cls.data import ImageFolderDataset, default_num_workers, eval_transform, make_loader
 from beyond_cls.models import load_encoder
-from beyond_cls.runtime import autocast, check_precision, resolve_device
+from beyond_cls.runtime import autocast, resolve_device
 
 STATS_FILE = "attention_stats.json"
 PLOT_FILE = "attention_stats.png"
@@ -45,14 +45,7 @@ class AnalyzeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.max_images is not None and self.max_images <= 0:
-            raise ConfigError(f"max_images must be a positive integer, got {self.max_images}")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
-        check_precision(self.precision)
+        check_run_settings(self)
 
 
 def analyze(cfg: AnalyzeConfig) -> AttentionSummary:

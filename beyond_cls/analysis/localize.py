@@ -18,10 +18,10 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from beyond_cls.analysis.aggregations import unnormalized_eval_transform
-from beyond_cls.config import ConfigError
+from beyond_cls.config import ConfigError, check_run_settings
 from beyond_cls.data import DataError, build_dataset, default_num_workers, make_loader
 from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, draw_overlay, load_voc_boxes
-from beyond_cls.runtime import check_precision, resolve_device
+from beyond_cls.runtime import resolve_device
 from beyond_cls.selection import SelectionRunner, parse_method
 
 __all__ = ["LocalizeConfig", "localize", "map_method"]
@@ -72,14 +72,9 @@ class LocalizeConfig:
             raise ConfigError(f"maps: {self.maps} lists a map twice")
         for m in self.maps:
             parse_method(map_method(m))
-        for name in ("img_size", "batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.max_images is not None and self.max_images <= 0:
-            raise ConfigError(f"max_images must be a positive integer, got {self.max_images}")
-        if self.overlays < 0 or self.num_workers < 0:
-            raise ConfigError("overlays and num_workers must be >= 0")
-        check_precision(self.precision)
+        check_run_settings(self)
+        if self.overlays < 0:
+            raise ConfigError(f"overlays must be >= 0, got {self.overlays}")
 
 
 def _color(name: str, index: int) -> tuple[int, int, int]:

@@ -146,7 +146,7 @@ class HeadBank(nn.Module):
     ) -> None:
         super().__init__()
         self.entries = [HeadEntry(head_key(s, lr), s, lr) for s in specs for lr in base_lrs]
-        self.num_patches_offset = num_prefix_tokens
+        self.num_prefix_tokens = num_prefix_tokens
         self.heads = nn.ModuleDict()
         for entry in self.entries:
             with torch.random.fork_rng(devices=[]):
@@ -165,7 +165,7 @@ class HeadBank(nn.Module):
         Mean pooling has entropy log(#patches); learned pooling the entropy of its scores.
         """
         logits, entropy = {}, {}
-        num_patches = tokens.shape[1] - self.num_patches_offset
+        num_patches = tokens.shape[1] - self.num_prefix_tokens
         for key, head in self.heads.items():
             agg = head.aggregation
             if hasattr(agg, "forward_with_scores"):

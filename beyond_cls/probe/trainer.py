@@ -10,6 +10,7 @@ loss (stop, keep the last good checkpoint), a preemption signal (save, exit), a 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import time
@@ -32,7 +33,7 @@ from beyond_cls.probe.distributed import DistEnv, all_gather_objects, all_reduce
 from beyond_cls.probe.logs import MetricLog
 from beyond_cls.probe.metrics import mean_average_precision, topk_correct
 from beyond_cls.probe.state import STATE_FILE, STATE_VERSION, PreemptionWatch, load_state, save_atomic
-from beyond_cls.runtime import autocast
+from beyond_cls.runtime import autocast, autocast_dtype
 
 __all__ = ["FAULT_ENV", "NonFiniteLoss", "Preempted", "ProbeTrainer"]
 
@@ -107,9 +108,7 @@ class ProbeTrainer:
 
     # ----------------------------------------------------------------------------------- state
     def _amp_dtype(self) -> torch.dtype | None:
-        from beyond_cls.runtime import autocast_dtype
-
-        return autocast_dtype("auto" if self.cfg.amp == "auto" else self.cfg.amp, self.device)
+        return autocast_dtype(self.cfg.amp, self.device)
 
     @property
     def state_path(self) -> Path:
@@ -255,7 +254,7 @@ class ProbeTrainer:
                 continue
             nonfinite, stop, save_due = self._step_flags(step_loss, preempt)
             if nonfinite:
-                bad = [e.key for e, v in zip(bank.entries, step_loss.tolist()) if not torch.isfinite(torch.tensor(v))]
+                bad = [e.key for e, v in zip(bank.entries, step_loss.tolist()) if not math.isfinite(v)]
                 raise NonFiniteLoss(
                     f"non-finite loss in head(s) {', '.join(bad)} at epoch {self.epoch + 1}, step {self.step + 1}; "
                     f"the update was not applied and {self.state_path} keeps the last good state. Lower --lrs "
