@@ -43,7 +43,8 @@ def _register_fakes() -> None:
         b, h, n, _ = q.shape
         stat = q.new_empty((b, h, n), dtype=torch.float32)
         kept = q.new_empty((b, h, 0 if keep_rows is None else len(keep_rows), n), dtype=torch.float32)
-        return torch.empty_like(v), stat, stat.clone(), stat.clone(), stat.clone(), kept
+        out = v.new_empty(v.shape)  # contiguous, like the kernel's output (empty_like would keep v's strides)
+        return out, stat, stat.clone(), stat.clone(), stat.clone(), kept
 
     # The pooling ops: the backward ops are called straight from the autograd formulas in pooling.py.
     def _pooled_scores(tokens, k):

@@ -105,7 +105,8 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     add("--final-norm", "apply the encoder's final norm to the tokens", shown="off: the paper's pre-norm features",
         action=argparse.BooleanOptionalAction)
     add("--heads", "comma-separated aggregations: cls, mean, abmilp, abmilp+cls, abmilp-k4-mlp2-gelu-pos, "
-        "saabmilp, ap1, ap12, ...")
+        "saabmilp, ap1, ap12, ...; non-trainable: attn-mean, attn-minent, attn-center (the token block's "
+        "attention), guide:MODEL[@CHECKPOINT] (another encoder's [cls] attention)")
     add("--lrs", "comma-separated base learning rates; every head is trained with each (default: --blr)")
     add("--epochs", "training epochs (the paper: 90, 50 for ViT-L/H)", type=_positive_int)
     add("--warmup-epochs", "linear warm-up epochs", type=_non_negative_int)

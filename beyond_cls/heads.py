@@ -1,4 +1,5 @@
-"""Aggregation heads for linear probing on a frozen ViT: [cls], mean, AbMILP family, attentive probe.
+"""Aggregation heads for linear probing on a frozen ViT: [cls], mean, AbMILP family, attentive probe, and
+pooling with given (non-trainable) selection weights.
 
 Every aggregation takes ``tokens`` [B, N, D], the final-normed tokens of a timm ViT
 (``model.forward_features(x)``): tokens ``0..P-1`` are prefix tokens ([cls] at 0, then registers)
@@ -24,6 +25,7 @@ __all__ = [
     "ClsToken",
     "LinearProbe",
     "MeanPatch",
+    "SelectionPool",
     "SelfAttentionAbMILP",
     "sincos_pos_embed_2d",
 ]
@@ -90,6 +92,36 @@ class MeanPatch(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         _check_tokens(tokens, self.dim, self.num_prefix_tokens)
         return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+
+
+class SelectionPool(nn.Module):
+    """Patch tokens pooled with given selection weights: ``Σ_i s_i z_i`` (no parameters).
+
+    The weights come from outside the head, e.g. an encoder's [cls] attention (``attn-mean``) or another
+    encoder's (``guide:``): ``forward(tokens [B, N, D], selection [B, num_patches])``, computed in float32
+    (float64 for float64 tokens) whatever the autocast, like the fused AbMILP pooling.
+    """
+
+    def __init__(self, dim: int, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        _check_prefix(num_prefix_tokens)
+        self.dim = self.out_dim = dim
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, tokens: Tensor, selection: Tensor) -> Tensor:
+        _check_tokens(tokens, self.dim, self.num_prefix_tokens)
+        return self.pool_many(tokens, selection[:, None])[:, 0]
+
+    def pool_many(self, tokens: Tensor, selections: Tensor) -> Tensor:
+        """Several selections at once: [B, M, num_patches] -> [B, M, D], one pass over the tokens."""
+        patches = tokens[:, self.num_prefix_tokens :]
+        b, p = patches.shape[:2]
+        if selections.dim() != 3 or selections.shape[0] != b or selections.shape[2] != p:
+            raise ValueError(f"selections must be [{b}, M, {p}] for tokens {tuple(tokens.shape)}, "
+                             f"got {tuple(selections.shape)}")
+        dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+        with torch.autocast(tokens.device.type, enabled=False):
+            return torch.bmm(selections.to(dtype), patches.to(dtype))
 
 
 class AbMILP(nn.Module):

@@ -17,7 +17,7 @@ For ``abmilp+cls`` heads the [cls] score is dropped and the patch scores renorma
 The central patch of a ``gh x gw`` grid is row ``gh // 2``, column ``gw // 2``, i.e. patch index
 ``(gh // 2) * gw + gw // 2``: the exact centre for odd sizes, the patch below and right of it for even ones
 (14 x 14: row 7, column 7, index 105). All attention rows come from one fused pass per encoder and batch under
-:class:`AttentionRecorder` with ``keep_rows=(0, centre)`` on the last block (no N x N matrix is formed).
+:class:`~beyond_cls.analysis.row_capture.RowCapture` of ``(0, centre)`` on the last block (no N x N matrix).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from beyond_cls.analysis.recorder import AttentionRecorder
+from beyond_cls.analysis.row_capture import RowCapture
 from beyond_cls.config import ConfigError
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.runtime import autocast
@@ -418,7 +418,7 @@ class SelectionRunner:
         try:
             with torch.inference_mode(), autocast(self.precision, self.device):
                 if enc.attention:
-                    with AttentionRecorder(model, keep_rows=keep) as rec:
+                    with RowCapture(model, keep) as capture:
                         model.forward_features(x)
                 else:
                     model.forward_features(x)
@@ -427,7 +427,7 @@ class SelectionRunner:
                 h.remove()
         result: dict[str, Tensor] = {}
         if enc.attention:
-            rows = rec.kept_rows[-1]
+            rows = capture.take()
             for m in enc.attention:
                 result[m.name] = attention_selection("attn-mean" if m.kind == "guide" else m.kind, rows,
                                                      info.num_prefix_tokens)

@@ -65,6 +65,9 @@ def test_cpp_op_is_registered_and_traceable():
     q, k, v = qkv_inputs(1, 2, 17, 8, torch.float32)
     bias = torch.randn(17, 17)
     torch.library.opcheck(torch.ops.beyond_cls.attention_with_stats.default, (q, k, v, 1, None, bias))
+    # q, k, v as timm makes them: strided views of one fused qkv (the fake's out must still be contiguous)
+    strided = torch.randn(2, 17, 3 * 2 * 8).reshape(2, 17, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    torch.library.opcheck(torch.ops.beyond_cls.attention_with_stats.default, (*strided, 1, None, None, [0]))
     fake = torch.ops.beyond_cls.attention_with_stats(q.to("meta"), k.to("meta"), v.to("meta"), 1)
     assert fake[0].shape == q.shape and fake[1].shape == (1, 2, 17) and fake[1].dtype == torch.float32
     # CUDA tensors reach the Triton kernel through the same operator

@@ -102,6 +102,7 @@ def test_gradient_accumulation_equals_the_mean_gradient(dataset, tmp_path):
     from beyond_cls.optim import LARS
     from beyond_cls.probe.bank import HeadBank
     from beyond_cls.probe.distributed import DistEnv
+    from beyond_cls.probe.streams import MicroBatch
     from beyond_cls.probe.trainer import ProbeTrainer
 
     cfg = ProbeConfig(**dict(TINY, data="-", out=str(tmp_path), warmup_epochs=0, epochs=2, eval_every=0))
@@ -109,7 +110,7 @@ def test_gradient_accumulation_equals_the_mean_gradient(dataset, tmp_path):
 
     class Stream:
         def train_batches(self, epoch, start_step=0):
-            return ((t, y, 0) for t, y in micro)
+            return (MicroBatch(t, None, y, 0) for t, y in micro)
 
     bank = HeadBank(["abmilp", "mean"], [1.0], 192, 3, 1, True, seed=5)
     reference = HeadBank(["abmilp", "mean"], [1.0], 192, 3, 1, True, seed=5)
@@ -314,8 +315,9 @@ def test_bench_probe_measures_every_part_and_the_baseline(tmp_path, monkeypatch,
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_encoder", [False, True])
 def test_probe_on_cuda_with_gpu_decoding(dataset, tmp_path, compile_encoder):
+    heads = TINY["heads"] + ",attn-mean,attn-center,guide:vit_tiny_patch16_224"  # the fused kept rows, compiled too
     results = run(dict(TINY, data=str(dataset), out=str(tmp_path), device="cuda", decode="gpu", amp="bf16",
-                       channels_last=True, compile=compile_encoder, num_workers=2))
+                       channels_last=True, compile=compile_encoder, num_workers=2, heads=heads))
     assert all(0 <= r["top1"] <= 100 for r in results["rows"])
     state = load_state(tmp_path / "seed0" / "checkpoint.pt")
     assert state["global_step"] == 9 and all(v.device.type == "cpu" for v in state["bank"].values())

@@ -18,30 +18,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
-from torchvision.transforms import InterpolationMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from beyond_cls.config import ConfigError, check_run_settings  # noqa: E402
 from beyond_cls.data import build_dataset, default_num_workers, make_loader  # noqa: E402
+from beyond_cls.data.transforms import unnormalized_eval_transform  # noqa: E402
 from beyond_cls.localization import draw_overlay  # noqa: E402
 from beyond_cls.runtime import resolve_device  # noqa: E402
 from beyond_cls.selection import SelectionRunner, entropy, kl, parse_methods  # noqa: E402
 
-__all__ = ["AggregationsConfig", "aggregations", "plot_examples", "plot_kl", "unnormalized_eval_transform"]
+__all__ = ["AggregationsConfig", "aggregations", "plot_examples", "plot_kl"]
 
 RESULTS_FILE = "aggregations.json"
-
-
-def unnormalized_eval_transform(img_size: int, crop: bool = True) -> T.Compose:
-    """MAE's evaluation geometry (bicubic resize to img_size/0.875, center crop) or, with ``crop=False``, a
-    bicubic resize to img_size x img_size (the WSOL protocol); pixels in [0, 1], normalized later per encoder."""
-    if crop:
-        steps = [T.Resize(int(img_size / (224 / 256)), interpolation=InterpolationMode.BICUBIC),
-                 T.CenterCrop(img_size)]
-    else:
-        steps = [T.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC)]
-    return T.Compose([*steps, T.ToTensor()])
 
 
 @dataclass

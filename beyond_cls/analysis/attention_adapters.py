@@ -46,7 +46,7 @@ def _mask_to_bias(
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
     b, n, _ = t.shape
-    return t.reshape(b, n, heads, -1).transpose(1, 2)
+    return t.reshape(b, n, heads, t.shape[-1] // heads).transpose(1, 2)  # explicit: empty batches too
 
 
 def _fused_qkv(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,7 +61,8 @@ def _fused_qkv(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         else:
             qkv = F.linear(x, weight=module.qkv.weight, bias=bias)
     b, n, _ = x.shape
-    q, k, v = qkv.reshape(b, n, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    heads = module.num_heads
+    q, k, v = qkv.reshape(b, n, 3, heads, qkv.shape[-1] // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
 
 
@@ -122,7 +123,7 @@ def _project_capi(module: CapiAttention, x: Tensor, coords: Tensor) -> Projected
 def finish(module: nn.Module, out: Tensor, gate: Tensor | None) -> Tensor:
     """The module's output path after attention: merge heads, scale norm, gate, projection."""
     b, _, n, _ = out.shape
-    x = out.transpose(1, 2).reshape(b, n, -1)
+    x = out.transpose(1, 2).reshape(b, n, out.shape[1] * out.shape[3])
     norm = getattr(module, "norm", None)
     if norm is not None:
         x = norm(x)

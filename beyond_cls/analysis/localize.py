@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from beyond_cls.analysis.aggregations import unnormalized_eval_transform
 from beyond_cls.config import ConfigError, check_run_settings
 from beyond_cls.data import DataError, build_dataset, default_num_workers, make_loader
+from beyond_cls.data.transforms import unnormalized_eval_transform
 from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, draw_overlay, load_voc_boxes
 from beyond_cls.runtime import resolve_device
 from beyond_cls.selection import SelectionRunner, parse_method

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from beyond_cls import ops
 from beyond_cls.analysis.attention_adapters import adapter_for, finish
+from beyond_cls.analysis.row_capture import attention_modules
 from beyond_cls.analysis.summary import AttentionSummary
 from beyond_cls.models.loader import encoder_info
 from beyond_cls.reference import AttentionRows
@@ -98,9 +99,7 @@ class AttentionRecorder:
         self.num_prefix_tokens = num_prefix_tokens
         self.has_class_token = has_class_token
         self.name = name
-        self.modules: list[tuple[str, nn.Module]] = [
-            (n, m) for n, m in model.named_modules() if adapter_for(m) is not None
-        ]
+        self.modules: list[tuple[str, nn.Module]] = attention_modules(model)
         if not self.modules:
             kinds = sorted({type(m).__name__ for m in model.modules() if "attn" in type(m).__name__.lower()})
             raise TypeError(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "train_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "train_transform", "unnormalized_eval_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,3 +46,14 @@ def train_transform(
             T.Normalize(mean, std),
         ]
     )
+
+
+def unnormalized_eval_transform(img_size: int, crop: bool = True) -> T.Compose:
+    """MAE's evaluation geometry (bicubic resize to img_size/0.875, center crop) or, with ``crop=False``, a
+    bicubic resize to img_size x img_size (the WSOL protocol); pixels in [0, 1], normalized later per encoder."""
+    if crop:
+        steps = [T.Resize(int(img_size / (224 / 256)), interpolation=InterpolationMode.BICUBIC),
+                 T.CenterCrop(img_size)]
+    else:
+        steps = [T.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC)]
+    return T.Compose([*steps, T.ToTensor()])

@@ -10,6 +10,12 @@ Head specs (``--heads``, comma-separated):
 | ``abmilp-k8``, ``abmilp-mlp2-gelu`` | options: ``k<K>`` branches, ``mlp<depth>``, ``relu|gelu|tanh``, ``pos`` |
 | ``saabmilp``, ``saabmilp-h4-map`` | SA-AbMILP: ``h<heads>``, ``map`` or ``both`` (default) plus the AbMILP options |
 | ``ap1``, ``ap12`` | attentive probing with 1 or 12 heads |
+| ``attn-mean``, ``attn-minent``, ``attn-center`` | patches weighted by the encoder's own last-block attention |
+| ``guide:MODEL[@CKPT]`` | patches weighted by another encoder's [cls] attention on the same images |
+
+The last two rows are non-trainable aggregations (paper Tab. 5; :mod:`beyond_cls.selection`): only their
+BatchNorm + Linear train, and their weights arrive with the tokens as ``selections`` [B, M, num_patches],
+one per distinct such spec in :attr:`HeadBank.selections` order (:mod:`beyond_cls.probe.selections`).
 
 Each head is initialized from its own seed, derived from the run seed and its spec, so a head
 trained in a bank starts (and, with the same data, ends) exactly like the same head trained alone.
@@ -20,14 +26,16 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from beyond_cls.config import ConfigError
-from beyond_cls.heads import AbMILP, AttentivePool, ClsToken, LinearProbe, MeanPatch, SelfAttentionAbMILP
+from beyond_cls.heads import AbMILP, AttentivePool, ClsToken, LinearProbe, MeanPatch, SelectionPool, SelfAttentionAbMILP
+from beyond_cls.selection import ATTENTION_METHODS, entropy, parse_method
 
-__all__ = ["HeadBank", "HeadEntry", "build_aggregation", "head_key", "parse_heads"]
+__all__ = ["HeadBank", "HeadEntry", "build_aggregation", "head_key", "is_selection_spec", "parse_heads"]
 
 _ACTS = ("relu", "gelu", "tanh")
 
@@ -41,14 +49,32 @@ class HeadEntry:
     blr: float
 
 
+def is_selection_spec(spec: str) -> bool:
+    """Whether ``spec`` is a non-trainable aggregation whose weights come with the tokens."""
+    return spec in ATTENTION_METHODS or spec.startswith("guide:")
+
+
 def head_key(spec: str, blr: float) -> str:
-    """ModuleDict key of a head (no dots allowed there): ``abmilp+cls`` at 0.1 → ``abmilp+cls@blr0p1``."""
+    """ModuleDict key of a head (no dots allowed there): ``abmilp+cls`` at 0.1 → ``abmilp+cls@blr0p1``.
+
+    A guide's checkpoint is shown by its file stem: ``guide:dino_vit_base_patch16@/w/dino.pth`` → ``guide:
+    dino_vit_base_patch16@dino@blr0p1``."""
+    if spec.startswith("guide:"):
+        method = parse_method(spec)
+        spec = f"guide:{method.model}" + (f"@{Path(method.checkpoint).stem}" if method.checkpoint else "")
     return f"{spec}@blr{blr:g}".replace(".", "p")
+
+
+def _normalize_spec(text: str) -> str:
+    """Lower-case a spec, except a guide's model name and weights path."""
+    text = text.strip()
+    kind, sep, rest = text.partition(":")
+    return f"{kind.lower()}:{rest}" if sep and kind.lower() == "guide" else text.lower()
 
 
 def parse_heads(text: str) -> list[str]:
     """Split and validate ``--heads``; each spec must build (checked without a model)."""
-    specs = [s.strip().lower() for s in text.split(",") if s.strip()]
+    specs = [_normalize_spec(s) for s in text.split(",") if s.strip()]
     if not specs:
         raise ConfigError(f"heads: expected a comma-separated list such as cls,mean,abmilp; got {text!r}")
     if len(set(specs)) != len(specs):
@@ -79,6 +105,14 @@ def _abmilp_kwargs(spec: str, options: list[str]) -> dict:
 
 def build_aggregation(spec: str, dim: int, num_prefix_tokens: int, has_class_token: bool) -> nn.Module:
     """The aggregation module of one head spec (see the module docstring)."""
+    if is_selection_spec(spec) or spec.startswith("abmilp:"):
+        method = parse_method(spec)
+        if method.kind == "abmilp":
+            raise ConfigError(f"head {spec!r}: a trained run's AbMILP is not a probe head; train it with abmilp")
+        if method.kind in ("attn-mean", "attn-minent") and not has_class_token:
+            raise ConfigError(f"head {spec!r} reads the [cls] attention, and this encoder has no [cls] token "
+                              "(attn-center or guide:MODEL work)")
+        return SelectionPool(dim, num_prefix_tokens=num_prefix_tokens)
     base, *options = spec.split("-")
     needs_cls = base in ("cls", "abmilp+cls", "saabmilp+cls")
     if needs_cls and not has_class_token:
@@ -115,7 +149,7 @@ def build_aggregation(spec: str, dim: int, num_prefix_tokens: int, has_class_tok
         raise ConfigError(f"head {spec!r}: {exc}") from None
     raise ConfigError(
         f"unknown head {spec!r}; known: cls, mean, abmilp, abmilp+cls, saabmilp, saabmilp+cls, ap<heads> "
-        "(AbMILP options as abmilp-k4-mlp2-gelu-pos)"
+        "(AbMILP options as abmilp-k4-mlp2-gelu-pos), attn-mean, attn-minent, attn-center, guide:MODEL[@CHECKPOINT]"
     )
 
 
@@ -132,7 +166,10 @@ def _scores_entropy(scores: Tensor) -> Tensor:
 
 
 class HeadBank(nn.Module):
-    """``ModuleDict`` of :class:`LinearProbe` heads keyed by :func:`head_key`; one forward for all."""
+    """``ModuleDict`` of :class:`LinearProbe` heads keyed by :func:`head_key`; one forward for all.
+
+    ``selections``: the distinct non-trainable specs, in the order their weights arrive in ``forward``.
+    """
 
     def __init__(
         self,
@@ -153,30 +190,55 @@ class HeadBank(nn.Module):
                 torch.manual_seed(_head_seed(seed, entry.spec))
                 agg = build_aggregation(entry.spec, dim, num_prefix_tokens, has_class_token)
                 self.heads[entry.key] = LinearProbe(agg, agg.out_dim, num_classes)
+        self.selections: list[str] = list(dict.fromkeys(e.spec for e in self.entries if is_selection_spec(e.spec)))
+        self._selection_of = {e.key: self.selections.index(e.spec) for e in self.entries if is_selection_spec(e.spec)}
+        self._pool = SelectionPool(dim, num_prefix_tokens)
 
-    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
-        """Logits of every head, keyed like :attr:`heads`."""
-        return {key: head(tokens) for key, head in self.heads.items()}
+    def _selected(self, tokens: Tensor, selections: Tensor | None) -> Tensor | None:
+        """Every non-trainable aggregation's pooled tokens [B, M, D], one pass over the tokens."""
+        if not self.selections:
+            return None
+        if selections is None or selections.shape[1] != len(self.selections):
+            got = None if selections is None else tuple(selections.shape)
+            raise ValueError(f"heads {', '.join(self.selections)} need selections [B, {len(self.selections)}, "
+                             f"num_patches] with the tokens, got {got}")
+        return self._pool.pool_many(tokens, selections)
+
+    def forward(self, tokens: Tensor, selections: Tensor | None = None) -> dict[str, Tensor]:
+        """Logits of every head, keyed like :attr:`heads`; ``selections`` [B, M, P] for the non-trainable ones."""
+        pooled = self._selected(tokens, selections)
+        return {
+            key: head(tokens) if key not in self._selection_of else head.head(pooled[:, self._selection_of[key]])
+            for key, head in self.heads.items()
+        }
 
     @torch.no_grad()
-    def forward_eval(self, tokens: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def forward_eval(
+        self, tokens: Tensor, selections: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(logits, summed aggregation entropy over the batch) per head; entropy NaN for [cls].
 
-        Mean pooling has entropy log(#patches); learned pooling the entropy of its scores.
+        Mean pooling has entropy log(#patches); learned pooling the entropy of its scores; non-trainable
+        pooling the entropy of its selection vectors.
         """
-        logits, entropy = {}, {}
+        logits, entropies = {}, {}
         num_patches = tokens.shape[1] - self.num_prefix_tokens
+        pooled = self._selected(tokens, selections)
         for key, head in self.heads.items():
             agg = head.aggregation
-            if hasattr(agg, "forward_with_scores"):
-                pooled, scores = agg.forward_with_scores(tokens)
-                logits[key] = head.head(pooled.flatten(1))
-                entropy[key] = _scores_entropy(scores)
+            if key in self._selection_of:
+                m = self._selection_of[key]
+                logits[key] = head.head(pooled[:, m])
+                entropies[key] = entropy(selections[:, m].double()).sum()
+            elif hasattr(agg, "forward_with_scores"):
+                pooled_head, scores = agg.forward_with_scores(tokens)
+                logits[key] = head.head(pooled_head.flatten(1))
+                entropies[key] = _scores_entropy(scores)
             else:
                 logits[key] = head(tokens)
                 value = math.log(num_patches) if isinstance(agg, MeanPatch) else float("nan")
-                entropy[key] = torch.tensor(value * tokens.shape[0], dtype=torch.float64, device=tokens.device)
-        return logits, entropy
+                entropies[key] = torch.tensor(value * tokens.shape[0], dtype=torch.float64, device=tokens.device)
+        return logits, entropies
 
     def param_groups(self, lr_scale: float) -> list[dict]:
         """One optimizer param group per head with ``base_lr = blr · lr_scale`` and its ``key``."""

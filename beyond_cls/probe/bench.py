@@ -25,11 +25,13 @@ from torch import nn
 
 from beyond_cls.config import ConfigError
 from beyond_cls.data import SyntheticConfig, ViewDataset, build_dataset, make_synthetic_dataset
+from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.models import load_encoder
 from beyond_cls.optim import LARS
-from beyond_cls.probe.bank import HeadBank, parse_heads
+from beyond_cls.probe.bank import HeadBank, is_selection_spec, parse_heads
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.sampler import TrainBatchSampler
+from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.streams import make_loader
 from beyond_cls.runtime import autocast, resolve_device
 
@@ -64,7 +66,10 @@ class BenchProbeConfig:
             raise ConfigError("warmup and num_workers must be >= 0")
         if self.decode not in ("cpu", "gpu"):
             raise ConfigError(f"decode must be cpu or gpu, got {self.decode!r}")
-        parse_heads(self.heads)
+        fixed = [s for s in parse_heads(self.heads) if is_selection_spec(s)]
+        if fixed and self.baseline:
+            raise ConfigError(f"the baseline trains one trainable head per run; {', '.join(fixed)} have none "
+                              "(measure them with --no-baseline)")
 
 
 def _rate(fn: Callable[[], Any], images: int, steps: int, warmup: int, device: torch.device) -> float:
@@ -177,27 +182,31 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     specs = parse_heads(cfg.heads)
     torch.manual_seed(0)
-    source = TokenSource(load_encoder(cfg.model, cfg.checkpoint, img_size=cfg.img_size)).to(device)
-    info = source.encoder.beyond_cls_info
+    tokens_only = TokenSource(load_encoder(cfg.model, cfg.checkpoint, img_size=cfg.img_size)).to(device)
+    info = tokens_only.encoder.beyond_cls_info
+    source = SelectionSource(tokens_only, [s for s in specs if is_selection_spec(s)], info.mean or IMAGENET_MEAN,
+                             info.std or IMAGENET_STD, img_size=cfg.img_size, device=device)
     bank = HeadBank(specs, [0.1], info.embed_dim, cfg.num_classes, info.num_prefix_tokens,
                     info.has_class_token).to(device)
     opt = LARS(bank.param_groups(1.0), lr=0.1)
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
     with autocast(cfg.amp, device):
-        tokens = source(images).float()
+        tokens, selections = source(images)
+    tokens = tokens.float()
 
-    def heads_step(t: torch.Tensor = tokens) -> None:
+    def heads_step(t: torch.Tensor = tokens, sel: torch.Tensor | None = selections) -> None:
         with autocast(cfg.amp, device):
-            logits = bank(t)
+            logits = bank(t, sel)
             loss = sum(nn.functional.cross_entropy(v.float(), labels) for v in logits.values())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def encoder_step() -> torch.Tensor:
+    def encoder_step() -> tuple[torch.Tensor, torch.Tensor | None]:
         with autocast(cfg.amp, device):
-            return source(images).float()
+            t, sel = source(images)
+        return t.float(), sel
 
     n, s, w = cfg.batch_size, cfg.steps, cfg.warmup
     result: dict[str, Any] = {
@@ -208,7 +217,7 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     result["loader"] = _loader_rate(cfg, device)
     result["encoder"] = _rate(encoder_step, n, s, w, device)
     result["heads"] = _rate(heads_step, n, s, w, device)
-    result["step"] = _rate(lambda: heads_step(encoder_step()), n, s, w, device)
+    result["step"] = _rate(lambda: heads_step(*encoder_step()), n, s, w, device)
     lines = [
         f"{cfg.model} batch {n} on {result['device_name']}, {len(specs)} heads ({', '.join(specs)}):",
         f"  loader ({cfg.decode} decode, {cfg.num_workers} workers)  {result['loader']:10.1f} images/s",

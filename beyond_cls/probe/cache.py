@@ -3,7 +3,9 @@
 For small datasets (CUB, ImageNet-1 %, Pets…) the encoder pass dominates a probe run. The cache runs
 it once per view, writes ``[num_samples, N, D]`` tokens (bf16 by default) as one memory-mapped
 shard per (split, view), and the head bank then trains from the shards for all epochs: epoch ``e``
-reads view ``e mod V``, exactly the view an uncached run with ``--cache-views V`` computes.
+reads view ``e mod V``, exactly the view an uncached run with ``--cache-views V`` computes. The
+selection weights of non-trainable heads (``attn-mean``, ``guide:``…) are cached the same way, one
+float32 shard ``[num_samples, num_patches]`` per head, filled in the same encoder pass.
 
 A cache directory is keyed by a fingerprint of everything the tokens depend on (encoder, weights
 file, token source, dataset, transform, seed, precision); a shard is valid once its ``.done`` marker
@@ -27,7 +29,7 @@ from torch import Tensor
 from beyond_cls.config import ConfigError
 from beyond_cls.probe.distributed import DistEnv
 
-__all__ = ["CACHE_DTYPES", "FeatureCache", "fingerprint_file"]
+__all__ = ["CACHE_DTYPES", "FeatureCache", "ShardWriter", "fingerprint_file"]
 
 CACHE_DTYPES = {"bf16": (torch.bfloat16, np.uint16), "fp32": (torch.float32, np.float32)}
 
@@ -69,48 +71,24 @@ class FeatureCache:
         split: str,
         view: int,
         num_samples: int,
-        token_shape: tuple[int, int],
+        token_shape: tuple[int, ...],
         batches: Iterable[tuple[Tensor, Tensor]],
         env: DistEnv,
         progress: Callable[[Iterable], Iterable] = lambda x: x,
     ) -> None:
-        """Write one shard from ``batches`` of (sample indices kept, tokens [b, N, D]) of this process.
+        """Write one shard from ``batches`` of (sample indices kept, tokens [b, *token_shape]) of this process.
 
         Every process writes its own rows into the shared file; indices never yielded (bad images
         skipped) stay invalid. Collective: all processes must call it.
         """
-        name = self._name(split, view)
-        path = self.dir / f"{name}.bin"
-        shape = (num_samples, *token_shape)
-        if env.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "fingerprint.json").write_text(json.dumps(self.fingerprint, indent=1, default=str))
-            np.memmap(path, dtype=self.np_dtype, mode="w+", shape=shape).flush()
-        _barrier(env)
-        out = np.memmap(path, dtype=self.np_dtype, mode="r+", shape=shape)
-        valid = np.zeros(num_samples, dtype=bool)
+        writer = self.writer(split, view, num_samples, token_shape, env)
         for indices, tokens in progress(batches):
-            rows = tokens.detach().to("cpu", self.torch_dtype).contiguous()
-            if self.torch_dtype == torch.bfloat16:
-                rows = rows.view(torch.int16)
-            idx = indices.cpu().numpy()
-            out[idx] = rows.numpy().view(self.np_dtype)
-            valid[idx] = True
-        out.flush()
-        del out
-        np.save(self.dir / f"{name}.valid.r{env.rank}.npy", valid)
-        _barrier(env)
-        if env.is_main:
-            merged = np.zeros(num_samples, dtype=bool)
-            for r in range(env.world_size):
-                part = self.dir / f"{name}.valid.r{r}.npy"
-                merged |= np.load(part)
-                part.unlink()
-            np.save(self.dir / f"{name}.valid.npy", merged)
-            meta = {"shape": list(shape), "dtype": str(self.np_dtype.__name__)}
-            (self.dir / f"{name}.json").write_text(json.dumps(meta))
-            (self.dir / f"{name}.done").touch()
-        _barrier(env)
+            writer.write(indices, tokens)
+        writer.close()
+
+    def writer(self, split: str, view: int, num_samples: int, row_shape: tuple[int, ...], env: DistEnv) -> ShardWriter:
+        """Open one shard for writing (collective), e.g. to fill several caches from one encoder pass."""
+        return ShardWriter(self, self._name(split, view), (num_samples, *row_shape), env)
 
     def _open(self, split: str, view: int) -> tuple[np.memmap, np.ndarray]:
         name = self._name(split, view)
@@ -125,7 +103,7 @@ class FeatureCache:
         return self._maps[name], self._valid[name]
 
     def read(self, split: str, view: int, indices: list[int]) -> tuple[Tensor, Tensor]:
-        """(kept indices, tokens [k, N, D] in the cache dtype) for ``indices``; invalid rows dropped."""
+        """(kept indices, rows [k, *row_shape] in the cache dtype) for ``indices``; invalid rows dropped."""
         data, valid = self._open(split, view)
         idx = np.asarray(indices, dtype=np.int64)
         idx = idx[valid[idx]]
@@ -136,3 +114,46 @@ class FeatureCache:
 
     def num_valid(self, split: str, view: int) -> int:
         return int(self._open(split, view)[1].sum())
+
+
+class ShardWriter:
+    """One shard being written: :meth:`write` this process's rows, then :meth:`close` (collective)."""
+
+    def __init__(self, cache: FeatureCache, name: str, shape: tuple[int, ...], env: DistEnv) -> None:
+        self.cache, self.name, self.shape, self.env = cache, name, shape, env
+        path = cache.dir / f"{name}.bin"
+        if env.is_main:
+            cache.dir.mkdir(parents=True, exist_ok=True)
+            (cache.dir / "fingerprint.json").write_text(json.dumps(cache.fingerprint, indent=1, default=str))
+            np.memmap(path, dtype=cache.np_dtype, mode="w+", shape=shape).flush()
+        _barrier(env)
+        self._out = np.memmap(path, dtype=cache.np_dtype, mode="r+", shape=shape)
+        self._valid = np.zeros(shape[0], dtype=bool)
+
+    def write(self, indices: Tensor, rows: Tensor) -> None:
+        """Rows [b, *row_shape] of samples ``indices``."""
+        rows = rows.detach().to("cpu", self.cache.torch_dtype).contiguous()
+        if self.cache.torch_dtype == torch.bfloat16:
+            rows = rows.view(torch.int16)
+        idx = indices.cpu().numpy()
+        self._out[idx] = rows.numpy().view(self.cache.np_dtype)
+        self._valid[idx] = True
+
+    def close(self) -> None:
+        """Flush, merge every process's valid rows and mark the shard done (collective)."""
+        cache, env, name = self.cache, self.env, self.name
+        self._out.flush()
+        del self._out
+        np.save(cache.dir / f"{name}.valid.r{env.rank}.npy", self._valid)
+        _barrier(env)
+        if env.is_main:
+            merged = np.zeros(self.shape[0], dtype=bool)
+            for r in range(env.world_size):
+                part = cache.dir / f"{name}.valid.r{r}.npy"
+                merged |= np.load(part)
+                part.unlink()
+            np.save(cache.dir / f"{name}.valid.npy", merged)
+            meta = {"shape": list(self.shape), "dtype": str(cache.np_dtype.__name__)}
+            (cache.dir / f"{name}.json").write_text(json.dumps(meta))
+            (cache.dir / f"{name}.done").touch()
+        _barrier(env)

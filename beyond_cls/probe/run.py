@@ -18,13 +18,14 @@ from beyond_cls.data.datasets import build_dataset
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.data.views import ViewDataset
 from beyond_cls.models import load_encoder
-from beyond_cls.probe.bank import HeadBank, parse_heads
+from beyond_cls.probe.bank import HeadBank, is_selection_spec, parse_heads
 from beyond_cls.probe.cache import FeatureCache, fingerprint_file
 from beyond_cls.probe.config import ProbeConfig
 from beyond_cls.probe.distributed import DistEnv, init_distributed
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.logs import format_table, write_csv, write_json_atomic
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
+from beyond_cls.probe.selections import SelectionSource, guide_files
 from beyond_cls.probe.streams import CachedStream, EncoderStream, make_loader, target_tensor
 from beyond_cls.probe.trainer import ProbeTrainer
 from beyond_cls.runtime import autocast
@@ -66,22 +67,28 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _extract(
-    cache: FeatureCache, split: str, view: int, views: ViewDataset, source: TokenSource,
-    cfg: ProbeConfig, env: DistEnv, token_shape: tuple[int, int],
+    split: str, view: int, views: ViewDataset, source: SelectionSource, cfg: ProbeConfig, env: DistEnv,
+    caches: list[FeatureCache | None], shapes: list[tuple[int, ...]],
 ) -> None:
-    """Fill one cache shard with this process's share of ``views`` through the encoder."""
+    """Fill the incomplete shards of one view with this process's share of ``views`` through one encoder pass.
+
+    ``caches[0]`` holds the tokens, ``caches[1 + m]`` the selections of non-trainable head ``m``; None: complete.
+    """
     sampler = EvalBatchSampler(len(views), cfg.batch_size, env.world_size, env.rank, view=view)
     loader = make_loader(views, sampler, cfg.num_workers, env.device)
-
-    def batches():
-        for batch in loader:
-            images = batch.images_on(env.device, channels_last=cfg.channels_last)
-            with autocast(cfg.amp, env.device):
-                yield batch.indices, source(images).float()
-
-    show = lambda it: tqdm(it, total=len(sampler), desc=f"cache {split} view {view}", unit="batch", leave=False,
-                           disable=not (cfg.progress and env.is_main))
-    cache.build(split, view, len(views), token_shape, batches(), env, progress=show)
+    writers = [None if c is None else c.writer(split, view, len(views), shape, env) for c, shape in zip(caches, shapes)]
+    bar = tqdm(loader, total=len(sampler), desc=f"cache {split} view {view}", unit="batch", leave=False,
+               disable=not (cfg.progress and env.is_main))
+    for batch in bar:
+        images = batch.images_on(env.device, channels_last=cfg.channels_last)
+        with autocast(cfg.amp, env.device):
+            tokens, selections = source(images)
+        for m, writer in enumerate(writers):
+            if writer is not None:
+                writer.write(batch.indices, tokens.float() if m == 0 else selections[:, m - 1])
+    for writer in writers:
+        if writer is not None:
+            writer.close()
 
 
 def run(config: ProbeConfig | dict | str | Path) -> dict[str, Any]:
@@ -113,11 +120,11 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         block=cfg.block, final_norm=cfg.final_norm, source=cfg.source, weights_dir=cfg.weights_dir,
     )
     info = encoder.beyond_cls_info  # token source: the flags, else the zoo's, else the last block, pre-norm
-    source = TokenSource(encoder, info.block, info.final_norm).to(env.device)
+    tokens_only = TokenSource(encoder, info.block, info.final_norm).to(env.device)
     if cfg.channels_last:
-        source = source.to(memory_format=torch.channels_last)
+        tokens_only = tokens_only.to(memory_format=torch.channels_last)
     if cfg.compile:
-        source = torch.compile(source)
+        tokens_only = torch.compile(tokens_only)
     accum, effective = cfg.accumulation(env.world_size)
     mean, std = cfg.normalization()
     view_kwargs = dict(
@@ -125,14 +132,19 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         decode=cfg.decode,
         skip_bad_images=cfg.skip_bad_images,
     )
+    selection_specs = list(dict.fromkeys(s for s in specs if is_selection_spec(s)))  # HeadBank.selections order
+    source = SelectionSource(
+        tokens_only, selection_specs, view_kwargs["mean"], view_kwargs["std"], img_size=cfg.img_size,
+        weights_dir=cfg.weights_dir, device=env.device,
+    )
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {**asdict(cfg), "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective}
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    token_shape = (info.num_tokens, info.embed_dim)
+    shapes = [(info.num_tokens, info.embed_dim)] + [(info.num_patches,)] * len(selection_specs)
     fingerprint = {
         "model": cfg.model, "weights": fingerprint_file(cfg.checkpoint), "format": cfg.checkpoint_format,
-        "img_size": cfg.img_size, "block": source_block(source), "final_norm": info.final_norm,
+        "img_size": cfg.img_size, "block": source_block(tokens_only), "final_norm": info.final_norm,
         "arch": cfg.arch, "source": info.source,
         "dataset": cfg.dataset, "data": str(Path(cfg.data).resolve()), "subset": cfg.subset_file,
         "mean": view_kwargs["mean"], "std": view_kwargs["std"], "amp": cfg.amp, "skip_bad": cfg.skip_bad_images,
@@ -147,15 +159,15 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         )
         val_sampler = EvalBatchSampler(len(val_set), cfg.batch_size, env.world_size, env.rank)
         if cfg.cache is not None:
-            train_cache = FeatureCache(cfg.cache, {**fingerprint, "split": "train", "seed": seed}, cfg.cache_dtype)
-            val_cache = FeatureCache(cfg.cache, {**fingerprint, "split": "val"}, cfg.cache_dtype)
-            for view in range(cfg.views() or 1):
-                if not train_cache.complete("train", view):
-                    _extract(train_cache, "train", view, train_views, source, cfg, env, token_shape)
-            if not val_cache.complete("val", 0):
-                _extract(val_cache, "val", 0, val_views, source, cfg, env, token_shape)
+            split_caches = _caches(cfg, fingerprint, seed, selection_specs)
+            for split, views, count in (("train", train_views, cfg.views() or 1), ("val", val_views, 1)):
+                for view in range(count):
+                    todo = [c.of(split) for c in split_caches]
+                    todo = [None if c.complete(split, view) else c for c in todo]
+                    if any(c is not None for c in todo):
+                        _extract(split, view, views, source, cfg, env, todo, shapes)
             stream: Any = CachedStream(
-                _SplitCaches(train_cache, val_cache), train_targets, val_targets, sampler, val_sampler, env.device
+                split_caches[0], train_targets, val_targets, sampler, val_sampler, env.device, split_caches[1:]
             )
         else:
             stream = EncoderStream(
@@ -178,7 +190,7 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     summary = summarize(rows)
     results = {
         "rows": rows, "summary": summary, "encoder": asdict(info), "config": asdict(cfg),
-        "token_source": {"block": source_block(source), "final_norm": info.final_norm, "source": info.source},
+        "token_source": {"block": source_block(tokens_only), "final_norm": info.final_norm, "source": info.source},
         "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective,
     }
     if env.is_main:
@@ -202,7 +214,24 @@ class _SplitCaches:
     def __init__(self, train: FeatureCache, val: FeatureCache) -> None:
         self.train, self.val = train, val
 
+    def of(self, split: str) -> FeatureCache:
+        return self.train if split == "train" else self.val
+
     def read(self, split: str, view: int, indices: list[int]):
-        return (self.train if split == "train" else self.val).read(split, view, indices)
+        return self.of(split).read(split, view, indices)
+
+
+def _caches(cfg: ProbeConfig, fingerprint: dict[str, Any], seed: int, selection_specs: list[str]) -> list[_SplitCaches]:
+    """The tokens' caches, then one per non-trainable head (float32 selections, keyed by the spec and guide
+    weights too, so adding such a head to a cached run extracts its selections and reuses the tokens)."""
+    out = []
+    for spec in [None, *selection_specs]:
+        extra = {} if spec is None else {"selection": spec, "guide": fingerprint_file(guide_files([spec]).get(spec))}
+        dtype = cfg.cache_dtype if spec is None else "fp32"
+        out.append(_SplitCaches(
+            FeatureCache(cfg.cache, {**fingerprint, **extra, "split": "train", "seed": seed}, dtype),
+            FeatureCache(cfg.cache, {**fingerprint, **extra, "split": "val"}, dtype),
+        ))
+    return out
 
 

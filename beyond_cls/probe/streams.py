@@ -1,27 +1,37 @@
 """Where the head bank's tokens come from: the frozen encoder on decoded images, or the feature cache.
 
-Both yield ``(tokens float32 [b, N, D] on the device, targets on the device, images skipped)`` per
-micro-batch, in the order the :class:`~beyond_cls.probe.sampler.TrainBatchSampler` dictates.
+Both yield a :class:`MicroBatch` per micro-batch, in the order the
+:class:`~beyond_cls.probe.sampler.TrainBatchSampler` dictates: tokens float32 [b, N, D], the selection weights
+of the bank's non-trainable heads [b, M, num_patches] (None without such heads) and targets, all on the
+device, and the number of images skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from beyond_cls.config import ConfigError
 from beyond_cls.data.views import ViewDataset, collate_views
 from beyond_cls.probe.cache import FeatureCache
-from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
+from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.runtime import autocast
 
 __all__ = ["CachedStream", "EncoderStream", "MicroBatch", "make_loader", "target_tensor"]
 
-MicroBatch = tuple[Tensor, Tensor, int]
+
+class MicroBatch(NamedTuple):
+    """What the head bank trains or evaluates on (see the module docstring)."""
+
+    tokens: Tensor
+    selections: Tensor | None
+    targets: Tensor
+    skipped: int
 
 
 def target_tensor(dataset: Any) -> Tensor:
@@ -48,11 +58,11 @@ def make_loader(views: ViewDataset, batch_sampler: Any, num_workers: int, device
 
 
 class EncoderStream:
-    """Decode (CPU workers or GPU) → frozen encoder under autocast → tokens."""
+    """Decode (CPU workers or GPU) → frozen encoder under autocast → tokens and selections."""
 
     def __init__(
         self,
-        source: TokenSource,
+        source: SelectionSource,
         train_views: ViewDataset,
         val_views: ViewDataset,
         train_sampler: TrainBatchSampler,
@@ -71,8 +81,9 @@ class EncoderStream:
         for batch in loader:
             images = batch.images_on(self.device, channels_last=self.channels_last)
             with autocast(self.amp, self.device):
-                tokens = self.source(images)
-            yield tokens.float(), batch.targets.to(self.device, non_blocking=True), batch.skipped
+                tokens, selections = self.source(images)
+            yield MicroBatch(tokens.float(), selections, batch.targets.to(self.device, non_blocking=True),
+                             batch.skipped)
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[MicroBatch]:
         self.train_sampler.set_epoch(epoch, start_step)
@@ -83,7 +94,10 @@ class EncoderStream:
 
 
 class CachedStream:
-    """Tokens read from the :class:`FeatureCache` shards (train view ``epoch mod V``; the eval view)."""
+    """Tokens (and selections) read from :class:`FeatureCache` shards (train view ``epoch mod V``; the eval view).
+
+    ``selection_caches``: one cache per non-trainable head, in :attr:`HeadBank.selections` order.
+    """
 
     def __init__(
         self,
@@ -93,17 +107,33 @@ class CachedStream:
         train_sampler: TrainBatchSampler,
         val_sampler: EvalBatchSampler,
         device: torch.device,
+        selection_caches: Sequence[FeatureCache] = (),
     ) -> None:
         self.cache, self.device = cache, device
+        self.selection_caches = list(selection_caches)
         self.train_targets, self.val_targets = train_targets, val_targets
         self.train_sampler, self.val_sampler = train_sampler, val_sampler
 
+    def _to_device(self, rows: Tensor) -> Tensor:
+        rows = rows.pin_memory() if self.device.type == "cuda" else rows
+        return rows.to(self.device, non_blocking=True).float()
+
     def _read(self, split: str, keys: list[tuple[int, int]], targets: Tensor) -> MicroBatch:
         view = keys[0][1] if keys else 0
-        kept, tokens = self.cache.read(split, view, [i for i, _ in keys])
-        pin = self.device.type == "cuda"
-        tokens = (tokens.pin_memory() if pin else tokens).to(self.device, non_blocking=True).float()
-        return tokens, targets[kept].to(self.device, non_blocking=True), len(keys) - len(kept)
+        indices = [i for i, _ in keys]
+        kept, tokens = self.cache.read(split, view, indices)
+        selections = None
+        if self.selection_caches:
+            parts = []
+            for cache in self.selection_caches:
+                kept_sel, rows = cache.read(split, view, indices)
+                if not torch.equal(kept_sel, kept):
+                    raise ConfigError(f"the feature cache's token and selection shards disagree on which {split} "
+                                      "images are valid; delete the --cache folder to extract them again")
+                parts.append(rows)
+            selections = self._to_device(torch.stack(parts, 1))
+        return MicroBatch(self._to_device(tokens), selections, targets[kept].to(self.device, non_blocking=True),
+                          len(keys) - len(kept))
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[MicroBatch]:
         self.train_sampler.set_epoch(epoch, start_step)

@@ -189,7 +189,7 @@ class ProbeTrainer:
             factor = group["lr"] / group["base_lr"]
         return factor
 
-    def _losses(self, tokens: Tensor, targets: Tensor) -> Tensor:
+    def _losses(self, tokens: Tensor, selections: Tensor | None, targets: Tensor) -> Tensor:
         """Per-head losses [H] of one micro-batch.
 
         A micro-batch left with fewer than two images (bad images skipped) cannot give BatchNorm batch
@@ -201,12 +201,13 @@ class ProbeTrainer:
         if tokens.shape[0] == 0:
             tokens, weight = tokens.new_zeros(1, *tokens.shape[1:]), 0.0
             targets = targets.new_zeros(1, *targets.shape[1:])
+            selections = None if selections is None else selections.new_zeros(1, *selections.shape[1:])
         norms = [m for m in self.bank.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if small else []
         for m in norms:
             m.eval()
         try:
             with autocast(self.cfg.amp, self.device):
-                logits = self.model(tokens)
+                logits = self.model(tokens, selections)
                 target = targets.float() if self.multilabel else targets
                 losses = torch.stack([self.loss_fn(logits[e.key].float(), target) for e in self.bank.entries])
         finally:
@@ -239,13 +240,13 @@ class ProbeTrainer:
             batches, total=remaining, disable=not (cfg.progress and self.env.is_main), leave=False,
             desc=f"seed {self.seed} epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
         )
-        for micro, (tokens, targets, skipped) in enumerate(bar):
+        for micro, (tokens, selections, targets, skipped) in enumerate(bar):
             a = micro % accum
             if a == 0:
                 lr_factor = self._set_lr(self.epoch + self.step / self.steps_per_epoch)
             sync = self.model.no_sync() if self.env.distributed and a < accum - 1 else contextlib.nullcontext()
             with sync:
-                losses = self._losses(tokens, targets)
+                losses = self._losses(tokens, selections, targets)
                 self.scaler.scale(losses.sum() / accum).backward()
             step_loss += losses.detach().double() / accum
             window_images += tokens.shape[0]
@@ -319,11 +320,11 @@ class ProbeTrainer:
         scores: dict[str, list[Tensor]] = {e.key: [] for e in heads}
         labels: list[Tensor] = []
         try:
-            for tokens, targets, _ in self.stream.eval_batches():
+            for tokens, selections, targets, _ in self.stream.eval_batches():
                 if tokens.shape[0] == 0:
                     continue
                 with autocast(self.cfg.amp, self.device):
-                    logits, entropy = self.bank.forward_eval(tokens)
+                    logits, entropy = self.bank.forward_eval(tokens, selections)
                 for h, e in enumerate(heads):
                     out = logits[e.key].float()
                     if self.multilabel:
