@@ -1,8 +1,10 @@
 """attention_with_stats vs eager attention + stats vs SDPA (no stats), side by side in one run.
 
 CPU: ViT-S/16 shapes, the C++ op. GPU (skipped without CUDA): ViT-B/L/H and DINOv2-reg shapes in
-bf16, the Triton kernel. Run with ``make bench`` (CPU) or ``benchmarks/gpu_suite.sh`` (GPU); each
-case records its shape, FLOPs (4·B·H·N²·d: q·kᵀ and p·v) and device in ``extra_info``.
+bf16, the Triton kernel. ``fused+keep2`` also returns two full attention rows (``keep_rows``: [cls] and
+the central query), what the non-trainable aggregations and localization read. Run with ``make bench``
+(CPU) or ``benchmarks/gpu_suite.sh`` (GPU); each case records its shape, FLOPs (4·B·H·N²·d: q·kᵀ and
+p·v) and device in ``extra_info``.
 """
 
 from __future__ import annotations
@@ -39,15 +41,18 @@ def _implementations(device: str):
     if device == "cpu":
         _extension.load_error()
 
-        def fused(q, k, v, prefix):
-            return torch.ops.beyond_cls.attention_with_stats(q, k, v, prefix)
+        def fused(q, k, v, prefix, keep=None):
+            return torch.ops.beyond_cls.attention_with_stats(q, k, v, prefix, None, None, keep)
     else:
         from beyond_cls.kernels.attention_stats import attention_with_stats_forward
 
-        def fused(q, k, v, prefix):
-            return attention_with_stats_forward(q, k, v, prefix)
+        def fused(q, k, v, prefix, keep=None):
+            return attention_with_stats_forward(q, k, v, prefix, None, None, keep)
 
-    return {"fused": fused, "eager+stats": eager, "sdpa": sdpa}
+    def fused_keep(q, k, v, prefix):
+        return fused(q, k, v, prefix, [0, q.shape[-2] // 2])
+
+    return {"fused": fused, "fused+keep2": fused_keep, "eager+stats": eager, "sdpa": sdpa}
 
 
 def _run(benchmark, impl, shape, dtype, device, rounds):
@@ -69,17 +74,20 @@ def _run(benchmark, impl, shape, dtype, device, rounds):
         benchmark.pedantic(step, rounds=rounds, warmup_rounds=3, iterations=1)
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager+stats", "sdpa"])
+IMPLS = ["fused", "fused+keep2", "eager+stats", "sdpa"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CPU_SHAPES))
 def test_attention_cpu(benchmark, name, impl):
-    if impl == "fused" and not _extension.available():
+    if impl.startswith("fused") and not _extension.available():
         pytest.fail(f"C++ extension not built: {_extension.load_error()}")
     benchmark.group = f"attention-cpu-{name}"
     _run(benchmark, impl, CPU_SHAPES[name], torch.float32, "cpu", rounds=30)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["fused", "eager+stats", "sdpa"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
 def test_attention_gpu(benchmark, name, impl):
     benchmark.group = f"attention-gpu-{name}"

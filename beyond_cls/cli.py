@@ -46,14 +46,61 @@ def _formats() -> list[str]:
     return ["auto", *CHECKPOINT_FORMATS]
 
 
-def _add_encoder_args(p: argparse.ArgumentParser, required: bool) -> None:
+class _PerModel(argparse.Action):
+    """``--model`` (repeatable) and the encoder flags that belong to the most recent ``--model``.
+
+    With one ``--model`` every dest holds a plain value; from the second on, ``model`` and each flag given
+    for any model hold lists aligned with the models (None: not given). Flags before any ``--model`` stay
+    plain values that override a --config file's, unless a ``--model`` follows: then they are an error.
+    """
+
+    attached = ("checkpoint", "checkpoint_format", "arch", "source")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        models = getattr(namespace, "model", None)
+        count = 0 if models is None else len(models) if isinstance(models, list) else 1
+        if self.dest == "model":
+            for dest in self.attached:
+                value = getattr(namespace, dest, None)
+                if count == 0 and value is not None:
+                    self._fail(parser, f"{_flag(dest)} must come after the --model it belongs to")
+                if count >= 1 and value is not None:  # keep the lists aligned with the models
+                    setattr(namespace, dest, (value if isinstance(value, list) else [value]) + [None])
+            namespace.model = values if count == 0 else [*(models if count > 1 else [models]), values]
+            return
+        value = getattr(namespace, self.dest, None)
+        if count <= 1:
+            if value is not None:
+                self._fail(parser, f"{option_string} given twice" + (f" for --model {models}" if count else ""))
+            setattr(namespace, self.dest, values)
+            return
+        value = list(value) if isinstance(value, list) else [None] * count
+        if value[-1] is not None:
+            self._fail(parser, f"{option_string} given twice for --model {models[-1]}")
+        value[-1] = values
+        setattr(namespace, self.dest, value)
+
+    @staticmethod
+    def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _add_encoder_args(p: argparse.ArgumentParser, required: bool, per_model: bool = False) -> None:
+    """Encoder flags; ``per_model``: --model repeats and the next four flags belong to the --model before them."""
+    kw = {"action": _PerModel} if per_model else {}
     p.add_argument("--model", required=False, help="timm ViT name, e.g. vit_base_patch16_224"
-                   + ("" if required else f" (default {DEMO_MODEL})"))
-    p.add_argument("--checkpoint", help="encoder weights: .pth/.pt/.pth.tar or .safetensors (local path)")
-    p.add_argument("--checkpoint-format", choices=_formats(), help="checkpoint layout (default auto: detected)")
-    p.add_argument("--arch", help="timm architecture for a zoo name's weights, e.g. vit_small_patch16_224")
+                   + ("" if required else f" (default {DEMO_MODEL})")
+                   + ("; repeatable: several encoders on the same images" if per_model else ""), **kw)
+    p.add_argument("--checkpoint", help="encoder weights: .pth/.pt/.pth.tar or .safetensors (local path)", **kw)
+    p.add_argument("--checkpoint-format", choices=_formats(), help="checkpoint layout (default auto: detected)",
+                   **kw)
+    p.add_argument("--arch", help="timm architecture for a zoo name's weights, e.g. vit_small_patch16_224", **kw)
     p.add_argument("--source", help="sub-model of a training checkpoint: I-JEPA target_encoder (default) or "
-                   "encoder; DINO/iBOT teacher (default) or student")
+                   "encoder; DINO/iBOT teacher (default) or student", **kw)
     p.add_argument("--weights-dir", help="folder with the zoo's official files (default $BEYOND_CLS_WEIGHTS)")
     p.add_argument("--img-size", type=_positive_int, help="input resolution (default 224)")
 
@@ -151,10 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser(
         "analyze", help="attention statistics of an encoder over a dataset (paper Figs. 3-6)",
         description="Stream an ImageFolder split through an encoder under the AttentionRecorder; write "
-        "attention_stats.json and attention_stats.png into --out and print the per-block table.",
+        "attention_stats.json and attention_stats.png into --out and print the per-block table. --model repeats: "
+        "the images are decoded once for all encoders, each normalized with its own mean/std, and each "
+        "--checkpoint, --checkpoint-format, --arch and --source belongs to the --model before it, e.g. "
+        "beyond-cls analyze --model mae_vit_base_patch16 --checkpoint mae.pth --model dino_vit_base_patch16 "
+        "--checkpoint dino.pth --data IMAGENET --out runs/flow. Several models write OUT/<label>/ per model "
+        "(label: the model name, name@<checkpoint stem> when names repeat), OUT/attention_stats.png with all of "
+        "them and OUT/analyze_models.json; compare them with beyond-cls compare OUT/*/.",
     )
-    analyze.add_argument("--config", help="YAML file with the same keys as the flags (flags win)")
-    _add_encoder_args(analyze, required=True)
+    analyze.add_argument("--config", help="YAML file with the same keys as the flags (flags win); "
+                         "model: [a, b] with checkpoint: [a.pth, null] for several encoders")
+    _add_encoder_args(analyze, required=True, per_model=True)
     analyze.add_argument("--data", help="dataset root holding SPLIT/<class>/<images>")
     analyze.add_argument("--split", help="split folder under --data (default val)")
     analyze.add_argument("--out", help="output directory")

@@ -82,6 +82,14 @@ def test_families_inferred():
     assert infer_family("vit_tiny_patch16_224") == "other"
 
 
+def test_analyze_labels_of_zoo_models_keep_their_zoo_entry():
+    from beyond_cls.analysis.compare import _zoo_entry
+
+    # several checkpoints of one zoo model in one analyze run are labelled name@<checkpoint stem>[-k]
+    assert _zoo_entry("mae_vit_base_patch16@ep400-2") is _zoo_entry("mae_vit_base_patch16") is not None
+    assert _zoo_entry("vit_tiny_patch16_224@x") is None
+
+
 def test_model_table_matches_hand_means(runs, result):
     specs, _, _ = runs
     rows = {r["model"]: r for r in read_csv(result["files"]["models_csv"])}

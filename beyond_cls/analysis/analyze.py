@@ -1,39 +1,67 @@
-"""The ``analyze`` job: stream a dataset through an encoder under the AttentionRecorder."""
+"""The ``analyze`` job: stream a dataset once through one or more encoders, each under an AttentionRecorder."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
 from beyond_cls.analysis.plots import plot_information_flow
 from beyond_cls.analysis.recorder import AttentionRecorder
 from beyond_cls.analysis.summary import AttentionSummary
-from beyond_cls.config import check_run_settings
-from beyond_cls.data import ImageFolderDataset, default_num_workers, eval_transform, make_loader
+from beyond_cls.config import ConfigError, check_run_settings
+from beyond_cls.data import ImageFolderDataset, default_num_workers, make_loader
+from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
 from beyond_cls.models import load_encoder
 from beyond_cls.runtime import autocast, resolve_device
 
 STATS_FILE = "attention_stats.json"
 PLOT_FILE = "attention_stats.png"
+CONFIG_FILE = "analyze_config.json"
+MODELS_FILE = "analyze_models.json"
+# Config fields given once per encoder: one value for all encoders, or a list aligned with ``model``.
+PER_MODEL = ("checkpoint", "checkpoint_format", "arch", "source")
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".pyth", ".bin", ".ckpt")
+
+PerModel = str | list[str | None] | None
 
 
-@dataclass
-class AnalyzeConfig:
-    """What ``beyond-cls analyze`` runs; every field is also a CLI flag and a YAML key."""
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One encoder of an analyze run: what :func:`~beyond_cls.models.load_encoder` gets besides shared settings."""
 
     model: str
-    data: str
-    out: str
     checkpoint: str | None = None
     checkpoint_format: str = "auto"
     arch: str | None = None
     source: str | None = None
+
+
+@dataclass
+class AnalyzeConfig:
+    """What ``beyond-cls analyze`` runs; every field is also a CLI flag and a YAML key.
+
+    ``model`` is one name or a list of names analyzed on the same images. ``checkpoint``,
+    ``checkpoint_format``, ``arch`` and ``source`` are one value for every model or a list aligned with
+    ``model`` (None: no explicit value); one explicit checkpoint for several models is ambiguous.
+    """
+
+    model: str | list[str]
+    data: str
+    out: str
+    checkpoint: PerModel = None
+    checkpoint_format: PerModel = "auto"
+    arch: PerModel = None
+    source: PerModel = None
     weights_dir: str | None = None
     split: str = "val"
     img_size: int = 224
@@ -46,37 +74,176 @@ class AnalyzeConfig:
 
     def __post_init__(self) -> None:
         check_run_settings(self)
+        if _is_list(self.model) and len(self.model) == 1:
+            self.model = self.model[0]
+        if not _is_list(self.model):  # one model: plain values, as a single-model config always had
+            for name in PER_MODEL:
+                value = getattr(self, name)
+                if _is_list(value) and len(value) == 1:
+                    setattr(self, name, value[0])
+            if self.checkpoint_format is None:
+                self.checkpoint_format = "auto"
+        self.encoders()
+
+    def encoders(self) -> list[EncoderSpec]:
+        """One :class:`EncoderSpec` per model, in order; ConfigError naming the key when the lists do not fit."""
+        models = self.model if _is_list(self.model) else [self.model]
+        if not models:
+            raise ConfigError("model: expected a model name or a non-empty list of names, got []")
+        for i, name in enumerate(models):
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"model[{i}]: expected a model name, got {name!r}")
+        n = len(models)
+        columns = {}
+        for key in PER_MODEL:
+            value = getattr(self, key)
+            if _is_list(value):
+                if len(value) != n:
+                    raise ConfigError(f"{key}: {len(value)} values for {n} models {models}; "
+                                      "give one per model (null for none)")
+                values = list(value)
+            elif key == "checkpoint" and value is not None and n > 1:
+                raise ConfigError(f"checkpoint: one file ({value}) for {n} models {models} is ambiguous; "
+                                  "give a list with one entry per model (null for none)")
+            else:
+                values = [value] * n
+            for i, v in enumerate(values):
+                if v is not None and not isinstance(v, (str, os.PathLike)):
+                    where = f"{key}[{i}]" if _is_list(value) else key
+                    raise ConfigError(f"{where}: expected a string or null, got {v!r}")
+            columns[key] = [None if v is None else os.fspath(v) for v in values]
+        specs = [
+            EncoderSpec(name, columns["checkpoint"][i], columns["checkpoint_format"][i] or "auto",
+                        columns["arch"][i], columns["source"][i])
+            for i, name in enumerate(models)
+        ]
+        seen = set()
+        for spec in specs:
+            key = replace(spec, checkpoint=spec.checkpoint and os.path.normpath(spec.checkpoint))
+            if key in seen:
+                given = f" with checkpoint {spec.checkpoint}" if spec.checkpoint else ""
+                raise ConfigError(f"model {spec.model}{given} is listed twice with the same settings")
+            seen.add(key)
+        return specs
+
+    def for_encoder(self, spec: EncoderSpec) -> dict:
+        """This config as a plain dict for one encoder (its values in place of the lists)."""
+        return {**asdict(self), **asdict(spec)}
 
 
-def analyze(cfg: AnalyzeConfig) -> AttentionSummary:
-    """Record the attention statistics of ``cfg.model`` over ``cfg.data``/``cfg.split``.
+def _is_list(value: object) -> bool:
+    return isinstance(value, (list, tuple))
 
-    Writes ``attention_stats.json`` and ``attention_stats.png`` into ``cfg.out`` and returns the
-    summary. Images follow MAE's evaluation transform (resize 256 bicubic, center crop 224).
+
+def _weights_stem(checkpoint: str) -> str:
+    name = Path(checkpoint).name
+    while name.lower().endswith(_WEIGHT_SUFFIXES) and "." in name[1:]:
+        name = name[: name.rindex(".")]
+    return name
+
+
+def encoder_labels(specs: list[EncoderSpec]) -> list[str]:
+    """Distinct, filesystem-safe names: the model name, ``name@<checkpoint stem>`` when names repeat, then -2, -3."""
+    labels: list[str] = []
+    taken: set[str] = set()  # lower case: folders must differ on case-insensitive filesystems too
+    for spec in specs:
+        base = spec.model
+        if spec.checkpoint and sum(s.model == spec.model for s in specs) > 1:
+            base = f"{base}@{_weights_stem(spec.checkpoint)}"
+        base = re.sub(r"[^A-Za-z0-9._@+-]+", "_", base).strip("._") or "model"
+        label, i = base, 2
+        while label.lower() in taken:
+            label, i = f"{base}-{i}", i + 1
+        taken.add(label.lower())
+        labels.append(label)
+    return labels
+
+
+@dataclass
+class _Encoder:
+    label: str
+    spec: EncoderSpec
+    model: nn.Module
+    mean: Tensor  # [1, 3, 1, 1] on the device
+    std: Tensor
+
+
+def _load_encoders(cfg: AnalyzeConfig, device: torch.device) -> list[_Encoder]:
+    specs = cfg.encoders()
+    labels = [cfg.model] if len(specs) == 1 else encoder_labels(specs)
+    encoders = []
+    for label, spec in zip(labels, specs):
+        model = load_encoder(
+            spec.model, spec.checkpoint, checkpoint_format=spec.checkpoint_format, arch=spec.arch,
+            img_size=cfg.img_size, source=spec.source, weights_dir=cfg.weights_dir,
+        ).to(device)
+        info = model.beyond_cls_info
+        mean = torch.tensor(info.mean or IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(info.std or IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        encoders.append(_Encoder(label, spec, model, mean, std))
+    return encoders
+
+
+def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
+    """Record the attention statistics of every model of ``cfg`` over ``cfg.data``/``cfg.split``; label -> summary.
+
+    Images are decoded once, with MAE's evaluation geometry (resize 256 bicubic, center crop 224), and
+    normalized on the device with each encoder's own mean/std (ImageNet's unless its zoo entry says
+    otherwise). One model writes ``attention_stats.json``, ``attention_stats.png`` and ``analyze_config.json``
+    into ``cfg.out``; several write them into ``cfg.out/<label>/``, plus ``attention_stats.png`` with every
+    model and ``analyze_models.json`` (label -> model, checkpoint, subfolder). Labels are summaries' names.
     """
     device = resolve_device(cfg.device)
-    dataset = ImageFolderDataset(cfg.data, cfg.split, transform=eval_transform(cfg.img_size))
+    dataset = ImageFolderDataset(cfg.data, cfg.split, transform=unnormalized_eval_transform(cfg.img_size))
     if cfg.max_images is not None and cfg.max_images < len(dataset):
         dataset = Subset(dataset, range(cfg.max_images))
+    encoders = _load_encoders(cfg, device)  # all of them before the first image is read
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
-    model = load_encoder(
-        cfg.model, cfg.checkpoint, checkpoint_format=cfg.checkpoint_format, arch=cfg.arch, img_size=cfg.img_size,
-        source=cfg.source, weights_dir=cfg.weights_dir,
-    ).to(device)
 
+    desc = f"analyze {cfg.model}" if len(encoders) == 1 else f"analyze {len(encoders)} models"
     start = time.perf_counter()
-    with AttentionRecorder(model, name=cfg.model) as recorder, torch.inference_mode(), autocast(cfg.precision, device):
-        for images, _ in tqdm(loader, desc=f"analyze {cfg.model}", unit="batch", disable=not cfg.progress):
-            model.forward_features(images.to(device, non_blocking=True))
-    summary = recorder.summary()
+    with ExitStack() as stack, torch.inference_mode():
+        recorders = [stack.enter_context(AttentionRecorder(e.model, name=e.label)) for e in encoders]
+        for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not cfg.progress):
+            images = images.to(device, non_blocking=True)
+            for enc in encoders:
+                x = (images - enc.mean) / enc.std
+                with autocast(cfg.precision, device):
+                    enc.model.forward_features(x)
+    summaries = {e.label: r.summary() for e, r in zip(encoders, recorders)}
     seconds = time.perf_counter() - start
 
     out = Path(cfg.out)
+    if len(encoders) == 1:
+        enc = encoders[0]
+        _write_run(out, summaries[enc.label], {**asdict(cfg), "encoder": asdict(enc.model.beyond_cls_info)})
+    else:
+        for enc in encoders:
+            resolved = {**cfg.for_encoder(enc.spec), "label": enc.label, "encoder": asdict(enc.model.beyond_cls_info)}
+            _write_run(out / enc.label, summaries[enc.label], resolved)
+        plot_information_flow(summaries, out / PLOT_FILE)
+        models = {e.label: {"model": e.spec.model, "checkpoint": e.spec.checkpoint, "subfolder": e.label}
+                  for e in encoders}
+        (out / MODELS_FILE).write_text(json.dumps(models, indent=1))
+    for summary in summaries.values():
+        print(summary)
+    images = next(iter(summaries.values())).num_images
+    if len(encoders) == 1:
+        print(f"{images} images in {seconds:.1f} s ({images / seconds:.1f} images/s) "
+              f"on {device}; wrote {out / STATS_FILE} and {out / PLOT_FILE}")
+    else:
+        print(f"{images} images x {len(encoders)} models in {seconds:.1f} s ({images / seconds:.1f} images/s "
+              f"through all models) on {device}; wrote {', '.join(summaries)} under {out} and {out / PLOT_FILE}")
+    return summaries
+
+
+def _write_run(out: Path, summary: AttentionSummary, resolved: dict) -> None:
     summary.save(out / STATS_FILE)
-    plot_information_flow({cfg.model: summary}, out / PLOT_FILE)
-    resolved = {**asdict(cfg), "encoder": asdict(model.beyond_cls_info)}  # incl. the sub-model (source) loaded
-    (out / "analyze_config.json").write_text(json.dumps(resolved, indent=1, default=str))
-    print(summary)
-    print(f"{summary.num_images} images in {seconds:.1f} s ({summary.num_images / seconds:.1f} images/s) "
-          f"on {device}; wrote {out / STATS_FILE} and {out / PLOT_FILE}")
-    return summary
+    plot_information_flow({summary.model: summary}, out / PLOT_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=1, default=str))
+
+
+def analyze(cfg: AnalyzeConfig) -> AttentionSummary | dict[str, AttentionSummary]:
+    """:func:`analyze_models`; with one model its :class:`AttentionSummary`, with several the dict by label."""
+    summaries = analyze_models(cfg)
+    return next(iter(summaries.values())) if len(summaries) == 1 else summaries

@@ -94,12 +94,14 @@ def infer_family(name: str) -> str:
 
 
 def _zoo_entry(name: str):
-    """The zoo entry of ``name`` (family, the paper's Table 3 value), or None when it is not a zoo name."""
+    """The zoo entry of ``name`` (family, the paper's Table 3 value), or None when it is not a zoo name.
+
+    ``analyze`` labels several checkpoints of one model ``name@<checkpoint stem>[-k]``: the name before ``@``."""
     try:
         from beyond_cls.models.zoo import zoo_entry
     except ImportError:  # the zoo is optional here: names alone give the family
         return None
-    return zoo_entry(name)
+    return zoo_entry(name) or zoo_entry(name.split("@", 1)[0])
 
 
 def _load(path: str | os.PathLike) -> tuple[AttentionSummary, Path]:
