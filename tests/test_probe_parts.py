@@ -267,3 +267,17 @@ def test_launch_environment_torchrun_wins_over_slurm(monkeypatch):
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name)
     assert _launch_env() == (0, 1, 0)  # a single srun task is a single process
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not"),  # a shell's leftovers
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "0 <= RANK < WORLD_SIZE"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "expected integers"),
+])
+def test_launch_environment_half_set_is_an_error(monkeypatch, env, match):
+    from beyond_cls.probe.distributed import _launch_env
+
+    monkeypatch.setattr(os, "environ", {**{k: v for k, v in os.environ.items() if k not in (
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}, **env})
+    with pytest.raises(ConfigError, match=match):
+        _launch_env()

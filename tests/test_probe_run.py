@@ -83,8 +83,10 @@ def test_run_writes_results_logs_and_table(dataset, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| aggregation" in table and "top1_std" in table and "abmilp" in table
     # rerunning a finished run resumes it: nothing is trained again, the results are the same
+    events = sorted((out / "seed0" / "tb").iterdir())
     again = run(dict(TINY, data=str(dataset), out=str(out), seeds="0,1", eval_every=1))
     assert json_safe(again["rows"]) == json_safe(results["rows"])  # NaN (entropy of [cls]) as None
+    assert sorted((out / "seed0" / "tb").iterdir()) == events  # no empty event file from the re-read
 
 
 def test_bank_heads_equal_heads_trained_alone(dataset, tmp_path):

@@ -53,7 +53,7 @@ def first_slurm_host(nodelist: str) -> str:
 def _launch_env() -> tuple[int, int, int]:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+        return _torchrun_env(env)
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -66,6 +66,24 @@ def _launch_env() -> tuple[int, int, int]:
         env["RANK"], env["WORLD_SIZE"] = str(rank), str(world)
         return rank, world, int(env.get("SLURM_LOCALID", 0))
     return 0, 1, 0
+
+
+def _torchrun_env(env: Any) -> tuple[int, int, int]:
+    """RANK / WORLD_SIZE / LOCAL_RANK, checked: a half-set environment (a shell's leftovers) would otherwise
+    wait forever for peers that never come."""
+    try:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    except ValueError:
+        raise ConfigError(f"RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r}, "
+                          f"LOCAL_RANK={env.get('LOCAL_RANK')!r}: expected integers") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(f"RANK={rank} and WORLD_SIZE={world} (LOCAL_RANK={local}) do not describe a process "
+                          "of a launch: expected 0 <= RANK < WORLD_SIZE")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and k not in env]
+    if missing:
+        raise ConfigError(f"RANK={rank} and WORLD_SIZE={world} are set but {' and '.join(missing)} not: launch "
+                          "with torchrun or srun, or unset RANK and WORLD_SIZE (left over from another job?)")
+    return rank, world, local
 
 
 def init_distributed(device_spec: str = "auto") -> DistEnv:

@@ -66,19 +66,24 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 class MetricLog:
     """``metrics.jsonl`` (one JSON object per record) plus TensorBoard scalars under ``tb/``.
 
-    Appends, so a resumed run continues the same files. Inert on non-main processes.
+    Appends, so a resumed run continues the same files. Inert on non-main processes. The TensorBoard
+    event file is opened at the first scalar, so re-reading a finished run adds no empty one.
     """
 
     def __init__(self, out: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
         self.enabled = enabled
         self.path = Path(out) / "metrics.jsonl"
         self._tb = None
+        self._tb_dir = Path(out) / "tb" if enabled and tensorboard else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(out) / "tb"))
+    def _writer(self):
+        if self._tb is None and self._tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self._tb_dir))
+        return self._tb
 
     def log(self, record: dict[str, Any], step: int, scalars: dict[str, float] | None = None) -> None:
         """Append ``record`` (plus ``step``) as a JSON line and write ``scalars`` to TensorBoard."""
@@ -86,10 +91,10 @@ class MetricLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(json_safe({"step": step, **record}), default=str, allow_nan=False) + "\n")
-        if self._tb is not None:
-            for name, value in (scalars or {}).items():
-                if value is not None and math.isfinite(value):
-                    self._tb.add_scalar(name, value, step)
+        finite = {k: v for k, v in (scalars or {}).items() if v is not None and math.isfinite(v)}
+        if finite and self._writer() is not None:
+            for name, value in finite.items():
+                self._tb.add_scalar(name, value, step)
 
     def close(self) -> None:
         if self._tb is not None:
