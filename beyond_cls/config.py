@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,3 +62,34 @@ def check_run_settings(cfg: object) -> None:
     if cfg.num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
     check_precision(cfg.precision)
+
+
+def _default_num_workers() -> int:
+    from beyond_cls.data.folder import default_num_workers
+
+    return default_num_workers()
+
+
+@dataclass(kw_only=True)
+class StreamSettings:
+    """The encoder and run settings of the jobs that stream a dataset split through encoders for selection
+    vectors (``aggregations``, ``localize``); keyword-only, checked by :func:`check_run_settings`."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    checkpoint_format: str = "auto"
+    arch: str | None = None
+    source: str | None = None
+    weights_dir: str | None = None
+    dataset: str = "imagefolder"
+    split: str = "val"
+    img_size: int = 224
+    batch_size: int = 64
+    max_images: int | None = None
+    num_workers: int = field(default_factory=_default_num_workers)
+    device: str = "auto"
+    precision: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_run_settings(self)

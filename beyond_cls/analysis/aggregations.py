@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib
@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from beyond_cls.config import ConfigError, check_run_settings  # noqa: E402
-from beyond_cls.data import build_dataset, default_num_workers, make_loader  # noqa: E402
+from beyond_cls.config import ConfigError, StreamSettings  # noqa: E402
+from beyond_cls.data import build_dataset, make_loader  # noqa: E402
 from beyond_cls.data.transforms import unnormalized_eval_transform  # noqa: E402
 from beyond_cls.localization import draw_overlay  # noqa: E402
 from beyond_cls.runtime import resolve_device  # noqa: E402
@@ -33,31 +33,16 @@ RESULTS_FILE = "aggregations.json"
 
 
 @dataclass
-class AggregationsConfig:
+class AggregationsConfig(StreamSettings):
     """What ``beyond-cls aggregations`` runs; every field is also a CLI flag."""
 
     data: str
     out: str
     methods: str
-    model: str | None = None
-    checkpoint: str | None = None
-    checkpoint_format: str = "auto"
-    arch: str | None = None
-    source: str | None = None
-    weights_dir: str | None = None
-    dataset: str = "imagefolder"
-    split: str = "val"
-    img_size: int = 224
-    batch_size: int = 64
-    max_images: int | None = None
     examples: int = 4
-    num_workers: int = field(default_factory=default_num_workers)
-    device: str = "auto"
-    precision: str = "auto"
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        check_run_settings(self)
+        super().__post_init__()
         if self.examples < 0:
             raise ConfigError(f"examples must be >= 0, got {self.examples}")
         parse_methods(self.methods)

@@ -10,15 +10,15 @@ a trained head's scores; any other selection method is accepted too.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from beyond_cls.config import ConfigError, check_run_settings
-from beyond_cls.data import DataError, build_dataset, default_num_workers, make_loader
+from beyond_cls.config import ConfigError, StreamSettings
+from beyond_cls.data import DataError, build_dataset, make_loader
 from beyond_cls.data.transforms import unnormalized_eval_transform
 from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, draw_overlay, load_voc_boxes
 from beyond_cls.runtime import resolve_device
@@ -39,29 +39,14 @@ def map_method(name: str) -> str:
 
 
 @dataclass
-class LocalizeConfig:
+class LocalizeConfig(StreamSettings):
     """What ``beyond-cls localize`` runs; every field is also a CLI flag."""
 
     data: str
     boxes: str
     out: str
     maps: list[str]
-    model: str | None = None
-    checkpoint: str | None = None
-    checkpoint_format: str = "auto"
-    arch: str | None = None
-    source: str | None = None
-    weights_dir: str | None = None
-    dataset: str = "imagefolder"
-    split: str = "val"
-    img_size: int = 224
-    batch_size: int = 64
-    max_images: int | None = None
     overlays: int = 8
-    num_workers: int = field(default_factory=default_num_workers)
-    device: str = "auto"
-    precision: str = "auto"
-    progress: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.maps, str):
@@ -72,7 +57,7 @@ class LocalizeConfig:
             raise ConfigError(f"maps: {self.maps} lists a map twice")
         for m in self.maps:
             parse_method(map_method(m))
-        check_run_settings(self)
+        super().__post_init__()
         if self.overlays < 0:
             raise ConfigError(f"overlays must be >= 0, got {self.overlays}")
 
