@@ -135,7 +135,7 @@ def test_gradient_accumulation_equals_the_mean_gradient(dataset, tmp_path):
 
 
 def test_two_processes_equal_one_with_accumulation(dataset, tmp_path):
-    common = dict(TINY, data=dataset, epochs=2, heads="mean,abmilp", lrs="1.0")
+    common = dict(TINY, data=dataset, epochs=2, heads="mean,abmilp,attn-mean", lrs="1.0")
     single = _cli(_flags(**common, out=tmp_path / "one", accum_iter=2))
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
