@@ -23,6 +23,11 @@ def _percentile(data: list[float], q: float) -> float:
     return statistics.quantiles(data, n=100, method="inclusive")[int(q) - 1] if len(data) > 1 else data[0]
 
 
+def _cpu_name(machine: dict) -> str:
+    """The CPU model recorded by pytest-benchmark (py-cpuinfo's brand), else the platform's machine name."""
+    return (machine.get("cpu") or {}).get("brand_raw") or machine.get("processor") or platform.machine()
+
+
 def rows_from(results: dict) -> list[dict]:
     import torch
 
@@ -70,7 +75,7 @@ def rows_from(results: dict) -> list[dict]:
                 "torch": torch.__version__,
                 "triton": triton_version,
                 "beyond_cls": beyond_cls.__version__,
-                "cpu": platform.processor() or platform.machine(),
+                "cpu": _cpu_name(results.get("machine_info", {})),
                 "date": results.get("datetime", "")[:10],
             })
     return rows
