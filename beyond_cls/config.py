@@ -71,17 +71,11 @@ def _default_num_workers() -> int:
 
 
 @dataclass(kw_only=True)
-class StreamSettings:
-    """The encoder and run settings of the jobs that stream a dataset split through encoders for selection
-    vectors (``aggregations``, ``localize``); keyword-only, checked by :func:`check_run_settings`."""
+class RunSettings:
+    """The run settings every dataset-streaming job shares (``analyze``, ``aggregations``, ``localize``);
+    keyword-only, checked by :func:`check_run_settings`."""
 
-    model: str | None = None
-    checkpoint: str | None = None
-    checkpoint_format: str = "auto"
-    arch: str | None = None
-    source: str | None = None
     weights_dir: str | None = None
-    dataset: str = "imagefolder"
     split: str = "val"
     img_size: int = 224
     batch_size: int = 64
@@ -93,3 +87,16 @@ class StreamSettings:
 
     def __post_init__(self) -> None:
         check_run_settings(self)
+
+
+@dataclass(kw_only=True)
+class StreamSettings(RunSettings):
+    """:class:`RunSettings` plus one encoder and a dataset adapter: the jobs that stream a split through encoders
+    for selection vectors (``aggregations``, ``localize``)."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    checkpoint_format: str = "auto"
+    arch: str | None = None
+    source: str | None = None
+    dataset: str = "imagefolder"

@@ -214,10 +214,10 @@ def test_every_triton_config_matches_reference(config, monkeypatch):
     _assert_close_to_reference("triton", monkeypatch, *_inputs(3, 150, 200, 3, True, torch.float32), tol=2e-5)
 
 
+@pytest.mark.skipif(DEVICE == "cuda" or "triton" not in BACKENDS,
+                    reason="on CUDA the autotuners are meant to run; only the interpreter skips them")
 def test_triton_interpreter_does_not_autotune(monkeypatch):
     """Under TRITON_INTERPRET=1 every launch runs INTERPRET_CONFIG: the autotuners are never called."""
-    if DEVICE == "cuda" or "triton" not in BACKENDS:
-        pytest.skip("only the interpreter skips autotuning")
     from beyond_cls.kernels import abmilp
 
     _run("triton", monkeypatch, *_inputs(2, 40, 48, 2, True, torch.float32))

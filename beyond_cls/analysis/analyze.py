@@ -7,7 +7,7 @@ import os
 import re
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,8 +18,8 @@ from tqdm import tqdm
 from beyond_cls.analysis.plots import plot_information_flow
 from beyond_cls.analysis.recorder import AttentionRecorder
 from beyond_cls.analysis.summary import AttentionSummary
-from beyond_cls.config import ConfigError, check_run_settings
-from beyond_cls.data import ImageFolderDataset, default_num_workers, make_loader
+from beyond_cls.config import ConfigError, RunSettings
+from beyond_cls.data import ImageFolderDataset, make_loader
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
 from beyond_cls.models import load_encoder
 from beyond_cls.runtime import autocast, resolve_device
@@ -47,7 +47,7 @@ class EncoderSpec:
 
 
 @dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(RunSettings):
     """What ``beyond-cls analyze`` runs; every field is also a CLI flag and a YAML key.
 
     ``model`` is one name or a list of names analyzed on the same images. ``checkpoint``,
@@ -62,18 +62,9 @@ class AnalyzeConfig:
     checkpoint_format: PerModel = "auto"
     arch: PerModel = None
     source: PerModel = None
-    weights_dir: str | None = None
-    split: str = "val"
-    img_size: int = 224
-    batch_size: int = 64
-    max_images: int | None = None
-    num_workers: int = field(default_factory=default_num_workers)
-    device: str = "auto"
-    precision: str = "auto"
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        check_run_settings(self)
+        super().__post_init__()
         if _is_list(self.model) and len(self.model) == 1:
             self.model = self.model[0]
         if not _is_list(self.model):  # one model: plain values, as a single-model config always had
