@@ -44,6 +44,7 @@ __all__ = [
     "Method",
     "ProbeHead",
     "SelectionRunner",
+    "attention_queries",
     "attention_selection",
     "center_patch",
     "entropy",
@@ -131,6 +132,13 @@ def center_patch(grid_size: tuple[int, int]) -> int:
     """Index of the central patch among the patches: ``(gh // 2) * gw + gw // 2`` (see the module docstring)."""
     gh, gw = grid_size
     return (gh // 2) * gw + gw // 2
+
+
+def attention_queries(info) -> tuple[int, ...]:
+    """Token indices whose last-block attention rows the attention methods read: [cls] (when the encoder has
+    one) and the central patch, in the order :func:`attention_selection` expects; ``info`` an EncoderInfo."""
+    centre = info.num_prefix_tokens + center_patch(tuple(info.grid_size))
+    return (0, centre) if info.has_class_token else (centre,)
 
 
 def entropy(sel: Tensor) -> Tensor:
@@ -407,8 +415,7 @@ class SelectionRunner:
     def _run(self, enc: _Encoder, images: Tensor) -> dict[str, Tensor]:
         model, info = enc.model, enc.model.beyond_cls_info
         x = (images - enc.mean) / enc.std
-        centre = info.num_prefix_tokens + center_patch(info.grid_size)
-        keep = (0, centre) if info.has_class_token else (centre,)
+        keep = attention_queries(info)
         captured: dict[int, Tensor] = {}
         hooks = []
         blocks = {len(model.blocks) - 1 if h.block in (None, -1) else h.block for _, h in enc.heads}

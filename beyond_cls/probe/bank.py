@@ -35,7 +35,9 @@ from beyond_cls.config import ConfigError
 from beyond_cls.heads import AbMILP, AttentivePool, ClsToken, LinearProbe, MeanPatch, SelectionPool, SelfAttentionAbMILP
 from beyond_cls.selection import ATTENTION_METHODS, entropy, parse_method
 
-__all__ = ["HeadBank", "HeadEntry", "build_aggregation", "head_key", "is_selection_spec", "parse_heads"]
+__all__ = [
+    "HeadBank", "HeadEntry", "build_aggregation", "head_key", "is_selection_spec", "parse_heads", "selection_specs",
+]
 
 _ACTS = ("relu", "gelu", "tanh")
 
@@ -52,6 +54,11 @@ class HeadEntry:
 def is_selection_spec(spec: str) -> bool:
     """Whether ``spec`` is a non-trainable aggregation whose weights come with the tokens."""
     return spec in ATTENTION_METHODS or spec.startswith("guide:")
+
+
+def selection_specs(specs: list[str]) -> list[str]:
+    """The distinct non-trainable specs among ``specs``, in order: the order their weights arrive in."""
+    return list(dict.fromkeys(s for s in specs if is_selection_spec(s)))
 
 
 def head_key(spec: str, blr: float) -> str:
@@ -190,7 +197,7 @@ class HeadBank(nn.Module):
                 torch.manual_seed(_head_seed(seed, entry.spec))
                 agg = build_aggregation(entry.spec, dim, num_prefix_tokens, has_class_token)
                 self.heads[entry.key] = LinearProbe(agg, agg.out_dim, num_classes)
-        self.selections: list[str] = list(dict.fromkeys(e.spec for e in self.entries if is_selection_spec(e.spec)))
+        self.selections = selection_specs(specs)
         self._selection_of = {e.key: self.selections.index(e.spec) for e in self.entries if is_selection_spec(e.spec)}
         self._pool = SelectionPool(dim, num_prefix_tokens)
 

@@ -28,7 +28,7 @@ from beyond_cls.data import SyntheticConfig, ViewDataset, build_dataset, make_sy
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.models import load_encoder
 from beyond_cls.optim import LARS
-from beyond_cls.probe.bank import HeadBank, is_selection_spec, parse_heads
+from beyond_cls.probe.bank import HeadBank, parse_heads, selection_specs
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.sampler import TrainBatchSampler
 from beyond_cls.probe.selections import SelectionSource
@@ -66,7 +66,7 @@ class BenchProbeConfig:
             raise ConfigError("warmup and num_workers must be >= 0")
         if self.decode not in ("cpu", "gpu"):
             raise ConfigError(f"decode must be cpu or gpu, got {self.decode!r}")
-        fixed = [s for s in parse_heads(self.heads) if is_selection_spec(s)]
+        fixed = selection_specs(parse_heads(self.heads))
         if fixed and self.baseline:
             raise ConfigError(f"the baseline trains one trainable head per run; {', '.join(fixed)} have none "
                               "(measure them with --no-baseline)")
@@ -184,7 +184,7 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     torch.manual_seed(0)
     tokens_only = TokenSource(load_encoder(cfg.model, cfg.checkpoint, img_size=cfg.img_size)).to(device)
     info = tokens_only.encoder.beyond_cls_info
-    source = SelectionSource(tokens_only, [s for s in specs if is_selection_spec(s)], info.mean or IMAGENET_MEAN,
+    source = SelectionSource(tokens_only, selection_specs(specs), info.mean or IMAGENET_MEAN,
                              info.std or IMAGENET_STD, img_size=cfg.img_size, device=device)
     bank = HeadBank(specs, [0.1], info.embed_dim, cfg.num_classes, info.num_prefix_tokens,
                     info.has_class_token).to(device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,28 +65,10 @@ class FeatureCache:
     def complete(self, split: str, view: int) -> bool:
         return (self.dir / f"{self._name(split, view)}.done").exists()
 
-    def build(
-        self,
-        split: str,
-        view: int,
-        num_samples: int,
-        token_shape: tuple[int, ...],
-        batches: Iterable[tuple[Tensor, Tensor]],
-        env: DistEnv,
-        progress: Callable[[Iterable], Iterable] = lambda x: x,
-    ) -> None:
-        """Write one shard from ``batches`` of (sample indices kept, tokens [b, *token_shape]) of this process.
-
-        Every process writes its own rows into the shared file; indices never yielded (bad images
-        skipped) stay invalid. Collective: all processes must call it.
-        """
-        writer = self.writer(split, view, num_samples, token_shape, env)
-        for indices, tokens in progress(batches):
-            writer.write(indices, tokens)
-        writer.close()
-
     def writer(self, split: str, view: int, num_samples: int, row_shape: tuple[int, ...], env: DistEnv) -> ShardWriter:
-        """Open one shard for writing (collective), e.g. to fill several caches from one encoder pass."""
+        """Open one shard for writing (collective): each process writes its own rows into the shared file, then
+        :meth:`ShardWriter.close`; indices never written (bad images skipped) stay invalid. Several caches can
+        be filled from one encoder pass."""
         return ShardWriter(self, self._name(split, view), (num_samples, *row_shape), env)
 
     def _open(self, split: str, view: int) -> tuple[np.memmap, np.ndarray]:

@@ -18,17 +18,18 @@ from beyond_cls.data.datasets import build_dataset
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.data.views import ViewDataset
 from beyond_cls.models import load_encoder
-from beyond_cls.probe.bank import HeadBank, is_selection_spec, parse_heads
+from beyond_cls.probe.bank import HeadBank, parse_heads, selection_specs
 from beyond_cls.probe.cache import FeatureCache, fingerprint_file
 from beyond_cls.probe.config import ProbeConfig
 from beyond_cls.probe.distributed import DistEnv, init_distributed
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.logs import format_table, write_csv, write_json_atomic
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
-from beyond_cls.probe.selections import SelectionSource, guide_files
+from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.streams import CachedStream, EncoderStream, make_loader, target_tensor
 from beyond_cls.probe.trainer import ProbeTrainer
 from beyond_cls.runtime import autocast
+from beyond_cls.selection import parse_method
 
 __all__ = ["RESULTS_FILE", "run", "summarize"]
 
@@ -132,16 +133,16 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         decode=cfg.decode,
         skip_bad_images=cfg.skip_bad_images,
     )
-    selection_specs = list(dict.fromkeys(s for s in specs if is_selection_spec(s)))  # HeadBank.selections order
+    selections = selection_specs(specs)  # HeadBank.selections
     source = SelectionSource(
-        tokens_only, selection_specs, view_kwargs["mean"], view_kwargs["std"], img_size=cfg.img_size,
+        tokens_only, selections, view_kwargs["mean"], view_kwargs["std"], img_size=cfg.img_size,
         weights_dir=cfg.weights_dir, device=env.device,
     )
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {**asdict(cfg), "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective}
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    shapes = [(info.num_tokens, info.embed_dim)] + [(info.num_patches,)] * len(selection_specs)
+    shapes = [(info.num_tokens, info.embed_dim)] + [(info.num_patches,)] * len(selections)
     fingerprint = {
         "model": cfg.model, "weights": fingerprint_file(cfg.checkpoint), "format": cfg.checkpoint_format,
         "img_size": cfg.img_size, "block": source_block(tokens_only), "final_norm": info.final_norm,
@@ -159,7 +160,7 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         )
         val_sampler = EvalBatchSampler(len(val_set), cfg.batch_size, env.world_size, env.rank)
         if cfg.cache is not None:
-            split_caches = _caches(cfg, fingerprint, seed, selection_specs)
+            split_caches = _caches(cfg, fingerprint, seed, selections)
             for split, views, count in (("train", train_views, cfg.views() or 1), ("val", val_views, 1)):
                 for view in range(count):
                     todo = [c.of(split) for c in split_caches]
@@ -221,12 +222,12 @@ class _SplitCaches:
         return self.of(split).read(split, view, indices)
 
 
-def _caches(cfg: ProbeConfig, fingerprint: dict[str, Any], seed: int, selection_specs: list[str]) -> list[_SplitCaches]:
+def _caches(cfg: ProbeConfig, fingerprint: dict[str, Any], seed: int, selections: list[str]) -> list[_SplitCaches]:
     """The tokens' caches, then one per non-trainable head (float32 selections, keyed by the spec and guide
     weights too, so adding such a head to a cached run extracts its selections and reuses the tokens)."""
     out = []
-    for spec in [None, *selection_specs]:
-        extra = {} if spec is None else {"selection": spec, "guide": fingerprint_file(guide_files([spec]).get(spec))}
+    for spec in [None, *selections]:
+        extra = {} if spec is None else {"selection": spec, "guide": fingerprint_file(parse_method(spec).checkpoint)}
         dtype = cfg.cache_dtype if spec is None else "fp32"
         out.append(_SplitCaches(
             FeatureCache(cfg.cache, {**fingerprint, **extra, "split": "train", "seed": seed}, dtype),

@@ -20,18 +20,13 @@ from beyond_cls.analysis.row_capture import RowCapture
 from beyond_cls.config import ConfigError
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.models.loader import encoder_info
-from beyond_cls.selection import Method, attention_selection, center_patch, parse_method
+from beyond_cls.selection import Method, attention_queries, attention_selection, parse_method
 
-__all__ = ["SelectionSource", "guide_files"]
+__all__ = ["SelectionSource"]
 
 
 def _norm(values: Sequence[float] | None, default: Sequence[float], device: torch.device) -> Tensor:
     return torch.tensor(tuple(values or default), dtype=torch.float32, device=device).view(1, 3, 1, 1)
-
-
-def guide_files(specs: Sequence[str]) -> dict[str, str | None]:
-    """spec -> the guide's weights file (None: none given) for every ``guide:`` spec."""
-    return {s: parse_method(s).checkpoint for s in specs if s.startswith("guide:")}
 
 
 @dataclass
@@ -75,9 +70,8 @@ class SelectionSource(nn.Module):
         self.mean, self.std = _norm(mean, IMAGENET_MEAN, device), _norm(std, IMAGENET_STD, device)
         self.capture: RowCapture | None = None
         if any(m.kind != "guide" for m in self.methods):
-            centre = info.num_prefix_tokens + center_patch(self.grid_size)
-            queries = (0, centre) if info.has_class_token else (centre,)
-            self.capture = RowCapture(encoder, queries, block=-1, num_prefix_tokens=info.num_prefix_tokens).install()
+            queries = attention_queries(info)
+            self.capture = RowCapture(encoder, queries, num_prefix_tokens=info.num_prefix_tokens).install()
         self.guides: dict[str, _Guide] = {}
         for m in self.methods:
             if m.kind == "guide":
@@ -96,7 +90,7 @@ class SelectionSource(nn.Module):
         if tuple(info.grid_size) != self.grid_size:
             raise ConfigError(f"head {method.name}: the guide sees a {tuple(info.grid_size)} patch grid, the probed "
                               f"encoder {self.grid_size}; use a guide with the same patch and image size")
-        capture = RowCapture(model, (0,), block=-1, num_prefix_tokens=info.num_prefix_tokens).install()
+        capture = RowCapture(model, (0,), num_prefix_tokens=info.num_prefix_tokens).install()
         same = (tuple(info.mean or IMAGENET_MEAN), tuple(info.std or IMAGENET_STD)) == self._norm_values
         return _Guide(model, capture, _norm(info.mean, IMAGENET_MEAN, device), _norm(info.std, IMAGENET_STD, device),
                       same)
