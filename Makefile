@@ -28,7 +28,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
-# CPU kernel benchmarks, side by side; the table lands in benchmarks/results/ (GPU: benchmarks/gpu_suite.sh)
+# CPU kernel benchmarks, side by side; the table lands in benchmarks/results/ (GPU: benchmarks/device.sh)
 bench: install
 	mkdir -p build
 	for op in attention abmilp; do \

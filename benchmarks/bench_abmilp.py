@@ -1,10 +1,11 @@
-"""AbMILP pooling fwd+bwd: fused vs eager autograd (and torch.compile'd eager on GPU), side by side.
+"""AbMILP pooling fwd(+bwd): fused vs eager autograd (and torch.compile'd eager on GPU), side by side.
 
 CPU: ViT-B shapes (B=64, N=196, D=768, K=1), the C++ kernels, frozen tokens (no token gradient), the
 probe's case. GPU (skipped without CUDA): B=1024, N=196, D=768/1024/1280, K=1 and 8, bf16 tokens,
-the Triton kernels; ``extra_info`` carries the bytes each pass must move so the report can state
-GB/s against the device's bandwidth, measured in the same run by the ``copy`` case (and on CPU by
-``read``: two plain read passes over the tokens, ``tokens.sum()`` twice, the floor of fwd+bwd).
+the Triton kernels, forward alone and forward + backward; ``extra_info`` carries the bytes each pass
+must move so the report can state GB/s against the device's bandwidth, measured in the same run by
+the ``copy`` case (and on CPU by ``read``: two plain read passes over the tokens, ``tokens.sum()``
+twice, the floor of fwd+bwd).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _inputs(b, n, d, k, dtype, device):
     return tokens, weight, bias
 
 
-def _step(impl: str, device: str):
+def _step(impl: str, backward: bool):
     pool = {
         "fused": lambda t, w, b: ops.abmilp_pool(t, w, b),
         "eager": lambda t, w, b: reference.abmilp_pool(t, w, b),
@@ -36,12 +37,13 @@ def _step(impl: str, device: str):
 
     def step(tokens, weight, bias):
         pooled, _ = fn(tokens, weight, bias)
-        pooled.float().sum().backward()
+        if backward:
+            pooled.float().sum().backward()
 
     return step
 
 
-def _run(benchmark, impl, shape, dtype, device, rounds):
+def _run(benchmark, impl, shape, dtype, device, rounds, backward=True):
     b, n, d, k = shape
     tokens, weight, bias = _inputs(b, n, d, k, dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -56,12 +58,14 @@ def _run(benchmark, impl, shape, dtype, device, rounds):
             tokens.sum()
             tokens.sum()
     else:
-        step = _step(impl, device)
+        step = _step(impl, backward)
     token_bytes = tokens.numel() * tokens.element_size()
     benchmark.extra_info.update(
         shape=list(shape), dtype=str(dtype).removeprefix("torch."),
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        bytes=2 * token_bytes,  # fwd+bwd and `read` read the tokens twice; a copy reads and writes once
+        # fwd+bwd and `read` read the tokens twice, fwd once; a copy reads and writes them once
+        bytes=token_bytes if impl not in ("copy", "read") and not backward else 2 * token_bytes,
+        **({"pass": "fwd+bwd" if backward else "fwd"} if impl not in ("copy", "read") else {}),
         threads=torch.get_num_threads(),
     )
 
@@ -83,6 +87,7 @@ def test_abmilp_cpu(benchmark, monkeypatch, name, impl):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["fused", "eager", "compiled", "copy"])
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
-def test_abmilp_gpu(benchmark, name, impl):
-    benchmark.group = f"abmilp-gpu-{name}"
-    _run(benchmark, impl, GPU_SHAPES[name], torch.bfloat16, "cuda", rounds=50)
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_abmilp_gpu(benchmark, pass_, name, impl):
+    benchmark.group = f"abmilp-gpu-{pass_}-{name}"
+    _run(benchmark, impl, GPU_SHAPES[name], torch.bfloat16, "cuda", rounds=50, backward=pass_ == "fwd+bwd")

@@ -59,10 +59,14 @@ def rows_from(results: dict) -> list[dict]:
                 speedups = " ".join(
                     f"{other}={impls[other]['median_ms'] / r['median_ms']:.3g}" for other in impls if other != "fused"
                 )
+                copy = impls.get("copy")
+                if copy is not None and "bytes" in extra and "bytes" in copy["extra"]:  # bandwidth over the copy's
+                    fraction = (extra["bytes"] / r["median_ms"]) / (copy["extra"]["bytes"] / copy["median_ms"])
+                    speedups += f" bandwidth/copy={fraction:.0%}"
             rows.append({
                 "group": group,
                 "impl": impl,
-                "shape": "x".join(str(x) for x in extra.get("shape", [])),
+                "shape": " ".join(["x".join(str(x) for x in extra.get("shape", []))] + [extra.get("pass", "")]).strip(),
                 "dtype": extra.get("dtype", ""),
                 "median_ms": round(r["median_ms"], 4),
                 "p20_ms": round(r["p20_ms"], 4),

@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_probe.add_argument("--model", help="timm ViT name (default vit_base_patch16_224)")
     bench_probe.add_argument("--checkpoint", help="encoder weights (local path)")
     bench_probe.add_argument("--heads", help="head specs as for probe (default cls,mean,abmilp,abmilp+cls)")
+    bench_probe.add_argument("--lrs", help="base learning rates; the bank trains heads × lrs (default 0.1)")
     bench_probe.add_argument("--data", help="dataset root for the loader measurement (default: the synthetic set)")
     bench_probe.add_argument("--dataset", help="dataset adapter of --data (default imagefolder)")
     bench_probe.add_argument("--img-size", type=_positive_int, help="input resolution (default 224)")

@@ -26,6 +26,9 @@ __all__ = ["AttentionRows", "BACKENDS", "abmilp_pool", "attention_with_stats", "
 _POOLING_OPS = ("abmilp_pool", "softmax_pool")
 _CPP_OPS = {"attention_with_stats": "attention_with_stats", "abmilp_pool": "abmilp_forward",
             "softmax_pool": "softmax_pool_forward"}
+# A fact of the installation, looked up once: importlib.util.find_spec cannot be traced by
+# torch.compile (torch 2.11 graph-breaks on it), and _unavailable runs inside compiled regions.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _forced_backend() -> str | None:
@@ -53,7 +56,7 @@ def _unavailable(backend: str, op: str, device: torch.device, dtype: torch.dtype
         if not _extension.has_op(_CPP_OPS[op]):
             return f"the C++ extension was built without {_CPP_OPS[op]} (rebuild it)"
         return None
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "triton is not installed"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {device.type}"

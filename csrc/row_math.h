@@ -3,13 +3,38 @@
 // architecture-specific intrinsics or flags; exp of float is a branch-free polynomial.
 #pragma once
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <utility>
+#if __cplusplus >= 202002L
+#include <bit>
+#endif
 
 namespace beyond_cls {
+
+// std::bit_cast where the standard library has it (C++20); torch releases before C++20 build
+// extensions with -std=c++17, where the compiler builtin (GCC >= 11, Clang >= 9) or memcpy serves.
+template <typename To, typename From>
+inline To bit_cast(const From& from) noexcept {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs equal sizes");
+#if defined(__cpp_lib_bit_cast)
+  return std::bit_cast<To>(from);
+#elif defined(__has_builtin)
+#if __has_builtin(__builtin_bit_cast)
+  return __builtin_bit_cast(To, from);
+#else
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+#endif
+#else
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+#endif
+}
 
 // e^x for x <= 0 (shifted logits) within ~2 ulp; x < -87.3 (results below FLT_MIN) and -inf give 0.
 // Also exact to ~2 ulp for small positive x (up to 88: the AbMILP forward's lazy rescale uses x <= 8).
@@ -21,7 +46,7 @@ inline float exp_nonpositive(float x) {
   constexpr float kShifter = 12582912.0f;  // 1.5·2^23: adding it rounds to the nearest integer
   const float shifted = x * 1.44269504088896341f + kShifter;
   const float n = shifted - kShifter;
-  const int32_t ni = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kShifter);
+  const int32_t ni = bit_cast<int32_t>(shifted) - bit_cast<int32_t>(kShifter);
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -31,7 +56,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return std::bit_cast<float>(std::bit_cast<int32_t>(p) + (ni << 23)) * keep;
+  return bit_cast<float>(bit_cast<int32_t>(p) + (ni << 23)) * keep;
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }

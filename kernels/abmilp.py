@@ -5,8 +5,9 @@ program per chunk of D pools ``Σ_n softmax_n(logits) z_n`` (a second pass; the 
 stays in L2). Backward: one pass per token tile computes ``dl = s·(g·z − g·pooled)`` and, only when
 the tokens need a gradient, ``dz = sᵀg + dlᵀW``; the weight gradient ``Σ dl·z`` is a split-K
 reduction over (batch, token) tiles. Accumulation is float32; float32 operands meeting
-low-precision tokens are split into hi + lo parts (two tensor-core dots), so results stay
-float32-accurate; fp32 tokens use IEEE dots.
+low-precision tokens are split into parts (two tensor-core dots for fp16, three for bf16), so
+results stay float32-accurate; dots of fp32 operands run in 3xTF32 on a GPU (float32-accurate; IEEE in the
+interpreter, and for float64 tokens), see ``beyond_cls.kernels.fp32_dot_precision``.
 """
 
 from __future__ import annotations
@@ -16,23 +17,26 @@ import os
 import torch
 import triton
 import triton.language as tl
+from beyond_cls.kernels import GPU_FP32_DOT, fp32_dot_precision
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: exact tests
 MAX_BRANCHES = 16
 # Launch configs (BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel. On a GPU each kernel is
 # autotuned over its list, per (N, D, K_PAD, flags, dtypes); CI compiles every one ahead of time for
-# sm_80 and sm_90 (aot_specializations), and each fits their shared memory for bf16 and fp32
-# tokens. The kernels are memory-bound: the configs trade the tile's shape (more tokens or more
-# features per load; N = 196 fills 64-token tiles to 77 %, 32-token ones to 88 %) against bytes in
-# flight per SM (warps × stages). The first config of each list is the former fixed one.
+# sm_80 and sm_90 (aot_specializations), and each fits their shared memory for bf16 and fp32 tokens
+# (3xTF32 dots: pool at (128, 64, 4, 4) and wgrad at (128, 128, 8, 3) did not fit an A100's, so they
+# have one stage less); for fp64 tokens (exact tests only) at least one per kernel does. The
+# kernels are memory-bound: the configs trade the tile's shape (more tokens or more features per
+# load; N = 196 fills 64-token tiles to 77 %, 32-token ones to 88 %) against bytes in flight per SM
+# (warps × stages). The first config of each list is the former fixed one.
 # No kernel accumulates into its outputs (the weight gradient's split reduction stores one partial
 # per split, summed afterwards), so rerunning a launch while tuning is idempotent: no
 # reset_to_zero / restore_value is needed.
 CONFIGS = {
     "logits": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 64, 8, 4)],
-    "pool": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 64, 4, 4)],
+    "pool": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 64, 4, 3)],
     "pool_bwd": [(64, 128, 4, 3), (32, 128, 4, 4), (128, 64, 8, 3)],
-    "wgrad": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 128, 8, 3)],
+    "wgrad": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 128, 8, 2)],
 }
 # Under TRITON_INTERPRET=1 (CPU tests) one small config runs: autotuning would only time numpy.
 INTERPRET_CONFIG = (32, 64, 4, 1)
@@ -42,33 +46,45 @@ _WGRAD_MIN_BLOCK_N = min([cfg[0] for cfg in CONFIGS["wgrad"]] + [INTERPRET_CONFI
 
 
 @triton.jit
-def _split_dot(x, t, X_LEFT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _split_dot(x, t, X_LEFT: tl.constexpr, WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """x @ t (X_LEFT) or t @ x, float32 accumulation, where t holds tokens and x is float32.
 
-    Low-precision tokens: x is split into hi + lo parts in the tokens' dtype, so two tensor-core
-    dots give float32-accurate products (the kernels are memory-bound; the second dot is free).
-    fp32 tokens: one IEEE dot. UPCAST: the interpreter, which cannot multiply bf16 matrices."""
-    if IEEE or UPCAST:
+    Low-precision tokens: x is split into parts in the tokens' dtype whose tensor-core dots sum to
+    float32-accurate products (the kernels are memory-bound; the extra dots are free): hi + lo for
+    fp16 (11 + 11 significant bits), hi + mid + lo for bf16 (8 + 8 + 8; hi + lo alone leaves 2^-17
+    relative errors, which the weight and bias gradients' sums over tokens turn into ~1e-4).
+    WIDE (fp32 / fp64 tokens): one dot in x's dtype at ``input_precision`` PRECISION ("tf32x3" for
+    fp32 on a GPU, "ieee" in the interpreter and for fp64). UPCAST: the interpreter, which cannot
+    multiply bf16 matrices (PRECISION is "ieee" there)."""
+    if WIDE or UPCAST:
         if X_LEFT:
-            return tl.dot(x, t.to(x.dtype), input_precision="ieee")
+            return tl.dot(x, t.to(x.dtype), input_precision=PRECISION)
         else:
-            return tl.dot(t.to(x.dtype), x, input_precision="ieee")
+            return tl.dot(t.to(x.dtype), x, input_precision=PRECISION)
     else:
         hi = x.to(t.dtype)
-        lo = (x - hi.to(x.dtype)).to(t.dtype)
+        rest = x - hi.to(x.dtype)
+        lo = rest.to(t.dtype)
         if X_LEFT:
-            return tl.dot(hi, t) + tl.dot(lo, t)
+            acc = tl.dot(hi, t) + tl.dot(lo, t)
         else:
-            return tl.dot(t, hi) + tl.dot(t, lo)
+            acc = tl.dot(t, hi) + tl.dot(t, lo)
+        if t.dtype == tl.bfloat16:
+            lo2 = (rest - lo.to(x.dtype)).to(t.dtype)
+            if X_LEFT:
+                acc += tl.dot(lo2, t)
+            else:
+                acc += tl.dot(t, lo2)
+        return acc
 
 
 @triton.jit
 def _abmilp_logits_kernel(
     Z, W, Bias, Logits,
-    stride_zb, stride_zn, stride_zd, stride_wk, stride_wd,
+    stride_zb, stride_zn, stride_zd, stride_wk, stride_wd, stride_bk,
     N, D, K,
     K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """logits[b, k, n] = z[b, n]·W[k] + bias[k] for one tile of tokens (all K branches)."""
     pid_n = tl.program_id(0)
@@ -86,8 +102,8 @@ def _abmilp_logits_kernel(
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         w_t = tl.load(W + offs_k[None, :] * stride_wk + offs_d[:, None] * stride_wd,
                       mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        acc += _split_dot(w_t.to(acc_t), z, False, IEEE, UPCAST)
-    acc += tl.load(Bias + offs_k, mask=k_ok, other=0.0).to(acc_t)[None, :]
+        acc += _split_dot(w_t.to(acc_t), z, False, WIDE, UPCAST, PRECISION)
+    acc += tl.load(Bias + offs_k * stride_bk, mask=k_ok, other=0.0).to(acc_t)[None, :]  # [K] any stride, 0 too
     tl.store(Logits + b * K * N + offs_k[None, :] * N + offs_n[:, None], acc, mask=n_ok[:, None] & k_ok[None, :])
 
 
@@ -119,7 +135,7 @@ def _softmax_pool_fwd_kernel(
     stride_zb, stride_zn, stride_zd, stride_mb, stride_mn,
     N, D, K,
     HAS_MASK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """pooled[b, :, chunk] = Σ_n softmax(logits[b])[:, n] z[b, n, chunk]; chunk 0 also writes scores."""
     pid_d = tl.program_id(0)
@@ -148,7 +164,7 @@ def _softmax_pool_fwd_kernel(
                      mask=k_ok[:, None] & n_ok[None, :])
         z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += _split_dot(s, z, True, IEEE, UPCAST)
+        acc += _split_dot(s, z, True, WIDE, UPCAST, PRECISION)
     tl.store(Pooled + b * K * D + offs_k[:, None] * D + offs_d[None, :], acc.to(Pooled.dtype.element_ty),
              mask=k_ok[:, None] & d_ok[None, :])
 
@@ -160,7 +176,7 @@ def _softmax_pool_bwd_kernel(
     N, D, K,
     HAS_GS: tl.constexpr, HAS_WEIGHT: tl.constexpr, TOKENS_GRAD: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dl = s·(g·z − g·pooled) [+ s·(gs − Σ s·gs)] for one token tile; dz = sᵀg [+ dlᵀW] if needed."""
     pid_n = tl.program_id(0)
@@ -177,7 +193,7 @@ def _softmax_pool_bwd_kernel(
         z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         g_t = tl.load(g_row + offs_k[None, :] * D + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        gz += _split_dot(g_t, z, False, IEEE, UPCAST)
+        gz += _split_dot(g_t, z, False, WIDE, UPCAST, PRECISION)
     tile = b * K * N + offs_k[None, :] * N + offs_n[:, None]  # [BLOCK_N, K_PAD] view of [B, K, N]
     tile_ok = n_ok[:, None] & k_ok[None, :]
     s = tl.load(Scores + tile, mask=tile_ok, other=0.0)
@@ -193,11 +209,11 @@ def _softmax_pool_bwd_kernel(
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
             g = tl.load(g_row + offs_k[:, None] * D + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            dz = tl.dot(s, g, input_precision="ieee")
+            dz = tl.dot(s, g, input_precision=PRECISION)
             if HAS_WEIGHT:
                 w = tl.load(W + offs_k[:, None] * stride_wk + offs_d[None, :] * stride_wd,
                             mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                dz += tl.dot(dl, w.to(dl.dtype), input_precision="ieee")
+                dz += tl.dot(dl, w.to(dl.dtype), input_precision=PRECISION)
             tl.store(DZ + b * N * D + offs_n[:, None] * D + offs_d[None, :], dz.to(DZ.dtype.element_ty),
                      mask=n_ok[:, None] & d_ok[None, :])
 
@@ -208,7 +224,7 @@ def _weight_grad_kernel(
     stride_zb, stride_zn, stride_zd,
     B, N, D, K, SPLITS,
     K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """partial[split, k, chunk] = Σ over this split's (b, token tile) pairs of dlᵀ·z (0 if it has none)."""
     pid_d = tl.program_id(0)
@@ -227,7 +243,7 @@ def _weight_grad_kernel(
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += _split_dot(dl, z, True, IEEE, UPCAST)
+        acc += _split_dot(dl, z, True, WIDE, UPCAST, PRECISION)
     tl.store(Partial + split * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=k_ok[:, None] & d_ok[None, :])
 
 
@@ -240,7 +256,11 @@ def _k_pad(k: int) -> int:
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
-    return dict(IEEE=dtype in (torch.float32, torch.float64), UPCAST=_interpreting() and dtype == torch.bfloat16)
+    """WIDE: fp32/fp64 tokens (one dot in the accumulation dtype); UPCAST: bf16 in the interpreter;
+    PRECISION: ``input_precision`` of dots on fp32 operands (fp64 ones are always IEEE)."""
+    precision = "ieee" if dtype == torch.float64 else fp32_dot_precision()
+    return dict(WIDE=dtype in (torch.float32, torch.float64), UPCAST=_interpreting() and dtype == torch.bfloat16,
+                PRECISION=precision)
 
 
 def _acc(tokens: torch.Tensor) -> torch.dtype:
@@ -249,11 +269,11 @@ def _acc(tokens: torch.Tensor) -> torch.dtype:
 
 # kernel name -> (jit kernel, autotune key); the key adds the tensor arguments' dtypes itself
 _KERNELS = {
-    "logits": (_abmilp_logits_kernel, ["N", "D", "K_PAD", "IEEE", "UPCAST"]),
-    "pool": (_softmax_pool_fwd_kernel, ["N", "D", "K_PAD", "HAS_MASK", "IEEE", "UPCAST"]),
+    "logits": (_abmilp_logits_kernel, ["N", "D", "K_PAD", "WIDE", "UPCAST", "PRECISION"]),
+    "pool": (_softmax_pool_fwd_kernel, ["N", "D", "K_PAD", "HAS_MASK", "WIDE", "UPCAST", "PRECISION"]),
     "pool_bwd": (_softmax_pool_bwd_kernel,
-                 ["N", "D", "K_PAD", "HAS_GS", "HAS_WEIGHT", "TOKENS_GRAD", "IEEE", "UPCAST"]),
-    "wgrad": (_weight_grad_kernel, ["N", "D", "K_PAD", "IEEE", "UPCAST"]),
+                 ["N", "D", "K_PAD", "HAS_GS", "HAS_WEIGHT", "TOKENS_GRAD", "WIDE", "UPCAST", "PRECISION"]),
+    "wgrad": (_weight_grad_kernel, ["N", "D", "K_PAD", "WIDE", "UPCAST", "PRECISION"]),
 }
 _AUTOTUNED = {
     name: triton.autotune(
@@ -295,6 +315,10 @@ def _pool(tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None)
     # float32 like the scores: exact for the probe's head and for g·pooled in the backward
     pooled = torch.empty((b, k, d), dtype=_acc(tokens), device=tokens.device)
     scores = torch.empty((b, k, n), dtype=_acc(tokens), device=tokens.device)
+    if mask is not None and tokens.dtype == torch.float64:
+        # an 8-bit mask feeding the float64 scores makes Triton (3.6 to 3.8) pick a dot-operand layout
+        # its float64 MMA cannot lower ("fp64 don't support largeK MMA"); an int32 mask does not
+        mask = mask.to(torch.int32)
     mask_arg = mask if mask is not None else tokens
     mask_strides = mask.stride() if mask is not None else (0, 0)
     _launch(
@@ -313,7 +337,7 @@ def abmilp_forward(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     logits = torch.empty((b, k, n), dtype=_acc(tokens), device=tokens.device)
     _launch(
         "logits", lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), b),
-        tokens, weight, bias, logits, *tokens.stride(), *weight.stride(), n, d, k,
+        tokens, weight, bias, logits, *tokens.stride(), *weight.stride(), bias.stride(0), n, d, k,
         K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
     )
     return _pool(tokens, logits, mask)
@@ -389,16 +413,20 @@ def abmilp_backward(
 
 
 def aot_specializations():
-    """Every kernel at every config of CONFIGS, for bf16 (hi/lo split dots) and fp32 (IEEE) tokens, K ≤ 16."""
+    """Every kernel at every config of CONFIGS, for bf16 (split dots), fp32 (3xTF32 dots) and fp64 (IEEE dots:
+    the exact tests on a GPU) tokens, K ≤ 16, with the argument types and constexprs a GPU launch passes."""
     from beyond_cls.kernels.aot import Specialization, pointer
 
-    for dtype in (torch.bfloat16, torch.float32):
-        tok, acc = pointer(dtype), "*fp32"
-        flags = dict(IEEE=dtype == torch.float32, UPCAST=False, K_PAD=16)
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        tok, acc = pointer(dtype), "*fp64" if dtype == torch.float64 else "*fp32"
+        # _dot_flags outside the interpreter (fp32_dot_precision() gives GPU_FP32_DOT there)
+        precision = "ieee" if dtype == torch.float64 else GPU_FP32_DOT
+        flags = dict(WIDE=dtype != torch.bfloat16, UPCAST=False, PRECISION=precision, K_PAD=16)
         name = str(dtype).removeprefix("torch.")
+        mask = "*i32" if dtype == torch.float64 else "*i1"  # see _pool
         pointers = {
             "logits": {"Z": tok, "W": acc, "Bias": acc, "Logits": acc},
-            "pool": {"Z": tok, "Logits": acc, "Mask": "*i1", "Pooled": acc, "Scores": acc},
+            "pool": {"Z": tok, "Logits": acc, "Mask": mask, "Pooled": acc, "Scores": acc},
             "pool_bwd": {"Z": tok, "G": acc, "Scores": acc, "GP": acc, "GS": acc, "GSum": acc, "W": acc,
                          "DLogits": acc, "DZ": tok},
             "wgrad": {"Z": tok, "DLogits": acc, "Partial": acc},

@@ -15,7 +15,8 @@ from triton.compiler import ASTSource
 
 ARCHS = (80, 90)
 SHARED_MEMORY_BYTES = {80: 166912, 90: 232448}  # per block, opt-in maximum (A100, H100)
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                 torch.int32: "i32", torch.bool: "i1"}
 
 
 def pointer(dtype: torch.dtype) -> str:

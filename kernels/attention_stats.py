@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from beyond_cls.kernels import GPU_FP32_DOT, fp32_dot_precision
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -52,8 +53,10 @@ INTERPRET_CONFIG = (64, 32, 4, 1)
 
 
 @triton.jit
-def _dot(a, b, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """a @ b with float32 accumulation; fp32 inputs in IEEE precision (no TF32).
+def _dot(a, b, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """a @ b with float32 accumulation. FP32_DOT: "" for 16-bit inputs (one tensor-core dot), else
+    the ``input_precision`` of float32 inputs: "tf32x3" on a GPU (float32-accurate, not TF32), "ieee"
+    in the interpreter (``beyond_cls.kernels.fp32_dot_precision``).
 
     UPCAST_DOT multiplies in float32 after an exact upcast (bf16 products are exact in fp32): the
     Triton interpreter cannot multiply bfloat16 matrices (and truncates when it rounds to bf16), so
@@ -61,8 +64,8 @@ def _dot(a, b, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IEEE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
+    elif FP32_DOT != "":
+        return tl.dot(a, b, input_precision=FP32_DOT)
     else:
         return tl.dot(a, b)
 
@@ -71,14 +74,14 @@ def _dot(a, b, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
 def _score_block(
     q, k_base, v_base, bias_base, start_n, offs_m, offs_d, row_ok, d_ok, N, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-    HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Logits [BLOCK_M, BLOCK_N] of one key block (-inf past N) and its values [BLOCK_N, D_PAD]."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
     k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                 mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-    s = _dot(q, k, IEEE_DOT, UPCAST_DOT) * qk_scale
+    s = _dot(q, k, FP32_DOT, UPCAST_DOT) * qk_scale
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -92,7 +95,7 @@ def _score_block(
 @triton.jit
 def _online_update(
     s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i,
-    NUM_PREFIX: tl.constexpr, MIXED: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    NUM_PREFIX: tl.constexpr, MIXED: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Fold one key block (base-2 logits ``s``, -inf where invalid) into the running row state."""
     if MIXED:  # the block holds prefix keys as well as patches
@@ -126,9 +129,9 @@ def _online_update(
     alpha = tl.exp2((m_i - m_safe) * _LOG2E)
     l_i = l_i * alpha + tl.sum(p, 1)
     if UPCAST_DOT:
-        acc = acc * alpha[:, None] + _dot(p, v, IEEE_DOT, UPCAST_DOT)
+        acc = acc * alpha[:, None] + _dot(p, v, FP32_DOT, UPCAST_DOT)
     else:
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT, UPCAST_DOT)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT, UPCAST_DOT)
 
     beta = tl.exp2((mp_i - mp_safe) * _LOG2E)
     moved = tl.where(zp_i > 0, (mp_i - mp_safe) * _LOG2E, 0.0) * zp_i  # Tp' = β (Tp + (mp − mp') Zp)
@@ -187,7 +190,7 @@ def _attention_stats_fwd_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_oh, stride_on, stride_od,
     H, N, HEAD_DIM, NUM_KEPT, qk_scale,
-    NUM_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    NUM_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     KEEP_ROWS: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -223,27 +226,27 @@ def _attention_stats_fwd_kernel(
     s, v, offs_n, col_ok = _score_block(
         q, k_base, v_base, bias_base, 0, offs_m, offs_d, row_ok, d_ok, N, qk_scale,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-        HAS_BIAS, IEEE_DOT, UPCAST_DOT, BLOCK_N)
+        HAS_BIAS, FP32_DOT, UPCAST_DOT, BLOCK_N)
     cls_s = tl.sum(tl.where(offs_n[None, :] == 0, s, 0.0), 1)
     if first_row < BLOCK_N:
         diag_s += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s, 0.0), 1)
     if KEEP_ROWS:
         _store_kept_logits(s, offs_m, offs_n, col_ok, first_row, owns_kept, KeepRows, kept_base, N, NUM_KEPT, BLOCK_M)
     m_i, l_i, acc, mp_i, zp_i, tp_i = _online_update(
-        s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i, NUM_PREFIX, NUM_PREFIX > 0, IEEE_DOT, UPCAST_DOT)
+        s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i, NUM_PREFIX, NUM_PREFIX > 0, FP32_DOT, UPCAST_DOT)
 
     for start_n in range(BLOCK_N, N, BLOCK_N):
         s, v, offs_n, col_ok = _score_block(
             q, k_base, v_base, bias_base, start_n, offs_m, offs_d, row_ok, d_ok, N, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-            HAS_BIAS, IEEE_DOT, UPCAST_DOT, BLOCK_N)
+            HAS_BIAS, FP32_DOT, UPCAST_DOT, BLOCK_N)
         if (start_n < first_row + BLOCK_M) & (start_n + BLOCK_N > first_row):  # block crosses the diagonal
             diag_s += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s, 0.0), 1)
         if KEEP_ROWS:
             _store_kept_logits(s, offs_m, offs_n, col_ok, first_row, owns_kept, KeepRows, kept_base, N, NUM_KEPT,
                                BLOCK_M)
         m_i, l_i, acc, mp_i, zp_i, tp_i = _online_update(
-            s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i, NUM_PREFIX, False, IEEE_DOT, UPCAST_DOT)
+            s, col_ok, offs_n, v, m_i, l_i, acc, mp_i, zp_i, tp_i, NUM_PREFIX, False, FP32_DOT, UPCAST_DOT)
     if KEEP_ROWS:
         _normalize_kept_rows(m_i, l_i, offs_m, first_row, owns_kept, KeepRows, kept_base, N, NUM_KEPT, BLOCK_M,
                              BLOCK_N)
@@ -263,7 +266,7 @@ def _attention_stats_fwd_kernel(
 
 _attention_stats_fwd_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in CONFIGS],
-    key=["N", "HEAD_DIM", "NUM_PREFIX", "HAS_BIAS", "IEEE_DOT", "UPCAST_DOT", "KEEP_ROWS"],
+    key=["N", "HEAD_DIM", "NUM_PREFIX", "HAS_BIAS", "FP32_DOT", "UPCAST_DOT", "KEEP_ROWS"],
 )(_attention_stats_fwd_kernel)
 
 
@@ -344,7 +347,7 @@ def attention_with_stats_forward(
     meta = dict(
         NUM_PREFIX=num_prefix_tokens,
         HAS_BIAS=bias is not None,
-        IEEE_DOT=q.dtype == torch.float32,
+        FP32_DOT=fp32_dot_precision() if q.dtype == torch.float32 else "",
         UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16,
         KEEP_ROWS=kept_rows is not None,
         D_PAD=max(16, triton.next_power_of_2(d)),
@@ -394,8 +397,9 @@ def aot_specializations():
             signature |= {"KeepRows": "*i32", "Kept": "*fp32"}
             signature |= {name: "i32" for name in (*strides, "H", "N", "HEAD_DIM", "NUM_KEPT")} | {"qk_scale": "fp32"}
             constexprs = dict(
-                NUM_PREFIX=1, HAS_BIAS=has_bias, IEEE_DOT=dtype == torch.float32, UPCAST_DOT=False,
-                KEEP_ROWS=keep_rows, D_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                NUM_PREFIX=1, HAS_BIAS=has_bias, FP32_DOT=GPU_FP32_DOT if dtype == torch.float32 else "",
+                UPCAST_DOT=False, KEEP_ROWS=keep_rows, D_PAD=triton.next_power_of_2(head_dim),
+                BLOCK_M=block_m, BLOCK_N=block_n,
             )
             keep = "-keep" if keep_rows else ""
             label = f"{str(dtype).removeprefix('torch.')}-d{head_dim}{keep}-M{block_m}-N{block_n}-w{warps}-s{stages}"

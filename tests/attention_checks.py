@@ -15,9 +15,78 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 FLOOR = 1e-5  # the issue's float32 bound on statistics (relative)
 
 
-def poison_heap(numel: int) -> None:
-    """Leave NaNs in freed memory so an output element the op forgets to write shows up."""
-    torch.full((numel,), float("nan")).sum()
+def poison_heap(numel: int, device: torch.device | str = "cpu") -> None:
+    """Leave NaNs in freed memory on ``device`` so an output element the op forgets to write shows up.
+
+    ``numel``: float32 elements, at least those of all the outputs allocated next. CPU: a freed NaN
+    block of ``numel`` float32 on the heap. CUDA: PyTorch's caching allocator hands freed blocks to the
+    next allocations, so every free block it caches is filled with NaN and freed again, beside fresh
+    NaN segments of both of its pools (at least ``numel`` float32 each)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        _poison_cuda(numel, device)
+    else:
+        torch.full((numel,), float("nan")).sum()
+
+
+_SMALL_REQUEST = 1 << 20  # the caching allocator serves requests up to 1 MiB from 2 MiB "small" segments
+_LARGE_SEGMENT = 20 << 20  # and requests of 1-10 MiB from 20 MiB segments
+
+
+def _poison_cuda(numel: int, device: torch.device) -> None:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.synchronize(index)
+    torch.cuda.empty_cache()  # releases the wholly free segments; free parts of used ones stay cached
+    held = []
+
+    def nan_block(nbytes: int) -> None:
+        held.append(torch.full((max(1, nbytes // 4),), float("nan"), device=device))
+
+    left = None
+    while True:  # fill the cached free blocks (beside live tensors) until none is left
+        free = [(seg["segment_type"], block["size"]) for seg in torch.cuda.memory_snapshot()
+                if seg["device"] == index for block in seg["blocks"] if block["state"] == "inactive"]
+        if not free or (left is not None and sum(size for _, size in free) >= left):
+            break  # all filled (or the allocator took a request elsewhere: stop rather than grow)
+        left = sum(size for _, size in free)
+        pool, size = free[0]
+        # a request of exactly a free block's size takes it (best fit); small-pool requests stay <= 1 MiB
+        nan_block(min(size, _SMALL_REQUEST) if pool == "small" else size)
+    # fresh segments, all NaN: two 1 MiB requests fill one small segment, one request a large one
+    for _ in range(2 * max(1, -(-4 * numel // (2 * _SMALL_REQUEST)))):
+        nan_block(_SMALL_REQUEST)
+    nan_block(max(_LARGE_SEGMENT, 4 * numel))
+    torch.cuda.synchronize(index)
+    held.clear()
+
+
+# Two launches of the compiled kernel with different autotune keys (e.g. with and without kept rows:
+# KEEP_ROWS is in the key) may run different BLOCK_M / BLOCK_N, so keys are summed in another order and
+# p is rounded to the inputs' dtype against another running max before p·v. Allowed differences:
+# - float32 outputs (fp32 inputs' out; every statistic and kept row): 3xTF32 dots (~1e-6 relative) and
+#   another summation order over keys: rtol 1e-5, atol 1e-6.
+# - bfloat16 out: rounded to bf16 (one step is 2^-7 relative) after p rounded to bf16 (2^-9 relative
+#   per key): rtol = atol = 2^-6.
+# - float16 out: likewise with 2^-10 and 2^-11: rtol = atol = 2^-9.
+# In the interpreter one config (INTERPRET_CONFIG) runs for every key, so results stay bit-equal there.
+ACROSS_CONFIGS = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=2**-6, atol=2**-6),
+    torch.float16: dict(rtol=2**-9, atol=2**-9),
+}
+
+
+def assert_same_result(got: torch.Tensor | None, want: torch.Tensor | None, name: str = "") -> None:
+    """Two kernel launches that may differ only in launch config: bit-equal on CPU (interpreter, one config),
+    within ``ACROSS_CONFIGS`` of the tensors' dtype on a GPU (autotuned, perhaps different configs)."""
+    if got is None or want is None:
+        assert got is None and want is None, name
+        return
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    if got.device.type == "cpu":
+        assert torch.equal(got, want), name
+    else:
+        torch.testing.assert_close(got, want, **ACROSS_CONFIGS[got.dtype], msg=lambda m: f"{name}: {m}")
 
 
 def qkv_inputs(b, h, n, d, dtype, logit_scale=1.0, contiguous=True):

@@ -133,6 +133,46 @@ def test_one_dimensional_weight_and_scalar_bias(backend, monkeypatch):
     torch.testing.assert_close(scores.double().cpu(), want_scores, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("layout", ["scalar", "one", "strided"])
+def test_bias_of_any_stride(backend, dtype, tol, layout, monkeypatch):
+    """K > 1 branches with a bias the kernels must read by its strides: a 0-dim tensor and a [1] tensor
+    (ops.abmilp_pool expands both to [K] with stride 0) and a [K] view with stride 3. Every element
+    beside the bias's own is NaN, so a kernel that reads the bias as contiguous [K] gets NaN logits.
+    (A per-branch bias cancels in the softmax over tokens: outputs and gradients must not depend on it,
+    and the bias's gradient, summed over the branches where it was expanded, is zero.)"""
+    k = 4
+    z, w, _, mask = _inputs(2, 45, 24, k, True, dtype)
+    values = torch.tensor([0.7, -1.3, 2.1, 0.4], dtype=torch.float64)
+    results = {}
+    for b in (backend, "reference"):
+        monkeypatch.setenv("BEYOND_CLS_BACKEND", b)
+        cast = torch.float64 if b == "reference" else dtype
+        storage = torch.full((3 * k,), float("nan"), dtype=cast, device=DEVICE)
+        if layout == "strided":
+            storage[1::3] = values.to(storage)
+            bias = storage[1::3]
+        else:
+            storage[0] = values[0]
+            bias = storage[0] if layout == "scalar" else storage[:1]
+        bias = bias.detach().requires_grad_()  # a leaf that keeps the view's strides and storage
+        assert bias.stride() == {"scalar": (), "one": (1,), "strided": (3,)}[layout]
+        zz = z.detach().to(DEVICE, cast).requires_grad_()
+        ww = w.detach().to(DEVICE, cast).requires_grad_()
+        pooled, scores = ops.abmilp_pool(zz, ww, bias, mask.to(DEVICE))
+        gen = torch.Generator().manual_seed(1)
+        g = torch.randn(pooled.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+        gs = torch.randn(scores.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+        ((pooled.double() * g).sum() + (scores.double() * gs).sum()).backward()
+        assert bias.grad.shape == bias.shape
+        results[b] = [t.double().cpu() for t in (pooled, scores, zz.grad, ww.grad, bias.grad)]
+    names = ("pooled", "scores", "grad_tokens", "grad_weight", "grad_bias")
+    for name, a, e in zip(names, results[backend], results["reference"]):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol * max(1.0, e.abs().max().item()), msg=name)
+
+
 def test_mask_excludes_tokens_in_the_reference():
     z, w, bias, _ = _inputs(2, 10, 8, 2, False, torch.float64)
     mask = torch.ones(2, 10, dtype=torch.bool)

@@ -25,7 +25,8 @@ def setup(tmp_path_factory):
                                                                  image_size=64, object_size=(12, 20)))
     out = root / "run"
     run(dict(model="vit_tiny_patch16_224", img_size=32, data=str(data), out=str(out), heads="abmilp",
-             epochs=2, warmup_epochs=1, batch_size=4, effective_batch=8, num_workers=0, progress=False))
+             epochs=2, warmup_epochs=1, batch_size=4, effective_batch=8, num_workers=0, progress=False,
+             device="cpu"))
     xml = root / "boxes"
     xml.mkdir()
     for rel, (x0, y0, x1, y1) in load_boxes(data, "val").items():

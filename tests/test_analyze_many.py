@@ -67,7 +67,8 @@ def two_model_run(dataset, checkpoints, tmp_path_factory):
         mp.setattr(folder, "load_rgb", lambda path: decoded.append(path) or real(path))
         argv = ["analyze", "--model", VIT, "--checkpoint", str(checkpoints[0]), "--model", VIT, "--checkpoint",
                 str(checkpoints[1]), "--data", str(dataset), "--out", str(out), "--img-size", str(SIZE),
-                "--max-images", str(IMAGES), "--batch-size", "2", "--num-workers", "0", "--no-progress"]
+                "--max-images", str(IMAGES), "--batch-size", "2", "--num-workers", "0", "--no-progress",
+                "--device", "cpu"]
         assert main(argv) == 0
     return out, decoded
 

@@ -145,7 +145,10 @@ def test_keep_rows_agree_across_backends(dtype, monkeypatch):
     kept = {}
     for backend in ("reference", "cpp", "triton"):
         monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
-        kept[backend] = ops.attention_with_stats(q, k, v, 1, None, bias, keep_rows=keep)[2]
+        # Triton takes CPU tensors only in the interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)
+        device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+        args = [t.to(device) for t in (q, k, v, bias)]
+        kept[backend] = ops.attention_with_stats(*args[:3], 1, None, args[3], keep_rows=keep)[2].cpu()
     for backend in ("cpp", "triton"):
         torch.testing.assert_close(kept[backend], kept["reference"], rtol=1e-5, atol=1e-6, msg=backend)
 
@@ -234,6 +237,8 @@ def test_abmilp_pool_front_matches_reference():
 def test_cuda_tensors_get_a_working_backend():
     q, k, v = qkv_inputs(2, 12, 197, 64, torch.bfloat16)
     assert ops.backend_for("attention_with_stats", torch.device("cuda"), torch.bfloat16) == "triton"
-    out, rows = ops.attention_with_stats(q.cuda(), k.cuda(), v.cuda(), 1)
+    q_cuda, k_cuda, v_cuda = q.cuda(), k.cuda(), v.cuda()
+    poison_heap(q.numel() * 2, q_cuda.device)
+    out, rows = ops.attention_with_stats(q_cuda, k_cuda, v_cuda, 1)
     rows = reference.AttentionRows(*(t.cpu() for t in rows))
     check_against_reference(out.cpu(), rows, q, k, v, 1, None, None)

@@ -13,7 +13,8 @@ from beyond_cls.analysis import AttentionSummary
 from beyond_cls.cli import main
 from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
 
-FAST = ["--model", "vit_tiny_patch16_224", "--batch-size", "4", "--num-workers", "0", "--no-progress"]
+FAST = ["--model", "vit_tiny_patch16_224", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--device",
+        "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def test_analyze_writes_stats_plot_and_table(dataset, tmp_path, capsys):
 
 def test_yaml_config_with_flag_override(dataset, tmp_path):
     config = tmp_path / "analyze.yaml"
-    config.write_text(f"model: vit_tiny_patch16_224\ndata: {dataset}\nbatch_size: 2\nmax_images: 6\nnum_workers: 0\n")
+    config.write_text(f"model: vit_tiny_patch16_224\ndata: {dataset}\nbatch_size: 2\nmax_images: 6\nnum_workers: 0\n"
+                      "device: cpu\n")
     out = tmp_path / "run"
     assert main(["analyze", "--config", str(config), "--max-images", "2", "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "attention_stats.json").read_text())["num_images"] == 2
@@ -97,7 +99,8 @@ def test_console_script_reports_bad_data(tmp_path):
 
 
 def test_bench_analyze_reports_both_throughputs(capsys):
-    argv = ["bench", "analyze", "--model", "vit_tiny_patch16_224", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
+    argv = ["bench", "analyze", "--model", "vit_tiny_patch16_224", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+            "--device", "cpu"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "plain" in out and "recorder" in out and "ratio" in out
@@ -106,7 +109,8 @@ def test_bench_analyze_reports_both_throughputs(capsys):
 def test_bench_analyze_ratio_is_measured():
     from beyond_cls.analysis.bench import BenchAnalyzeConfig, bench_analyze
 
-    result = bench_analyze(BenchAnalyzeConfig(model="vit_tiny_patch16_224", batch_size=2, steps=1, warmup=0))
+    result = bench_analyze(BenchAnalyzeConfig(model="vit_tiny_patch16_224", batch_size=2, steps=1, warmup=0,
+                                              device="cpu"))
     assert result["plain_images_per_s"] > 0 and result["recorder_images_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["recorder_images_per_s"] / result["plain_images_per_s"])
 
@@ -114,7 +118,7 @@ def test_bench_analyze_ratio_is_measured():
 def test_demo_analyzes_and_probes_the_synthetic_set(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BEYOND_CLS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--num-workers", "0", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--num-workers", "0", "--no-progress", "--device", "cpu"]) == 0
     assert (out / "attention_stats.json").exists()
     rows = json.loads((out / "probe" / "results.json").read_text())["rows"]
     assert [r["aggregation"] for r in rows] == ["cls", "mean", "abmilp"]

@@ -20,9 +20,10 @@ from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.logs import json_safe
 from beyond_cls.probe.state import load_state
 
-# vit_tiny at 32 px: 4 patches + [cls]; 24 train images, 3 optimizer steps of 8 per epoch
+# vit_tiny at 32 px: 4 patches + [cls]; 24 train images, 3 optimizer steps of 8 per epoch. On the CPU (fp32)
+# also where CUDA is present: the equivalences below are CPU ones ("auto" would be bf16 on CUDA).
 TINY = dict(model="vit_tiny_patch16_224", img_size=32, epochs=3, warmup_epochs=1, batch_size=4, effective_batch=8,
-            num_workers=0, progress=False, heads="cls,mean,abmilp", lrs="0.1,1.0")
+            num_workers=0, progress=False, heads="cls,mean,abmilp", lrs="0.1,1.0", device="cpu")
 
 
 def _flags(**kw) -> list[str]:
@@ -139,7 +140,7 @@ def test_two_processes_equal_one_with_accumulation(dataset, tmp_path):
     single = _cli(_flags(**common, out=tmp_path / "one", accum_iter=2))
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
-    double = _cli(_flags(**common, out=tmp_path / "two", device="cpu"), launcher=torchrun,
+    double = _cli(_flags(**common, out=tmp_path / "two"), launcher=torchrun,
                   env={"OMP_NUM_THREADS": "1"})
     assert double.returncode == 0, double.stderr
     one, two = _bank(tmp_path / "one"), _bank(tmp_path / "two")
@@ -214,21 +215,91 @@ def test_corrupt_image_stops_with_its_name_or_is_skipped(dataset, tmp_path, caps
     assert state["images_skipped"] >= 1
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+# micro-batch 7 = step 4 (epoch 2, step 1): read at once (a checkpoint is due every step) or one step later;
+# micro-batch 11 = step 6, the last of epoch 2: read before the epoch's checkpoint
+@pytest.mark.parametrize("first_bad,ckpt_minutes,where", [(7, 0, "epoch 2, step 1"), (7, 1000, "epoch 2, step 1"),
+                                                          (11, 1000, "epoch 2, step 3")])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch, first_bad,
+                                                                    ckpt_minutes, where):
     forward = TokenSource.forward
     calls = {"n": 0}
 
     def poisoned(self, images):
         calls["n"] += 1
         tokens = forward(self, images)
-        return tokens * float("nan") if calls["n"] > 6 else tokens  # micro-batch 7 = step 4
+        return tokens * float("nan") if calls["n"] >= first_bad else tokens
 
     monkeypatch.setattr(TokenSource, "forward", poisoned)
-    with pytest.raises(NonFiniteLoss, match="cls@blr0p1.*step 1"):
-        run(dict(TINY, data=str(dataset), out=str(tmp_path), ckpt_minutes=0))
+    with pytest.raises(NonFiniteLoss, match=f"cls@blr0p1.*{where};"):
+        run(dict(TINY, data=str(dataset), out=str(tmp_path), ckpt_minutes=ckpt_minutes))
     state = load_state(tmp_path / "seed0" / "checkpoint.pt")
-    assert state["global_step"] == 3
+    assert state["global_step"] == 3  # every step, or the end of epoch 1
     assert all(torch.isfinite(v).all() for v in state["bank"].values() if v.is_floating_point())
+
+
+class _Batches:
+    """A token stream of ``steps`` optimizer steps of 2 micro-batches of 4 random images, on ``device``."""
+
+    def __init__(self, steps: int, device: str = "cpu"):
+        self.micro = [(torch.randn(4, 5, 192, device=device), torch.randint(0, 3, (4,), device=device))
+                      for _ in range(2 * steps)]
+
+    def train_batches(self, epoch, start_step=0):
+        from beyond_cls.probe.streams import MicroBatch
+
+        return (MicroBatch(t, None, y, 0) for t, y in self.micro[2 * start_step:])
+
+
+def _trainer(tmp_path, stream: _Batches, device: str = "cpu"):
+    from beyond_cls.probe.bank import HeadBank
+    from beyond_cls.probe.distributed import DistEnv
+    from beyond_cls.probe.trainer import ProbeTrainer
+
+    cfg = ProbeConfig(**dict(TINY, data="-", out=str(tmp_path), warmup_epochs=0, epochs=2, log_every=1000,
+                             device=device))
+    bank = HeadBank(["abmilp", "mean"], [1.0], 192, 3, 1, True, seed=5)
+    env = DistEnv(0, 1, 0, torch.device(device))
+    steps = len(stream.micro) // 2
+    return ProbeTrainer(cfg, env, 0, tmp_path, bank, stream, steps_per_epoch=steps, effective_batch=8,
+                        accum_iter=2, multilabel=False)
+
+
+def test_training_steps_send_no_python_numbers_to_the_device(tmp_path, monkeypatch):
+    """The step flags of one process are host-side decisions: no tensor is built from Python numbers per step
+    (on CUDA each would be a synchronous host-to-device copy)."""
+    from beyond_cls.probe.state import PreemptionWatch
+
+    trainer = _trainer(tmp_path, _Batches(4))
+    made = []
+    tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or tensor(*a, **k))
+    trainer._train_epoch(PreemptionWatch())
+    assert made == [] and trainer.global_step == 4
+
+
+@pytest.mark.gpu
+def test_training_step_host_syncs_do_not_grow_with_the_steps(tmp_path):
+    """On CUDA the flags of a step are read one step later from pinned memory: the synchronizing calls of an
+    epoch (its last log line) do not depend on how many steps it has."""
+    import warnings
+
+    from beyond_cls.probe.state import PreemptionWatch
+
+    counts = []
+    for steps in (2, 6):
+        trainer = _trainer(tmp_path / str(steps), _Batches(steps, "cuda"), "cuda")
+        trainer._train_epoch(PreemptionWatch())  # warm-up: allocations, LARS state
+        trainer.step = 0
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer._train_epoch(PreemptionWatch())
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], counts
 
 
 def _coco(root: Path) -> Path:
@@ -303,7 +374,7 @@ def test_bench_probe_measures_every_part_and_the_baseline(tmp_path, monkeypatch,
 
     monkeypatch.setenv("BEYOND_CLS_CACHE", str(tmp_path))
     cfg = BenchProbeConfig(model="vit_tiny_patch16_224", img_size=32, batch_size=4, steps=1, warmup=0,
-                           num_workers=0, heads="cls,abmilp", num_classes=10)
+                           num_workers=0, heads="cls,abmilp", num_classes=10, device="cpu")
     result = bench_probe(cfg)
     for part in ("loader", "encoder", "heads", "step", "baseline_per_head"):
         assert result[part] > 0, part

@@ -228,6 +228,45 @@ def test_float32_outputs_unchanged_with_default_backend(monkeypatch):
         torch.testing.assert_close(recorded, plain, rtol=1e-4, atol=1e-4, msg=key)
 
 
+class _Float32Norm(torch.nn.Module):
+    """A q/k norm as CUDA autocast runs it: layer_norm is on CUDA autocast's float32 list, so q and k come out
+    float32 next to a bf16 v (CPU autocast keeps LayerNorm in bf16, so this wrapper stands in for it)."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.norm(x.float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qk_norm_under_autocast_hands_the_op_one_dtype(backend, monkeypatch):
+    from beyond_cls import ops
+
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
+    model = make_model("vit_qk_norm", torch.float32)
+    for block in model.blocks:
+        block.attn.q_norm, block.attn.k_norm = _Float32Norm(block.attn.q_norm), _Float32Norm(block.attn.k_norm)
+    seen = []
+    op = ops.attention_with_stats
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return op(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "attention_with_stats", spy)
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model.forward_features(images)  # timm's SDPA casts q, k, v to bf16 itself
+        with AttentionRecorder(model) as rec:
+            recorded = model.forward_features(images)
+    assert seen == [(torch.bfloat16,) * 3] * 2
+    torch.testing.assert_close(recorded.float(), plain.float(), rtol=5e-2, atol=5e-2)
+    assert rec.summary().num_images == 2
+
+
 def test_modules_restored_after_exception():
     model = make_model("vit", torch.float32)
     images = torch.randn(1, 3, 224, 224)

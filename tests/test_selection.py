@@ -108,7 +108,8 @@ def probe_run(tmp_path_factory):
                                                                  image_size=64, object_size=(12, 20)))
     out = root / "run"
     run(dict(model="vit_tiny_patch16_224", img_size=32, data=str(data), out=str(out), heads="abmilp,abmilp+cls-k2",
-             epochs=2, warmup_epochs=1, batch_size=4, effective_batch=8, num_workers=0, progress=False))
+             epochs=2, warmup_epochs=1, batch_size=4, effective_batch=8, num_workers=0, progress=False,
+             device="cpu"))
     return out
 
 

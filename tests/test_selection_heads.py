@@ -145,7 +145,7 @@ def test_row_capture_restores_the_forward_and_checks_its_arguments():
 # End to end
 
 TINY = dict(model="vit_tiny_patch16_224", img_size=32, epochs=2, warmup_epochs=1, batch_size=4, effective_batch=8,
-            num_workers=0, progress=False, lrs="0.1", cache_views=2)
+            num_workers=0, progress=False, lrs="0.1", cache_views=2, device="cpu")
 HEADS = "mean,attn-mean,attn-minent,attn-center,guide:vit_tiny_patch16_224"
 
 
@@ -201,7 +201,7 @@ def test_bench_probe_measures_non_trainable_heads_without_a_baseline(tmp_path, m
     from beyond_cls.probe.bench import BenchProbeConfig, bench_probe
 
     kw = dict(model="vit_tiny_patch16_224", img_size=32, batch_size=4, steps=1, warmup=0, num_workers=0,
-              heads="mean,attn-mean", num_classes=10)
+              heads="mean,attn-mean", num_classes=10, device="cpu")
     with pytest.raises(ConfigError, match="--no-baseline"):
         BenchProbeConfig(**kw)
     monkeypatch.setenv("BEYOND_CLS_CACHE", str(tmp_path))

@@ -85,14 +85,96 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     from beyond_cls.kernels.attention_stats import CONFIGS
 
     pooling_configs = sum(len(configs) for configs in abmilp.CONFIGS.values())
-    # attention: bf16, fp32 and bf16 with kept rows per config; pooling: bf16 and fp32 tokens per config
-    assert len(rows) == (len(CONFIGS) * 3 + pooling_configs * 2) * 2
+    # attention: bf16, fp32 and bf16 with kept rows per config; pooling: bf16, fp32 and fp64 tokens per config
+    assert len(rows) == (len(CONFIGS) * 3 + pooling_configs * 3) * 2
     # bf16 (the production path) fits shared memory in every config; fp32 in at least one per arch,
     # which the autotuner keeps (configs that do not fit are pruned at launch)
     assert all(shared <= limit for label, _, shared, limit in rows if label.startswith("bfloat16")), rows
-    # every pooling config fits everywhere, for bf16 and fp32 tokens
+    # every pooling config fits everywhere for bf16 and fp32 tokens; for fp64 (exact tests only) at least
+    # one config per kernel and arch, which the autotuner keeps
     pooling = [row for row in rows if row[0].split("-")[0] in abmilp.CONFIGS]
-    assert len(pooling) == pooling_configs * 2 * 2
-    assert all(shared <= limit for label, _, shared, limit in pooling), pooling
+    assert len(pooling) == pooling_configs * 3 * 2
+    assert all(shared <= limit for label, _, shared, limit in pooling if "-float64-" not in label), pooling
+    for kernel in abmilp.CONFIGS:
+        for arch in (80, 90):
+            assert any(shared <= limit for label, a, shared, limit in pooling
+                       if label.startswith(f"{kernel}-float64-") and a == arch), (kernel, arch)
     for arch in (80, 90):
         assert any(shared <= limit for label, a, shared, limit in rows if label.startswith("float32") and a == arch)
+
+
+class _Recorder:
+    """Stands in for an autotuned kernel: records the pointer types and constexprs of each launch instead of
+    running it."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        return self.record
+
+    def record(self, *args, **meta):
+        import torch
+        from beyond_cls.kernels.aot import pointer
+
+        pointers = {name: pointer(arg.dtype) for name, arg in zip(self.kernel.arg_names, args)
+                    if isinstance(arg, torch.Tensor)}
+        self.launches.append((self.name, pointers, meta))
+
+
+def _gpu_launches(monkeypatch):
+    """(kernel name, constexprs) of every launch the host wrappers make on a GPU, for bf16 and fp32 inputs in
+    the variants the ahead-of-time specializations cover (recorded on CPU tensors: nothing runs)."""
+    import torch
+    from beyond_cls.kernels import abmilp, attention_stats
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the wrappers now choose what a GPU launch passes
+    launches = []
+    monkeypatch.setattr(attention_stats, "_attention_stats_fwd_autotuned",
+                        _Recorder("attention", attention_stats._attention_stats_fwd_kernel, launches))
+    monkeypatch.setattr(abmilp, "_AUTOTUNED", {name: _Recorder(name, kernel, launches)
+                                               for name, (kernel, _) in abmilp._KERNELS.items()})
+    for dtype, d, bias, keep in ((torch.bfloat16, 80, True, None), (torch.float32, 64, False, None),
+                                 (torch.bfloat16, 80, True, (0, 5))):
+        q = torch.zeros(1, 2, 40, d, dtype=dtype)
+        attention_stats.attention_with_stats_forward(q, q, q, 1, None, torch.zeros(40, 40) if bias else None, keep)
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        weight = torch.zeros(3, 48, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        tokens = torch.zeros(2, 40, 48, dtype=dtype)
+        mask = torch.ones(2, 40, dtype=torch.bool)
+        pooled, scores = abmilp.abmilp_forward(tokens, weight, torch.zeros(3, dtype=weight.dtype), mask)
+        abmilp.abmilp_backward(pooled, scores, tokens, weight, scores, pooled, True)
+    return launches
+
+
+def test_aot_specializations_are_what_a_gpu_launches(monkeypatch):
+    """The ahead-of-time compiles use the pointer types and constexprs a GPU launch passes (block sizes come
+    from the configs), float32 dots in 3xTF32 among them: CI compiles what an sm_80 / sm_90 GPU would run."""
+    from beyond_cls.kernels import abmilp, attention_stats
+
+    launches = _gpu_launches(monkeypatch)
+    assert len(launches) == 3 + 3 * 4  # attention: three variants; pooling: logits, pool, pool_bwd, wgrad
+    names = {kernel: name for name, (kernel, _) in abmilp._KERNELS.items()}
+    specs = [("attention", s) for s in attention_stats.aot_specializations()]
+    specs += [(names[kernel], s) for kernel, s in abmilp.aot_specializations()]
+    blocks = {"BLOCK_M", "BLOCK_N", "BLOCK_D"}
+
+    def key(name, pointers, constexprs):
+        # placeholders for pointers a variant never reads (the launch passes q there) are left out
+        unused = set()
+        if name == "attention":
+            unused |= set() if constexprs["KEEP_ROWS"] else {"KeepRows", "Kept"}
+            unused |= set() if constexprs["HAS_BIAS"] else {"Bias"}
+        return (name, tuple(sorted((k, t) for k, t in pointers.items() if k not in unused)),
+                tuple(sorted((k, v) for k, v in constexprs.items() if k not in blocks)))
+
+    compiled = {key(name, {k: t for k, t in s.signature.items() if t.startswith("*")}, s.constexprs)
+                for name, s in specs}
+    for name, pointers, meta in launches:
+        assert key(name, pointers, meta) in compiled, (name, pointers, meta)
+    # float32 dots: 3xTF32 on a GPU (not IEEE); float64 ones stay IEEE
+    for name, pointers, meta in launches:
+        tokens = pointers.get("Q", pointers.get("Z"))
+        fp32_dots = meta["FP32_DOT"] if name == "attention" else meta["PRECISION"]
+        want = {"*fp64": "ieee", "*fp32": "tf32x3"}.get(tokens, "" if name == "attention" else "tf32x3")
+        assert fp32_dots == want, (name, pointers, meta)

@@ -18,7 +18,7 @@ from beyond_cls.data.augment import (
     train_params,
 )
 from beyond_cls.data.folder import DataError, load_rgb
-from beyond_cls.data.gpu_decode import decode_batch
+from beyond_cls.data.gpu_decode import decode_batch, transform_batch
 from beyond_cls.data.transforms import eval_transform, train_transform
 from beyond_cls.data.views import ViewBatch, ViewDataset, collate_views
 
@@ -222,6 +222,116 @@ def test_decode_batch_fallbacks(files):
         want = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)
         assert torch.equal(image, want), path
     assert images[-1] is None and errors[:-1] == [None] * 4 and files["corrupt"] in errors[-1]
+
+
+def test_cuda_decode_allocates_on_a_side_stream_and_orders_the_callers_stream(files, monkeypatch):
+    """pytorch/vision#9606: nvJPEG's outputs, allocated on the current stream, may be blocks whose readers are
+    still queued there. The decode runs with a side stream current, the outputs are marked as used by the
+    caller's stream and the caller's stream waits for the side stream. Stand-ins for the CUDA stream API and
+    the decoder check that order on the CPU."""
+    from contextlib import contextmanager
+
+    from beyond_cls.data import gpu_decode
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.waited_for = name, []
+
+        def wait_stream(self, other):
+            self.waited_for.append(other)
+
+    class Output:
+        def __init__(self):
+            self.used_by = []
+
+        def record_stream(self, stream):
+            self.used_by.append(stream)
+
+    caller = Stream("caller")
+    state = {"current": caller}
+
+    @contextmanager
+    def use(stream):
+        previous, state["current"] = state["current"], stream
+        try:
+            yield
+        finally:
+            state["current"] = previous
+
+    calls = []
+
+    def fake_decode(data, mode, device):
+        calls.append((state["current"].name, str(device)))
+        return [Output() for _ in data] if isinstance(data, list) else Output()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["current"])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream(f"side {device}"))
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", fake_decode)
+    monkeypatch.setattr(gpu_decode, "_DECODE_STREAMS", {}, raising=False)
+    paths = files["jpegs"][:3]
+    encoded = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths]
+    for _ in range(2):
+        images, errors = decode_batch(encoded, paths, "cuda")
+        assert errors == [None] * 3 and all(image.used_by == [caller] for image in images)
+    assert calls == [("side cuda:0", "cuda:0")] * 2  # one batched call each time, on the device's one side stream
+    assert [s.name for s in caller.waited_for] == ["side cuda:0"] * 2 and state["current"] is caller
+
+
+def _rgb_images(files, count: int = 3) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.array(load_rgb(p))).permute(2, 0, 1).contiguous() for p in files["jpegs"][:count]]
+
+
+def test_transform_batch_sends_its_constants_once(files, monkeypatch):
+    images = _rgb_images(files)
+    params = torch.tensor([[0, 0, 40, 30, 1], [5, 5, 30, 20, 0], [1, 2, 10, 10, 1]])
+    first = transform_batch(images, params, train=True, img_size=16)
+    made = []
+    tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or tensor(*a, **k))
+    again = transform_batch(images, params, train=True, img_size=16)
+    assert made == [] and torch.equal(again, first)  # mean/std stay on the device; the flips need no mask there
+    unflipped = transform_batch(images, params * torch.tensor([1, 1, 1, 1, 0]), train=True, img_size=16)
+    assert torch.equal(first[[0, 2]], unflipped[[0, 2]].flip(-1)) and torch.equal(first[1], unflipped[1])
+
+
+@pytest.mark.gpu
+def test_transform_batch_on_cuda_makes_no_host_sync(files):
+    device = torch.device("cuda", torch.cuda.current_device())
+    images = [image.to(device) for image in _rgb_images(files)]
+    params = torch.tensor([[0, 0, 40, 30, 1], [5, 5, 30, 20, 0], [1, 2, 10, 10, 1]])
+    want = transform_batch(images, params, train=True, img_size=16)  # first call: the constants go there once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = transform_batch(images, params, train=True, img_size=16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_cuda_decode_never_overwrites_memory_queued_kernels_still_read(files):
+    """pytorch/vision#9606's reproducer: tensors freed while reductions of them are queued behind a long kernel,
+    then a decode; without the side stream nvJPEG is handed their blocks and the sums come out wrong."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    paths = files["jpegs"]
+    encoded = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths]
+    shapes = [image.shape for image in decode_batch(encoded, paths, device)[0]]
+    torch.cuda.synchronize()
+    wrong = 0
+    for _ in range(20):
+        victims = [torch.ones(shape, dtype=torch.uint8, device=device) for shape in shapes for _ in range(2)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # tens of milliseconds of queued work ahead of the reads
+        sums = [v.sum(dtype=torch.int64) for v in victims]
+        expected = [v.numel() for v in victims]
+        del victims  # freed on the caller's stream while their reads are still queued
+        decode_batch(encoded, paths, device)
+        torch.cuda.synchronize()
+        wrong += sum(int(s) != e for s, e in zip(sums, expected))
+    assert wrong == 0
 
 
 @DECODES

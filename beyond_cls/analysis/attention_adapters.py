@@ -24,13 +24,25 @@ from beyond_cls.models.capi import CapiAttention
 
 @dataclass
 class Projected:
-    """One attention call, ready for the fused op: q, k, v [B, H, N, d] and an additive bias."""
+    """One attention call, ready for the fused op: q, k, v [B, H, N, d] and an additive bias.
+
+    q and k are cast to v's dtype: under CUDA autocast a q/k norm (LayerNorm runs in float32 there) hands
+    float32 q and k next to a bf16 v; the model's own SDPA call casts all three to the autocast dtype, and the
+    fused op takes one dtype.
+    """
 
     q: Tensor
     k: Tensor
     v: Tensor
     bias: Tensor | None = None
     gate: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.q, self.k = _as_dtype_of(self.q, self.v), _as_dtype_of(self.k, self.v)
+
+
+def _as_dtype_of(t: Tensor, like: Tensor) -> Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
 def _mask_to_bias(
@@ -71,7 +83,7 @@ def _project_vit(
 ) -> Projected:
     gate = module.gate(x).sigmoid() if getattr(module, "gate", None) is not None else None
     q, k, v = _fused_qkv(module, x)
-    q, k = module.q_norm(q), module.k_norm(k)
+    q, k = _as_dtype_of(module.q_norm(q), v), _as_dtype_of(module.k_norm(k), v)
     return Projected(q, k, v, _mask_to_bias(x.shape[1], q, attn_mask, is_causal), gate)
 
 
@@ -101,6 +113,7 @@ def _project_rope(
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
+    q, k = _as_dtype_of(q, v), _as_dtype_of(k, v)  # after RoPE, as timm's forward
     return Projected(q, k, v, _mask_to_bias(x.shape[1], q, attn_mask, is_causal), gate)
 
 

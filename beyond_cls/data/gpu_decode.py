@@ -7,6 +7,7 @@ and normalize. EXIF orientation is not applied, as in the PIL path.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Sequence
@@ -26,10 +27,47 @@ _DECODE_ERRORS = (RuntimeError, ValueError)
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream (one per device) that is current while nvJPEG's outputs are allocated."""
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _DECODE_STREAMS[device]
+
+
 def _decode_jpeg(data: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Tensor]:
     with warnings.catch_warnings():  # deprecated in torchvision 0.29 in favour of torchcodec; still the nvJPEG path
         warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        if device.type != "cuda":
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return _decode_jpeg_cuda(data, device)
+
+
+def _decode_jpeg_cuda(data: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Tensor]:
+    """nvJPEG decode that cannot overwrite memory the caller's queued kernels still read.
+
+    torchvision's CUDA ``decode_jpeg`` allocates its outputs on the *current* stream, then writes them from a
+    private stream that does not wait for the current one (pytorch/vision#9606). On the caller's stream the
+    caching allocator hands out blocks freed there whose readers are still queued, so the decoder can
+    overwrite them. Here the
+    outputs are allocated while a side stream that only ever holds decoder outputs is current, and each is
+    marked as used by the caller's stream: the allocator returns its block to the side pool only once the
+    caller's kernels queued before the free have finished (an event checked on the host, so no stream order is
+    relied on). No host sync: the caller's stream just waits for the side stream, which torchvision already
+    orders after the decoder's work.
+    """
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    caller = torch.cuda.current_stream(device)
+    side = _decode_stream(device)
+    with torch.cuda.stream(side):
+        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    caller.wait_stream(side)
+    for image in out if isinstance(out, list) else [out]:
+        image.record_stream(caller)
+    return out
 
 
 def pil_rgb_tensor(image: Image.Image) -> Tensor:
@@ -112,16 +150,25 @@ def transform_batch(
         return torch.empty(0, 3, img_size, img_size, dtype=dtype)
     device = images[0].device
     views = []
-    for image, (a, b, c, d, _) in zip(images, params.tolist()):
+    for image, (a, b, c, d, flip) in zip(images, params.tolist()):  # params is a CPU tensor: no device sync
         if train:  # a, b, c, d = top, left, h, w
-            views.append(_resize(image[:, a : a + c, b : b + d], (img_size, img_size)))
+            view = _resize(image[:, a : a + c, b : b + d], (img_size, img_size))
+            views.append(view.flip(-1) if flip else view)  # the flip is known here: no mask to send to the device
         else:  # a, b, c, d = resize_h, resize_w, top, left
             views.append(_resize(image, (a, b))[:, c : c + img_size, d : d + img_size])
     x = torch.stack(views).clamp_(0, 255).round_()
-    if train:
-        flip = params[:, 4].to(device=device, dtype=torch.bool)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    scale = 1.0 / (255.0 * torch.tensor(std, device=device))
-    shift = torch.tensor(mean, device=device) / torch.tensor(std, device=device)
-    x = (x * scale[:, None, None] - shift[:, None, None]).to(dtype)
+    scale, shift = _normalization(device, tuple(map(float, mean)), tuple(map(float, std)))
+    x = (x * scale - shift).to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@functools.lru_cache(maxsize=32)
+def _normalization(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """(1 / (255 std), mean / std) as [3, 1, 1] float32 on ``device``, sent there once per (device, mean, std).
+
+    Computed on the CPU in float32: IEEE division and multiplication round the same on every device.
+    """
+    std_t = torch.tensor(std, dtype=torch.float32)
+    scale = 1.0 / (255.0 * std_t)
+    shift = torch.tensor(mean, dtype=torch.float32) / std_t
+    return scale[:, None, None].to(device), shift[:, None, None].to(device)

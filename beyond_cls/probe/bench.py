@@ -29,8 +29,8 @@ from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.models import load_encoder
 from beyond_cls.optim import LARS
 from beyond_cls.probe.bank import HeadBank, parse_heads, selection_specs
+from beyond_cls.probe.config import parse_list
 from beyond_cls.probe.features import TokenSource
-from beyond_cls.probe.sampler import TrainBatchSampler
 from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.streams import make_loader
 from beyond_cls.runtime import autocast, resolve_device
@@ -45,6 +45,7 @@ class BenchProbeConfig:
     model: str = "vit_base_patch16_224"
     checkpoint: str | None = None
     heads: str = "cls,mean,abmilp,abmilp+cls"
+    lrs: str = "0.1"
     data: str | None = None
     dataset: str = "imagefolder"
     img_size: int = 224
@@ -66,10 +67,19 @@ class BenchProbeConfig:
             raise ConfigError("warmup and num_workers must be >= 0")
         if self.decode not in ("cpu", "gpu"):
             raise ConfigError(f"decode must be cpu or gpu, got {self.decode!r}")
+        self.base_lrs()
         fixed = selection_specs(parse_heads(self.heads))
         if fixed and self.baseline:
             raise ConfigError(f"the baseline trains one trainable head per run; {', '.join(fixed)} have none "
                               "(measure them with --no-baseline)")
+
+
+    def base_lrs(self) -> list[float]:
+        """The bank's learning rates: every head spec trains once per rate (heads × lrs entries)."""
+        values = parse_list(str(self.lrs), float, "lrs")
+        if not values or any(not v > 0 for v in values) or len(set(values)) != len(values):
+            raise ConfigError(f"lrs must be distinct positive numbers, got {self.lrs!r}")
+        return values
 
 
 def _rate(fn: Callable[[], Any], images: int, steps: int, warmup: int, device: torch.device) -> float:
@@ -84,6 +94,19 @@ def _rate(fn: Callable[[], Any], images: int, steps: int, warmup: int, device: t
     return steps * images / (time.perf_counter() - start)
 
 
+LOADER_PREFETCH = 4  # batches each worker keeps ready (make_loader's prefetch_factor)
+
+
+def loader_batches(cfg: BenchProbeConfig) -> tuple[int, int]:
+    """(untimed, timed) loader batches: both at least the batches in flight, so prefetched ones are not timed.
+
+    Workers prefetch ``workers × 4`` batches while the first is awaited; timing only ``steps`` batches
+    after ``warmup`` would time those ready-made batches and overstate the loader many times over.
+    """
+    depth = max(1, cfg.num_workers) * LOADER_PREFETCH
+    return max(cfg.warmup, depth), max(cfg.steps, 2 * depth)
+
+
 def _loader_rate(cfg: BenchProbeConfig, device: torch.device) -> float:
     if cfg.data is None:
         per_class = max(1, -(-cfg.batch_size * (cfg.steps + cfg.warmup) // 10))
@@ -92,23 +115,24 @@ def _loader_rate(cfg: BenchProbeConfig, device: torch.device) -> float:
         base = build_dataset("synthetic", root, "train")
     else:
         base = build_dataset(cfg.dataset, cfg.data, "train")
+    if len(base) == 0:
+        raise ConfigError(f"{cfg.data}: no training images")
     views = ViewDataset(base, train=True, img_size=cfg.img_size, decode=cfg.decode)
-    sampler = TrainBatchSampler(len(base), cfg.batch_size, 1)
-    loader = make_loader(views, sampler, cfg.num_workers, device)
-    batches = cfg.steps + cfg.warmup
-    if sampler.steps_per_epoch < batches:
-        raise ConfigError(f"{cfg.data}: fewer than {batches} batches of {cfg.batch_size} images")
-    sampler.set_epoch(0)
+    warmup, steps = loader_batches(cfg)
+    # passes over a small set repeat its images with a new view each pass (key = (index, pass))
+    keys = ((k % len(base), k // len(base)) for k in range((warmup + steps) * cfg.batch_size))
+    batches = [[next(keys) for _ in range(cfg.batch_size)] for _ in range(warmup + steps)]
+    loader = make_loader(views, batches, cfg.num_workers, device)
     it = iter(loader)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(cfg.warmup):
+    for _ in range(warmup):
         next(it).images_on(device)
     sync()
     start = time.perf_counter()
-    for _ in range(cfg.steps):
+    for _ in range(steps):
         next(it).images_on(device)
     sync()
-    rate = cfg.steps * cfg.batch_size / (time.perf_counter() - start)
+    rate = steps * cfg.batch_size / (time.perf_counter() - start)
     del it, loader
     return rate
 
@@ -186,7 +210,7 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     info = tokens_only.encoder.beyond_cls_info
     source = SelectionSource(tokens_only, selection_specs(specs), info.mean or IMAGENET_MEAN,
                              info.std or IMAGENET_STD, img_size=cfg.img_size, device=device)
-    bank = HeadBank(specs, [0.1], info.embed_dim, cfg.num_classes, info.num_prefix_tokens,
+    bank = HeadBank(specs, cfg.base_lrs(), info.embed_dim, cfg.num_classes, info.num_prefix_tokens,
                     info.has_class_token).to(device)
     opt = LARS(bank.param_groups(1.0), lr=0.1)
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
@@ -208,23 +232,24 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
             t, sel = source(images)
         return t.float(), sel
 
-    n, s, w = cfg.batch_size, cfg.steps, cfg.warmup
+    n, s, w, count = cfg.batch_size, cfg.steps, cfg.warmup, len(bank.entries)
     result: dict[str, Any] = {
         "model": cfg.model, "heads": specs, "batch_size": n, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "decode": cfg.decode,
+        "head_count": count, "num_workers": cfg.num_workers,
     }
     result["loader"] = _loader_rate(cfg, device)
     result["encoder"] = _rate(encoder_step, n, s, w, device)
     result["heads"] = _rate(heads_step, n, s, w, device)
     result["step"] = _rate(lambda: heads_step(*encoder_step()), n, s, w, device)
     lines = [
-        f"{cfg.model} batch {n} on {result['device_name']}, {len(specs)} heads ({', '.join(specs)}):",
+        f"{cfg.model} batch {n} on {result['device_name']}, {count} heads ({', '.join(specs)} × lrs {cfg.lrs}):",
         f"  loader ({cfg.decode} decode, {cfg.num_workers} workers)  {result['loader']:10.1f} images/s",
         f"  encoder (no grad, {cfg.amp} autocast)        {result['encoder']:10.1f} images/s",
         f"  head bank (fwd + bwd + LARS step)     {result['heads']:10.1f} images/s",
         f"  encoder + bank                        {result['step']:10.1f} images/s "
-        f"(= {result['step'] * len(specs):.1f} head-images/s)",
+        f"(= {result['step'] * count:.1f} head-images/s)",
     ]
     if cfg.baseline:
         baseline = {spec: _baseline_rate(cfg, spec, images, labels) for spec in specs}
@@ -232,9 +257,9 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
         per_head = len(specs) / sum(1.0 / r for r in baseline.values())
         result["baseline"] = baseline
         result["baseline_per_head"] = per_head
-        result["speedup_per_head"] = result["step"] * len(specs) / per_head
+        result["speedup_per_head"] = result["step"] * count / per_head
         lines += [f"  baseline, one run per head ({spec:>10})  {r:10.1f} images/s" for spec, r in baseline.items()]
-        lines.append(f"  per head: ours {result['step'] * len(specs):.1f} vs baseline {per_head:.1f} head-images/s "
+        lines.append(f"  per head: ours {result['step'] * count:.1f} vs baseline {per_head:.1f} head-images/s "
                      f"= {result['speedup_per_head']:.2f}x")
     print("\n".join(lines))
     return result

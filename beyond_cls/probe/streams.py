@@ -115,8 +115,11 @@ class CachedStream:
         self.train_sampler, self.val_sampler = train_sampler, val_sampler
 
     def _to_device(self, rows: Tensor) -> Tensor:
-        rows = rows.pin_memory() if self.device.type == "cuda" else rows
-        return rows.to(self.device, non_blocking=True).float()
+        return self._pinned(rows).to(self.device, non_blocking=True).float()
+
+    def _pinned(self, rows: Tensor) -> Tensor:
+        """Page-locked on CUDA: a non_blocking copy from pageable memory may wait for the device."""
+        return rows.pin_memory() if self.device.type == "cuda" else rows
 
     def _read(self, split: str, keys: list[tuple[int, int]], targets: Tensor) -> MicroBatch:
         view = keys[0][1] if keys else 0
@@ -132,8 +135,8 @@ class CachedStream:
                                       "images are valid; delete the --cache folder to extract them again")
                 parts.append(rows)
             selections = self._to_device(torch.stack(parts, 1))
-        return MicroBatch(self._to_device(tokens), selections, targets[kept].to(self.device, non_blocking=True),
-                          len(keys) - len(kept))
+        return MicroBatch(self._to_device(tokens), selections,
+                          self._pinned(targets[kept]).to(self.device, non_blocking=True), len(keys) - len(kept))
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[MicroBatch]:
         self.train_sampler.set_epoch(epoch, start_step)

@@ -3,14 +3,21 @@
 Per optimizer step: ``accum_iter`` micro-batches, each one encoder pass shared by every head; the
 bank's summed loss (each head's loss depends only on its own parameters) is backpropagated with
 DDP's ``no_sync`` on all but the last micro-batch. The learning rate follows the MAE schedule per
-step. At step boundaries the processes agree (one small all-reduce) on three flags: a non-finite
-loss (stop, keep the last good checkpoint), a preemption signal (save, exit), a checkpoint due.
+step. At step boundaries three flags decide what happens: a non-finite loss (stop, keep the last good
+checkpoint), a preemption signal (save, exit), a checkpoint due.
+
+No step waits for the device to decide them (see :class:`_StepFlags`). The non-finite flags of step k
+are copied to the host without blocking and read at the end of step k + 1, by then normally already
+there. The preemption and checkpoint flags are host-side: one process uses them at once; several add
+them to the same small all-reduce (every process then reads the same decision at the same step, one
+step later). Whenever a state is about to be saved, the current step's flags are read first, before
+its update, so a saved state never holds a non-finite update. A lagged detection leaves the bad
+update in memory, never on disk: the run stops with :class:`NonFiniteLoss` either way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import time
@@ -47,7 +54,7 @@ RESUME_KEYS = (
 
 
 class NonFiniteLoss(ValueError):
-    """A head's loss became NaN or inf; the update was not applied."""
+    """A head's loss became NaN or inf; no state after that step was saved."""
 
 
 class Preempted(Exception):
@@ -56,6 +63,37 @@ class Preempted(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class _StepFlags:
+    """One optimizer step's flags on their way to the host, without stalling the device queue.
+
+    ``values``: per head 1 where the step's loss is not finite; with several processes also the preemption
+    and checkpoint-due counts, summed over processes. From a CUDA device they are copied into pinned memory
+    with ``non_blocking`` and an event marks their arrival: :meth:`read` waits for that event only. Read one
+    step later, the device meanwhile has the next step's work queued, so it never runs dry.
+    """
+
+    def __init__(self, values: Tensor, epoch: int, step: int, host: tuple[bool, bool]) -> None:
+        self.epoch, self.step, self.host = epoch, step, host  # host: this process's (preempt, save due)
+        self._ready: torch.cuda.Event | None = None
+        if values.device.type == "cuda":
+            self._values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._values.copy_(values, non_blocking=True)  # into pinned memory: asynchronous
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(values.device))
+        else:
+            self._values = values
+
+    def read(self, heads: int) -> tuple[list[int], bool, bool]:
+        """(indices of the heads with a non-finite loss, stop, save): the summed flags, else this process's."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        values = self._values.tolist()
+        bad = [h for h, v in enumerate(values[:heads]) if v > 0]
+        if len(values) == heads:
+            return bad, self.host[0], self.host[1]
+        return bad, values[heads] > 0, values[heads + 1] > 0
 
 
 class ProbeTrainer:
@@ -105,6 +143,7 @@ class ProbeTrainer:
         self.final: dict[str, dict[str, float]] | None = None
         self.images_skipped = 0
         self._last_save = time.monotonic()
+        self._pending: _StepFlags | None = None  # the last step's flags, not read yet
 
     # ----------------------------------------------------------------------------------- state
     def _amp_dtype(self) -> torch.dtype | None:
@@ -215,17 +254,29 @@ class ProbeTrainer:
                 m.train()
         return losses * weight
 
-    def _step_flags(self, window_loss: Tensor, preempt: PreemptionWatch) -> tuple[bool, bool, bool]:
+    def _launch_flags(self, step_loss: Tensor, preempt: PreemptionWatch) -> _StepFlags:
+        """The flags of the step just accumulated, started on their way to the host (no wait on the device)."""
         save_due = time.monotonic() - self._last_save >= self.cfg.ckpt_minutes * 60
-        flags = torch.stack(
-            [
-                (~torch.isfinite(window_loss)).any().double(),
-                torch.tensor(float(preempt.signal_name is not None), dtype=torch.float64, device=self.device),
-                torch.tensor(float(save_due and self.env.is_main), dtype=torch.float64, device=self.device),
-            ]
-        )
-        nonfinite, stop, save = (bool(v > 0) for v in all_reduce_sum(flags, self.env).tolist())
-        return nonfinite, stop, save
+        host = (preempt.signal_name is not None, save_due and self.env.is_main)
+        values = (~torch.isfinite(step_loss)).to(torch.float64)
+        if self.env.distributed:
+            extra = torch.tensor([float(host[0]), float(host[1])], dtype=torch.float64)
+            if self.device.type == "cuda":
+                extra = extra.pin_memory()
+            values = all_reduce_sum(torch.cat([values, extra.to(self.device, non_blocking=True)]), self.env)
+        return _StepFlags(values, self.epoch, self.step, host)
+
+    def _read_flags(self, flags: _StepFlags) -> tuple[bool, bool]:
+        """(stop, save) of ``flags``; raises :class:`NonFiniteLoss` when a head's loss was not finite."""
+        bad, stop, save = flags.read(len(self.bank.entries))
+        if bad:
+            heads = ", ".join(self.bank.entries[h].key for h in bad)
+            raise NonFiniteLoss(
+                f"non-finite loss in head(s) {heads} at epoch {flags.epoch + 1}, step {flags.step + 1}; "
+                f"training stopped and {self.state_path} keeps the last good state (nothing after that step "
+                "was saved). Lower --lrs for these heads, or use --amp bf16/fp32 instead of fp16"
+            )
+        return stop, save
 
     def _train_epoch(self, preempt: PreemptionWatch) -> None:
         cfg, bank, accum = self.cfg, self.bank, self.accum_iter
@@ -253,14 +304,16 @@ class ProbeTrainer:
             self.images_skipped += skipped
             if a < accum - 1:
                 continue
-            nonfinite, stop, save_due = self._step_flags(step_loss, preempt)
-            if nonfinite:
-                bad = [e.key for e, v in zip(bank.entries, step_loss.tolist()) if not math.isfinite(v)]
-                raise NonFiniteLoss(
-                    f"non-finite loss in head(s) {', '.join(bad)} at epoch {self.epoch + 1}, step {self.step + 1}; "
-                    f"the update was not applied and {self.state_path} keeps the last good state. Lower --lrs "
-                    "for these heads, or use --amp bf16/fp32 instead of fp16"
-                )
+            flags = self._launch_flags(step_loss, preempt)
+            previous, self._pending = self._pending, None
+            stop, save_due = self._read_flags(previous) if previous is not None else (False, False)
+            if not self.env.distributed:
+                stop, save_due = flags.host  # known here: no need to wait for the device
+            if stop or save_due:  # a state will be saved after this step: its losses must be finite
+                now = self._read_flags(flags)  # before the update, which is then never applied
+                stop, save_due = stop or now[0], save_due or now[1]
+            else:
+                self._pending = flags
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -285,6 +338,18 @@ class ProbeTrainer:
             if save_due:
                 self.save()
         bar.close()
+        self._finish_flags(preempt)
+
+    def _finish_flags(self, preempt: PreemptionWatch) -> None:
+        """Read the last step's flags at the end of an epoch, before its state is evaluated or saved."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self._read_flags(pending)[0] and self.env.distributed:
+            self.save()
+            raise Preempted(
+                f"{preempt.signal_name or 'a preemption signal'} received: saved {self.state_path} at epoch "
+                f"{self.epoch + 1}, step {self.step}/{self.steps_per_epoch}; rerun the same command to resume",
+                preempt.exit_code,
+            )
 
     def _log_window(self, mean_loss: Tensor, images: int, seconds: float, lr_factor: float, bar: tqdm) -> None:
         losses = mean_loss.tolist()
