@@ -98,7 +98,8 @@ def _add_encoder_args(p: argparse.ArgumentParser, required: bool, per_model: boo
     p.add_argument("--checkpoint", help="encoder weights: .pth/.pt/.pth.tar or .safetensors (local path)", **kw)
     p.add_argument("--checkpoint-format", choices=_formats(), help="checkpoint layout (default auto: detected)",
                    **kw)
-    p.add_argument("--arch", help="timm architecture for a zoo name's weights, e.g. vit_small_patch16_224", **kw)
+    p.add_argument("--arch", help="timm architecture for a zoo name's weights, e.g. vit_small_patch16_224; "
+                   "NAME:heads=N states the head count (MoCo-v3 ViT-S: vit_small_patch16_224:heads=12)", **kw)
     p.add_argument("--source", help="sub-model of a training checkpoint: I-JEPA target_encoder (default) or "
                    "encoder; DINO/iBOT teacher (default) or student", **kw)
     p.add_argument("--weights-dir", help="folder with the zoo's official files (default $BEYOND_CLS_WEIGHTS)")
@@ -137,11 +138,12 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="zoo name (beyond-cls zoo) or timm ViT name, e.g. mae_vit_base_patch16 (required)")
     add("--checkpoint", "encoder weights file (local path)", shown="a zoo name's official file under --weights-dir")
     add("--checkpoint-format", "checkpoint layout", shown="auto: the zoo's, else detected", choices=_formats())
-    add("--arch", "timm architecture for the weights of a zoo name (e.g. a DINO ViT-S/16)", shown="the zoo's")
+    add("--arch", "timm architecture for the weights of a zoo name (e.g. a DINO ViT-S/16); NAME:heads=N states "
+        "the head count", shown="the zoo's")
     add("--source", "sub-model of a training checkpoint (I-JEPA target_encoder or encoder, DINO teacher/student)",
         shown="the zoo's")
     add("--weights-dir", "folder with the zoo's official files", shown="$BEYOND_CLS_WEIGHTS")
-    p.add_argument("--data", help="dataset root folder (required)")
+    p.add_argument("--data", help="dataset root folder (required, except with --dataset synthetic: the built-in set)")
     add("--dataset", "dataset adapter: imagefolder, imagenet, imagenet1pct, cub, food101, cars, pets, coco, "
         "nuswide, synthetic")
     add("--subset-file", "ImageNet-1%% file list (imagenet1pct; default ROOT/1percent.txt)")
@@ -156,7 +158,8 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
         "attention), guide:MODEL[@CHECKPOINT] (another encoder's [cls] attention)")
     add("--lrs", "comma-separated base learning rates; every head is trained with each (default: --blr)")
     add("--epochs", "training epochs (the paper: 90, 50 for ViT-L/H)", type=_positive_int)
-    add("--warmup-epochs", "linear warm-up epochs", type=_non_negative_int)
+    add("--warmup-epochs", "linear warm-up epochs", shown="10, or 10/90 of runs of 10 epochs or fewer",
+        type=_non_negative_float)
     add("--batch-size", "images per process per micro-batch", type=_positive_int)
     add("--accum-iter", "micro-batches per optimizer step; default effective batch / (batch size x processes)",
         type=_positive_int)
@@ -227,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw the information-flow figures (one line per model over blocks, MIM solid, JEA dashed), "
         "per-head heatmaps and Table 3 (aggregation entropy) from analyze outputs; write CSVs and report.md.",
     )
-    compare.add_argument("inputs", nargs="+", help="analyze output folders or attention_stats.json files")
+    compare.add_argument("inputs", nargs="+", help="analyze output folders (a multi-model one stands for each of "
+                         "its models) or attention_stats.json files")
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--names", help="comma-separated display names, one per input")
     compare.add_argument("--family", action="append", default=[], metavar="NAME=FAMILY",
@@ -262,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     aggregations.add_argument("--dataset", help="dataset adapter of --data (default imagefolder)")
     aggregations.add_argument("--split", help="split (default val)")
     aggregations.add_argument("--methods", help="comma-separated: attn-mean, attn-minent, attn-center, "
-                              "guide:MODEL[@CHECKPOINT], abmilp:RUN[@HEAD] (RUN: a beyond-cls probe --out folder)")
+                              "guide:MODEL[@CHECKPOINT], abmilp:RUN[#KEY] (RUN: a beyond-cls probe --out folder, "
+                              "KEY: one of its heads)")
     aggregations.add_argument("--out", help="output directory")
     aggregations.add_argument("--examples", type=_non_negative_int, help="images in examples.png (default 4)")
     _add_run_args(aggregations)
@@ -279,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--split", help="split (default val)")
     localize.add_argument("--boxes", help="folder of Pascal-VOC XML annotations named like the images")
     localize.add_argument("--map", dest="maps", action="append", metavar="MAP",
-                          help="cls-attn or abmilp:RUN[@HEAD] (or any aggregations method); repeatable")
+                          help="cls-attn or abmilp:RUN[#KEY] (or any aggregations method); repeatable")
     localize.add_argument("--out", help="output directory")
     localize.add_argument("--overlays", type=_non_negative_int, help="images drawn as overlays (default 8)")
     _add_run_args(localize)
@@ -362,6 +367,11 @@ def _run_zoo(args: argparse.Namespace) -> None:
     print()
     for row in rows:
         print(f"{row['name']}: {row['get it from']}")
+    failed = [row for row in rows if "error" in row]
+    for row in failed:  # below the table, so its cells stay one line each
+        print(f"\ncheck failed: {row['name']}:\n  " + row["error"].replace("\n", "\n  "))
+    if failed:
+        raise ValueError(f"{len(failed)} zoo check(s) failed: {', '.join(r['name'] for r in failed)} (details above)")
 
 
 def _run_demo(args: argparse.Namespace) -> None:

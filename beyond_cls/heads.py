@@ -33,6 +33,8 @@ __all__ = [
 _ACTS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 _CONTENTS = ("patch", "patch+cls")
 _APPLY_TO = ("map", "both")
+#: Most AbMILP score branches (K): the fused Triton kernels hold up to 16 in registers.
+MAX_BRANCHES = 16
 
 
 def _check_prefix(num_prefix_tokens: int) -> None:
@@ -129,7 +131,7 @@ class AbMILP(nn.Module):
 
     ``t`` is ``Linear(dim, branches)`` for depth 1, else ``(Linear(dim, dim) + act) × (depth-1)``
     followed by ``Linear(dim, branches)``; layers use PyTorch's default init, so construction is
-    deterministic given torch's RNG. ``branches=K`` pools K vectors, flattened: out_dim = K·dim.
+    deterministic given torch's RNG. ``branches=K`` (1..16) pools K vectors, flattened: out_dim = K·dim.
     ``content`` picks the pooled tokens: ``"patch"`` or ``"patch+cls"`` (token 0 then patches;
     registers excluded). ``pos_cond`` adds a fixed 2-D sin-cos embedding of the (square) patch grid
     to the scorer's input only. Depth 1 without ``pos_cond`` runs the fused ``ops.abmilp_pool``; the
@@ -151,8 +153,8 @@ class AbMILP(nn.Module):
             raise ValueError(f"depth must be an int in 1..4, got {depth!r}")
         if act not in _ACTS:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {act!r}")
-        if not isinstance(branches, int) or branches < 1:
-            raise ValueError(f"branches must be an int >= 1, got {branches!r}")
+        if not isinstance(branches, int) or not 1 <= branches <= MAX_BRANCHES:
+            raise ValueError(f"branches (k) must be an int in 1..{MAX_BRANCHES}, got {branches!r}")
         if content not in _CONTENTS:
             raise ValueError(f"content must be one of {_CONTENTS}, got {content!r}")
         _check_prefix(num_prefix_tokens)

@@ -9,10 +9,12 @@ non-negative, summing to 1 per image, patches row-major. Methods (``--methods``,
 | ``attn-minent`` | per image, the head whose renormalized [cls]->patch attention has the lowest entropy |
 | ``attn-center`` | the central patch's attention to the patches, averaged over heads, renormalized |
 | ``guide:MODEL[@CKPT]`` | ``attn-mean`` of another encoder on the same images |
-| ``abmilp:RUN[@HEAD]`` | AbMILP scores of a trained probe head (``beyond-cls probe --out RUN``), mean over branches |
+| ``abmilp:RUN[#KEY]`` | AbMILP scores of a trained probe head (``beyond-cls probe --out RUN``), mean over branches |
 
-For ``abmilp+cls`` heads the [cls] score is dropped and the patch scores renormalized. ``HEAD`` is a head key
-(``abmilp@blr0p1``) or spec (``abmilp+cls``); default the run's first AbMILP head, from its first seed.
+For ``abmilp+cls`` heads the [cls] score is dropped and the patch scores renormalized. ``KEY`` is a head key as in
+the run's ``results.json`` (``abmilp@blr0p1``) or a spec (``abmilp+cls``) naming one head; without it the run must
+have exactly one AbMILP head, else a one-line error lists the keys. The weights are the first seed's that has a
+checkpoint. (``abmilp:RUN@KEY`` is accepted too.)
 
 The central patch of a ``gh x gw`` grid is row ``gh // 2``, column ``gw // 2``, i.e. patch index
 ``(gh // 2) * gw + gw // 2``: the exact centre for odd sizes, the patch below and right of it for even ones
@@ -28,6 +30,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -37,6 +40,10 @@ from beyond_cls.analysis.row_capture import RowCapture
 from beyond_cls.config import ConfigError
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.runtime import autocast
+
+if TYPE_CHECKING:
+    from beyond_cls.probe.bank import HeadEntry
+    from beyond_cls.probe.config import ProbeConfig
 
 __all__ = [
     "ATTENTION_METHODS",
@@ -52,6 +59,7 @@ __all__ = [
     "load_probe_head",
     "parse_method",
     "parse_methods",
+    "read_run_config",
     "renormalize",
     "scores_selection",
 ]
@@ -73,13 +81,18 @@ class Method:
     model: str | None = None  # guide: the other encoder
     checkpoint: str | None = None  # guide: its weights
     run: str | None = None  # abmilp: the probe run folder
-    head: str | None = None  # abmilp: head key or spec (None: the run's first AbMILP head)
+    head: str | None = None  # abmilp: head key or spec (None: the run's only AbMILP head)
 
 
 def _split_run(text: str) -> tuple[str, str | None]:
-    """``RUN[@HEAD]``: the first prefix before an ``@`` that is a folder, else split at the first ``@``
-    (a head key such as ``abmilp@blr0p1`` contains ``@`` itself)."""
-    if "@" not in text or Path(text).is_dir():
+    """``RUN[#KEY]``, or ``RUN[@KEY]``: the first prefix before an ``@`` that is a folder, else split at the first
+    ``@`` (a head key such as ``abmilp@blr0p1`` contains ``@`` itself)."""
+    if Path(text).is_dir():
+        return text, None
+    if "#" in text:
+        run, _, head = text.rpartition("#")
+        return run, head or None
+    if "@" not in text:
         return text, None
     cuts = [i for i, c in enumerate(text) if c == "@"]
     for i in cuts:
@@ -104,7 +117,7 @@ def parse_method(text: str) -> Method:
         return Method(name, "abmilp", run=run, head=head)
     raise ConfigError(
         f"unknown aggregation method {text!r}; expected one of {', '.join(ATTENTION_METHODS)}, "
-        "guide:MODEL[@CHECKPOINT] or abmilp:RUN[@HEAD]"
+        "guide:MODEL[@CHECKPOINT] or abmilp:RUN[#KEY]"
     )
 
 
@@ -207,6 +220,13 @@ class ProbeHead:
     config: dict  # the run's resolved config.yaml
     block: int | None  # token source: block index (None: the last) and final norm
     final_norm: bool
+    seed: int = 0  # the seed whose checkpoint gave the weights
+    run: str = ""  # the probe run folder
+
+    def describe(self) -> dict:
+        """What a job records about the head it used: run, key, spec, seed and token block."""
+        return {"run": self.run, "head": self.key, "spec": self.spec, "seed": self.seed, "block": self.block,
+                "final_norm": self.final_norm}
 
 
 def _content(agg: nn.Module) -> str | None:
@@ -214,21 +234,55 @@ def _content(agg: nn.Module) -> str | None:
     return getattr(inner, "content", None) if hasattr(agg, "forward_with_scores") else None
 
 
-def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_info=None) -> ProbeHead:
-    """Rebuild head ``head`` (a key like ``abmilp@blr0p1`` or a spec like ``abmilp``; default the first AbMILP
-    head) of the probe run in ``run`` from its first seed's checkpoint. ``encoder_info`` (the run's encoder's
-    :class:`EncoderInfo`) gives the token layout; without it the run's ``results.json`` is read."""
-    from beyond_cls.probe.bank import HeadBank, parse_heads
+def read_run_config(run: str | os.PathLike) -> tuple[dict, ProbeConfig]:
+    """``(raw dict, ProbeConfig)`` of a probe run's ``config.yaml``, read with ``yaml.safe_load``; a file that is not
+    plain YAML (e.g. Python tags) or not a mapping is a one-line ConfigError naming it."""
     from beyond_cls.probe.config import ProbeConfig
+
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"probe run {Path(run)} not found (no {path}; expected a beyond-cls probe --out)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"probe run config {path}{where} is not plain YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"probe run config {path} must be a mapping of probe settings, got {type(raw).__name__}")
+    fields = set(ProbeConfig.__dataclass_fields__)
+    return raw, ProbeConfig(**{k: v for k, v in raw.items() if k in fields})
+
+
+def _choose_head(root: Path, scored: list[HeadEntry], head: str | None) -> HeadEntry:
+    """The bank entry ``head`` names (key, else spec) among the AbMILP entries; ambiguity is an error."""
+    keys = ", ".join(e.key for e in scored)
+    if head is None:
+        if len(scored) == 1:
+            return scored[0]
+        raise ConfigError(f"probe run {root} has {len(scored)} AbMILP heads; choose one with abmilp:{root}#KEY, "
+                          f"KEY one of: {keys}")
+    found = [e for e in scored if e.key == head] or [e for e in scored if e.spec == head]
+    if not found:
+        raise ConfigError(f"probe run {root} has no AbMILP head {head!r}; its AbMILP heads: {keys}")
+    if len(found) > 1:
+        raise ConfigError(f"probe run {root}: {head!r} matches {len(found)} AbMILP heads; choose one with "
+                          f"abmilp:{root}#KEY, KEY one of: {', '.join(e.key for e in found)}")
+    return found[0]
+
+
+def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_info=None) -> ProbeHead:
+    """Rebuild head ``head`` (a key like ``abmilp@blr0p1`` or a spec like ``abmilp`` naming one head; None: the
+    run's only AbMILP head) of the probe run in ``run`` from its first seed's checkpoint. ``encoder_info`` (the
+    run's encoder's :class:`EncoderInfo`) gives the token layout; without it the run's ``results.json`` is read."""
+    from beyond_cls.probe.bank import HeadBank, parse_heads
     from beyond_cls.probe.state import STATE_FILE, load_state
 
     root = Path(run)
-    cfg_path = root / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"probe run {root}: no config.yaml (expected the --out folder of beyond-cls probe)")
-    raw = yaml.safe_load(cfg_path.read_text()) or {}
-    fields = set(ProbeConfig.__dataclass_fields__)
-    cfg = ProbeConfig(**{k: v for k, v in raw.items() if k in fields})
+    raw, cfg = read_run_config(root)
     results_path = root / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if encoder_info is not None:
@@ -238,11 +292,10 @@ def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_inf
         prefix, has_cls, dim = enc["num_prefix_tokens"], enc["has_class_token"], enc["embed_dim"]
     else:
         raise FileNotFoundError(f"probe run {root}: no results.json (is the run finished?)")
-    ckpt = next((root / f"seed{s}" / STATE_FILE for s in cfg.seed_list() if (root / f"seed{s}" / STATE_FILE).is_file()),
-                None)
-    if ckpt is None:
+    seed = next((s for s in cfg.seed_list() if (root / f"seed{s}" / STATE_FILE).is_file()), None)
+    if seed is None:
         raise FileNotFoundError(f"probe run {root}: no seed<k>/{STATE_FILE} for seeds {cfg.seed_list()}")
-    state = load_state(ckpt)["bank"]
+    state = load_state(root / f"seed{seed}" / STATE_FILE)["bank"]
     specs, lrs = parse_heads(cfg.heads), cfg.base_lrs()
     weights = [v for k, v in state.items() if k.endswith(".head.1.weight")]
     bank = HeadBank(specs, lrs, dim, int(weights[0].shape[0]), prefix, has_cls)
@@ -250,18 +303,13 @@ def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_inf
     scored = [e for e in bank.entries if _content(bank.heads[e.key].aggregation) is not None]
     if not scored:
         raise ConfigError(f"probe run {root} has no AbMILP head (heads: {cfg.heads})")
-    if head is None:
-        entry = scored[0]
-    else:
-        entry = next((e for e in scored if head in (e.key, e.spec)), None)
-        if entry is None:
-            raise ConfigError(f"probe run {root} has no AbMILP head {head!r}; its AbMILP heads: "
-                              f"{', '.join(e.key for e in scored)}")
+    entry = _choose_head(root, scored, head)
     agg = bank.heads[entry.key].aggregation.eval()
     source = results.get("token_source", {})
     block = source.get("block", cfg.block)
     final_norm = source.get("final_norm", cfg.final_norm)
-    return ProbeHead(entry.key, entry.spec, agg, _content(agg) == "patch+cls", raw, block, bool(final_norm))
+    return ProbeHead(entry.key, entry.spec, agg, _content(agg) == "patch+cls", raw, block, bool(final_norm), seed,
+                     str(root))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,13 +421,8 @@ class SelectionRunner:
         return self._encoders[key]
 
     def _add_head(self, method: Method) -> None:
-        from beyond_cls.probe.config import ProbeConfig
-
         root = Path(method.run)
-        if not (root / "config.yaml").is_file():
-            raise FileNotFoundError(f"method {method.name}: probe run {root} not found (no {root / 'config.yaml'})")
-        raw = yaml.safe_load((root / "config.yaml").read_text()) or {}
-        cfg = ProbeConfig(**{k: v for k, v in raw.items() if k in ProbeConfig.__dataclass_fields__})
+        _, cfg = read_run_config(root)
         if cfg.img_size != self.img_size:
             raise ConfigError(f"method {method.name}: the run used img_size {cfg.img_size}, this job {self.img_size}")
         kw = dict(name=cfg.model, checkpoint=cfg.checkpoint, checkpoint_format=cfg.checkpoint_format, arch=cfg.arch,
@@ -399,6 +442,11 @@ class SelectionRunner:
             if any(m.name == method for m in enc.attention) or any(m.name == method for m, _ in enc.heads):
                 return enc.model
         raise KeyError(f"no method {method!r}; methods: {[m.name for m in self.methods]}")
+
+    def heads_used(self) -> dict[str, dict]:
+        """``{abmilp method name: ProbeHead.describe()}``: which trained head each ``abmilp:`` method uses."""
+        used = {m.name: h.describe() for enc in self._encoders.values() for m, h in enc.heads}
+        return {m.name: used[m.name] for m in self.methods if m.name in used}
 
     @property
     def encoders(self) -> list[nn.Module]:

@@ -32,6 +32,17 @@ def test_config_defaults_are_the_paper_protocol():
     assert cfg.accumulation(world_size=64) == (1, 16384)
 
 
+def test_short_runs_scale_the_default_warmup():
+    """Fewer epochs than MAE's 10 warm-up epochs and none given: 10/90 of the run; explicit ones stay checked."""
+    assert ProbeConfig(**BASE, epochs=9).warmup_epochs == pytest.approx(1.0)
+    assert ProbeConfig(**BASE, epochs=3).warmup_epochs == pytest.approx(1 / 3, abs=1e-6)
+    assert ProbeConfig(**BASE, epochs=10).warmup_epochs == pytest.approx(10 / 9, abs=1e-6)
+    assert ProbeConfig(**BASE, epochs=11).warmup_epochs == 10
+    assert ProbeConfig(**BASE, epochs=3, warmup_epochs=0.5).warmup_epochs == 0.5
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        ProbeConfig(**BASE, epochs=3, warmup_epochs=3)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,7 @@ def test_resume_after_sigkill_equals_uninterrupted(dataset, tmp_path):
     assert (state["epoch"], state["step"], state["global_step"]) == (1, 1, 4)  # mid-epoch, step 5 lost
     resumed = _cli([*args, "--out", str(tmp_path / "cut")])
     assert resumed.returncode == 0, resumed.stderr
+    assert "checkpoint.pt at epoch 2, step 1/" in resumed.stdout  # where it resumed, 1-based epoch
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("whole", "cut"))
     assert a == b
     for key, value in _bank(tmp_path / "whole").items():
@@ -369,10 +371,15 @@ def test_help_lists_every_flag_with_defaults(capsys):
     assert "(default: 90)" in text and "(default: lars)" in text and "(default: 16384)" in text
 
 
-def test_bench_probe_measures_every_part_and_the_baseline(tmp_path, monkeypatch, capsys):
+def test_bench_probe_measures_every_part_and_the_baseline(tmp_path, monkeypatch, capfd):
+    import functools
+
+    from beyond_cls.probe import bench
     from beyond_cls.probe.bench import BenchProbeConfig, bench_probe
 
     monkeypatch.setenv("BEYOND_CLS_CACHE", str(tmp_path))
+    # an encoder whose token source is block 3 (as the zoo's SimMIM is block 7): bench and baseline use it
+    monkeypatch.setattr(bench, "load_encoder", functools.partial(bench.load_encoder, block=3))
     cfg = BenchProbeConfig(model="vit_tiny_patch16_224", img_size=32, batch_size=4, steps=1, warmup=0,
                            num_workers=0, heads="cls,abmilp", num_classes=10, device="cpu")
     result = bench_probe(cfg)
@@ -381,8 +388,12 @@ def test_bench_probe_measures_every_part_and_the_baseline(tmp_path, monkeypatch,
     assert set(result["baseline"]) == {"cls", "abmilp"}
     expected = result["step"] * sum(1 / r for r in result["baseline"].values())
     assert result["speedup_per_head"] == pytest.approx(expected)
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()
     assert "loader" in printed and "baseline" in printed and "per head" in printed
+    assert "tokens of block 3, pre-norm" in printed and result["token_block"] == 3
+    assert "find_unused_parameters" not in errors  # DDP's C++ warning about the baseline is not shown
+    rates = [line for line in printed.splitlines() if line.endswith("images/s") or "images/s  (" in line]
+    assert len(rates) == 6 and len({line.index(" images/s") for line in rates}) == 1  # one column of rates
 
 
 @pytest.mark.gpu
@@ -394,3 +405,28 @@ def test_probe_on_cuda_with_gpu_decoding(dataset, tmp_path, compile_encoder):
     assert all(0 <= r["top1"] <= 100 for r in results["rows"])
     state = load_state(tmp_path / "seed0" / "checkpoint.pt")
     assert state["global_step"] == 9 and all(v.device.type == "cpu" for v in state["bank"].values())
+
+
+def test_progress_bar_shows_the_learning_rates_applied(dataset, tmp_path, capfd):
+    """lr= is the optimizer's rate (base lr × batch/256 × schedule factor), not the schedule factor."""
+    run(dict(TINY, data=str(dataset), out=str(tmp_path), progress=True, epochs=2))
+    shown = set(re.findall(r"lr=([0-9.e+-]+)\.\.([0-9.e+-]+)", capfd.readouterr().err))
+    logged = [json.loads(line) for line in (tmp_path / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    factors = [r["lr_factor"] for r in logged if "lr_factor" in r]
+    scale = 8 / 256  # effective batch 8
+    expected = {(f"{0.1 * scale * f:.3g}", f"{1.0 * scale * f:.3g}") for f in factors}
+    assert shown and shown <= expected
+
+
+def test_end_of_run_marks_best_lrs_and_resume_says_where(dataset, tmp_path, capsys):
+    results = run(dict(TINY, data=str(dataset), out=str(tmp_path), epochs=2))
+    printed = capsys.readouterr().out
+    for aggregation in ("cls", "mean", "abmilp"):
+        rows = [r for r in results["summary"] if r["aggregation"] == aggregation]
+        best = max(rows, key=lambda r: r["top1"])
+        assert [r["best"] for r in rows].count("*") == 1 and best["best"] == "*"
+    assert "min in all" in printed and "training images/s" in printed and results["images_trained"] > 0
+    assert "| best" in printed
+    run(dict(TINY, data=str(dataset), out=str(tmp_path), epochs=2))
+    printed = capsys.readouterr().out
+    assert "finished: its final evaluation is reused" in printed and "nothing left to train" in printed

@@ -134,7 +134,8 @@ def test_zoo_names_load_their_official_file_from_the_weights_folder(tmp_path, mo
 
 def test_zoo_check_reports_a_bad_file(tmp_path, capsys):
     (tmp_path / "mae_pretrain_vit_base.pth").write_bytes(b"not a checkpoint")
-    assert main(["zoo", "--weights-dir", str(tmp_path), "--check"]) == 0
+    assert main(["zoo", "--weights-dir", str(tmp_path), "--check"]) == 2  # a failed check is not a success
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| mae_vit_base_patch16 "))
-    assert "error" in row and "mae_pretrain_vit_base.pth" in row
+    assert "failed" in row  # the error itself is printed below the table
+    assert "check failed: mae_vit_base_patch16" in out and "mae_pretrain_vit_base.pth" in out

@@ -1,7 +1,8 @@
 """The ``aggregations`` job: non-trainable and trained token aggregations compared (paper Tab. 5, Figs. 7 and 9).
 
 Every method's selection vector (:mod:`beyond_cls.selection`) over a dataset split: mean aggregation entropy per
-method, mean pairwise KL divergence between methods, and the selection maps of the first images.
+method, mean pairwise KL divergence between methods, and the selection maps of the first images (one colour scale
+for all maps). ``abmilp:RUN[#KEY]`` methods print and record (``heads`` in ``aggregations.json``) the head they use.
 """
 
 from __future__ import annotations
@@ -12,22 +13,20 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import Subset
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import Subset  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from beyond_cls.config import ConfigError, StreamSettings
+from beyond_cls.data import build_dataset, make_loader
+from beyond_cls.data.transforms import unnormalized_eval_transform
+from beyond_cls.runlock import writes_out
+from beyond_cls.runtime import resolve_device
+from beyond_cls.selection import SelectionRunner, entropy, kl, parse_methods
 
-from beyond_cls.config import ConfigError, StreamSettings  # noqa: E402
-from beyond_cls.data import build_dataset, make_loader  # noqa: E402
-from beyond_cls.data.transforms import unnormalized_eval_transform  # noqa: E402
-from beyond_cls.localization import draw_overlay  # noqa: E402
-from beyond_cls.runtime import resolve_device  # noqa: E402
-from beyond_cls.selection import SelectionRunner, entropy, kl, parse_methods  # noqa: E402
-
-__all__ = ["AggregationsConfig", "aggregations", "plot_examples", "plot_kl"]
+__all__ = ["AggregationsConfig", "aggregations", "examples_figure", "kl_figure", "kl_label", "plot_examples",
+           "plot_kl"]
 
 RESULTS_FILE = "aggregations.json"
 
@@ -63,11 +62,15 @@ def _dataset(cfg, crop: bool):
     return dataset, dataset
 
 
+@writes_out("aggregations")
 def aggregations(cfg: AggregationsConfig) -> dict:
     """Run every method over ``cfg.data``/``cfg.split``; write ``aggregations.json``/``.csv``, ``kl.csv``,
     ``kl.png`` and ``examples.png`` into ``cfg.out`` and return the results."""
     device = resolve_device(cfg.device)
     runner = _runner(cfg, device)  # bad methods, runs and models fail before the data is read
+    heads = runner.heads_used()
+    for name, head in heads.items():
+        print(f"{name}: head {head['head']} (seed {head['seed']})")
     _, dataset = _dataset(cfg, crop=True)
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
     names = [m.name for m in runner.methods]
@@ -105,7 +108,7 @@ def aggregations(cfg: AggregationsConfig) -> dict:
     results = {
         "methods": rows, "kl": {p: {q: float(kl_mean[i, j]) for j, q in enumerate(names)} for i, p in enumerate(names)},
         "num_images": count, "num_patches": runner.num_patches, "grid_size": list(runner.grid_size),
-        "config": asdict(cfg),
+        "heads": heads, "config": asdict(cfg),
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
     with open(out / "aggregations.csv", "w", newline="") as f:
@@ -126,38 +129,74 @@ def aggregations(cfg: AggregationsConfig) -> dict:
     return results
 
 
-def plot_kl(matrix: torch.Tensor, names: list[str], path: Path) -> None:
-    """Heatmap of mean pairwise KL(row || column) (Fig. 7)."""
-    size = 1.2 + 0.9 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+def kl_label(value: float) -> str:
+    """A KL heatmap annotation: 2 decimals from 0.1 up, 2 significant digits below (0.0042), ``0`` for zero."""
+    if value == 0:
+        return "0"
+    return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.2g}"
+
+
+def kl_figure(matrix: torch.Tensor, names: list[str]) -> Figure:
+    """Heatmap of mean pairwise KL(row || column) in nats, each cell annotated (Fig. 7)."""
+    size = 3.0 + 0.6 * len(names)  # room for the tick labels (method names up to 28 characters)
+    fig = Figure(figsize=(size + 1.5, size), layout="constrained")
+    ax = fig.subplots()
     im = ax.imshow(matrix.numpy(), cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    short = [_short(n) for n in names]
+    ax.set_xticks(range(len(names)), short, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), short, fontsize=8)
+    ax.set_xlabel("q (column)")
+    ax.set_ylabel("p (row)")
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", color="w", fontsize=7)
-    ax.set_title("mean KL(row || column)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            value = float(matrix[i, j])
+            color = "black" if im.norm(value) > 0.6 else "white"  # readable on viridis's light end
+            ax.text(j, i, kl_label(value), ha="center", va="center", color=color, fontsize=7)
+    ax.set_title("mean KL(p || q) between selection vectors")
+    fig.colorbar(im, ax=ax, label="KL divergence (nats)")
+    return fig
 
 
-def plot_examples(images: list[torch.Tensor], maps: dict[str, list[torch.Tensor]], path: Path) -> None:
-    """Grid: one row per image, the image then each method's selection map overlaid (Fig. 9)."""
+def plot_kl(matrix: torch.Tensor, names: list[str], path: Path) -> Path:
+    """Save :func:`kl_figure` as a PNG."""
+    kl_figure(matrix, names).savefig(path, dpi=120)
+    return Path(path)
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 28 else "..." + name[-25:]
+
+
+def examples_figure(images: list[torch.Tensor], maps: dict[str, list[torch.Tensor]]) -> Figure:
+    """Grid: one row per image, the image then each method's selection map over it (Fig. 9).
+
+    Every map shares one colour scale, 0 to the largest patch weight shown, with one colour bar: a near-uniform
+    selection looks flat next to a selective one instead of being stretched to the full range.
+    """
     names = list(maps)
-    fig, axes = plt.subplots(len(images), 1 + len(names), figsize=(2.2 * (1 + len(names)), 2.2 * len(images)),
-                             squeeze=False)
+    vmax = max(float(m.max()) for n in names for m in maps[n]) or 1.0
+    fig = Figure(figsize=(2.2 * (1 + len(names)) + 1.2, max(3.0, 2.2 * len(images) + 0.4)), layout="constrained")
+    axes = fig.subplots(len(images), 1 + len(names), squeeze=False)
+    mappable = None
     for r, image in enumerate(images):
-        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-        axes[r, 0].imshow(pixels.permute(1, 2, 0).numpy())
+        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        h, w = pixels.shape[:2]
+        axes[r, 0].imshow(pixels)
         for c, n in enumerate(names, start=1):
-            axes[r, c].imshow(draw_overlay(pixels, maps[n][r].float(), None))
+            axes[r, c].imshow(pixels)
+            mappable = axes[r, c].imshow(maps[n][r].float().numpy(), cmap="jet", alpha=0.55, vmin=0.0, vmax=vmax,
+                                         extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
             if r == 0:
-                axes[r, c].set_title(n if len(n) <= 28 else "..." + n[-25:], fontsize=7)
+                axes[r, c].set_title(_short(n), fontsize=7)
         for ax in axes[r]:
-            ax.axis("off")
+            ax.set_axis_off()
     axes[0, 0].set_title("image", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes[:, 1:], shrink=0.9, label="patch weight (shared scale)")
+    return fig
+
+
+def plot_examples(images: list[torch.Tensor], maps: dict[str, list[torch.Tensor]], path: Path) -> Path:
+    """Save :func:`examples_figure` as a PNG."""
+    examples_figure(images, maps).savefig(path, dpi=100)
+    return Path(path)

@@ -22,6 +22,7 @@ from beyond_cls.config import ConfigError, RunSettings
 from beyond_cls.data import ImageFolderDataset, make_loader
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
 from beyond_cls.models import load_encoder
+from beyond_cls.runlock import writes_out
 from beyond_cls.runtime import autocast, resolve_device
 
 STATS_FILE = "attention_stats.json"
@@ -175,6 +176,7 @@ def _load_encoders(cfg: AnalyzeConfig, device: torch.device) -> list[_Encoder]:
     return encoders
 
 
+@writes_out(lambda cfg: "analyze" if len(cfg.encoders()) == 1 else "analyze-models")
 def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
     """Record the attention statistics of every model of ``cfg`` over ``cfg.data``/``cfg.split``; label -> summary.
 
@@ -203,6 +205,8 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
                     enc.model.forward_features(x)
     summaries = {e.label: r.summary() for e, r in zip(encoders, recorders)}
     seconds = time.perf_counter() - start
+    for label, summary in summaries.items():  # before anything is written: no NaN statistics with exit 0
+        summary.check_finite(f"{label}: nothing written (try --precision fp32)")
 
     out = Path(cfg.out)
     if len(encoders) == 1:

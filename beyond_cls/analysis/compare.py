@@ -2,12 +2,14 @@
 
 ``compare`` reads the ``attention_stats.json`` of several ``beyond-cls analyze`` runs and writes, into
 one folder, line plots over blocks (one line per encoder, MIM solid / JEA dashed), a blocks × heads
-heatmap figure per encoder, CSV tables and a ``report.md`` that embeds them all.
+heatmap figure per encoder, CSV tables and a ``report.md`` that embeds them all, and prints Table 3. Blocks and
+heads are numbered from 0 everywhere (figures, CSVs), as ``--block`` and the printed tables number them.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -22,12 +24,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from beyond_cls.analysis.analyze import STATS_FILE  # noqa: E402
-from beyond_cls.analysis.plots import PANELS  # noqa: E402
+from beyond_cls.analysis.analyze import MODELS_FILE, STATS_FILE  # noqa: E402
+from beyond_cls.analysis.plots import BLOCK_LABEL, HEAD_LABEL, PANELS, YLABELS  # noqa: E402
 from beyond_cls.analysis.summary import FIELD_NAMES, FIELDS, AttentionSummary  # noqa: E402
+from beyond_cls.runlock import claim_output  # noqa: E402
 
-__all__ = ["FAMILIES", "compare", "infer_family"]
+__all__ = ["FAMILIES", "compare", "infer_family", "table3_text"]
 
 #: Method-name prefixes of the paper's encoders (zoo names look like ``mae_vit_base_patch16``).
 FAMILIES: Mapping[str, tuple[str, ...]] = {
@@ -158,14 +162,38 @@ def _unique_names(names: list[str], files: list[Path]) -> list[str]:
     return out
 
 
+def _expand(inputs: list) -> list:
+    """Each multi-model ``analyze`` folder (it holds ``analyze_models.json``) replaced by its per-model subfolders."""
+    out = []
+    for item in inputs:
+        folder = Path(item)
+        index = folder / MODELS_FILE
+        if not (folder.is_dir() and index.is_file()):
+            out.append(item)
+            continue
+        if (folder / STATS_FILE).is_file():
+            raise ValueError(f"{folder} holds both {STATS_FILE} and {MODELS_FILE} (outputs of two analyze runs); "
+                             "rerun analyze into a new folder")
+        try:
+            models = json.loads(index.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{index} is unreadable: {exc}") from None
+        if not isinstance(models, dict) or not models or not all(isinstance(e, dict) for e in models.values()):
+            raise ValueError(f"{index}: expected a non-empty mapping label -> {{model, checkpoint, subfolder}}")
+        out += [folder / str(entry.get("subfolder") or label) for label, entry in models.items()]
+    return out
+
+
 def _models(inputs, names, families) -> list[_Model]:
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    inputs = list(inputs)
-    if not inputs:
+    given = list(inputs)
+    if not given:
         raise ValueError("compare needs at least one run directory or attention_stats.json file")
+    inputs = _expand(given)
     if names is not None and len(names) != len(inputs):
-        raise ValueError(f"names has {len(names)} entries for {len(inputs)} inputs")
+        expanded = "" if len(inputs) == len(given) else " (a multi-model analyze folder counts one per model)"
+        raise ValueError(f"names has {len(names)} entries for {len(inputs)} inputs{expanded}")
     loaded = [_load(p) for p in inputs]
     display = [
         (names[i] if names is not None else "") or s.model or (f.parent.name if f.name == STATS_FILE else f.stem)
@@ -194,7 +222,7 @@ def _models(inputs, names, families) -> list[_Model]:
 def _positions(depth: int, x_axis: str) -> np.ndarray:
     blocks = np.arange(depth, dtype=np.float64)
     if x_axis == "block":
-        return blocks + 1
+        return blocks
     return blocks / (depth - 1) if depth > 1 else blocks
 
 
@@ -234,7 +262,8 @@ def _draw(ax, metric: str, title: str, figure: str, models: list[_Model], series
             ax.axhline(math.log(patches), color="gray", linestyle="-.", linewidth=1,
                        label=f"max entropy log {patches} = {math.log(patches):.2f}")
     ax.set_title(f"{title} ({figure})")
-    ax.set_xlabel("block" if x_axis == "block" else "relative depth: block / (depth - 1)")
+    ax.set_xlabel(BLOCK_LABEL if x_axis == "block" else "relative depth: block / (depth - 1), block 0-based")
+    ax.set_ylabel(YLABELS[metric])
     ax.grid(alpha=0.3)
     if not plotted:
         ax.text(0.5, 0.5, "no model has a [cls] token", ha="center", va="center", transform=ax.transAxes)
@@ -242,7 +271,7 @@ def _draw(ax, metric: str, title: str, figure: str, models: list[_Model], series
 
 def _save(fig, path: Path) -> Path:
     try:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # no clipped labels or outside legends
     finally:
         plt.close(fig)
     return path
@@ -266,8 +295,8 @@ def _plot_lines(models, series, colors, x_axis: str, out: Path) -> tuple[Path, d
         fig, ax = plt.subplots(figsize=(7, 5))
         fig.subplots_adjust(left=0.1, right=0.97, top=0.93, bottom=0.11)
         _draw(ax, metric, title, figure, models, series, colors, x_axis)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # beside the axes: covers no data
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
         number = figure.split()[-1]
         per_metric[metric] = _save(fig, out / f"fig{number}_{metric}.png")
     return combined, per_metric
@@ -276,7 +305,7 @@ def _plot_lines(models, series, colors, x_axis: str, out: Path) -> tuple[Path, d
 def _plot_heads(model: _Model, path: Path) -> Path:
     """Blocks × heads heatmaps of the four panel statistics for one encoder."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 9))
-    fig.subplots_adjust(left=0.06, right=0.97, top=0.91, bottom=0.06, hspace=0.3, wspace=0.15)
+    fig.subplots_adjust(left=0.06, right=0.97, top=0.91, bottom=0.06, hspace=0.3, wspace=0.4)
     for ax, (metric, title, figure) in zip(axes.flat, PANELS):
         values = model.field(metric)
         ax.set_title(f"{title} ({figure})", fontsize=10)
@@ -286,11 +315,13 @@ def _plot_heads(model: _Model, path: Path) -> Path:
             ax.set_yticks([])
             continue
         blocks, heads = values.shape
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
-                          extent=(0.5, heads + 0.5, blocks + 0.5, 0.5))
-        fig.colorbar(image, ax=ax)
-        ax.set_xlabel("head")
-        ax.set_ylabel("block")
+                          extent=(-0.5, heads - 0.5, blocks - 0.5, -0.5))
+        fig.colorbar(image, ax=ax, label=YLABELS[metric])
+        ax.set_xlabel(HEAD_LABEL)
+        ax.set_ylabel(BLOCK_LABEL)
     fig.suptitle(f"{model.name} ({model.family}): per-head statistics, {model.summary.num_images} images, "
                  f"{model.summary.num_patches} patches (log |J| = {model.summary.max_entropy:.3f})")
     return _save(fig, path)
@@ -330,7 +361,7 @@ def _block_rows(models: list[_Model]) -> list[dict]:
                 continue
             for b in range(m.depth):
                 rows.append({
-                    "model": m.name, "family": m.family, "block": b + 1, "depth": m.depth,
+                    "model": m.name, "family": m.family, "block": b, "depth": m.depth,
                     "position": float(positions[b]), "metric": metric, "value": float(values[b].mean()),
                     "head_min": float(values[b].min()), "head_max": float(values[b].max()),
                 })
@@ -359,6 +390,22 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
 
 
+def table3_text(rows: list[dict]) -> str:
+    """Appendix Table 3 for the console: aggregation entropy per encoder, MIM first (rows as ``compare`` returns)."""
+    from beyond_cls.probe.logs import format_table
+
+    table = [{"family": r["family"], "model": r["model"],
+              "entropy (nats)": _fmt(r["aggregation_entropy"]) + ("" if r["has_cls"] else " ‡"),
+              "H / log P": _fmt(r["aggregation_entropy_normalized"]), "log P": _fmt(r["max_entropy"]),
+              "paper": _fmt(r["paper_entropy"], 2)}
+             for r in sorted(rows, key=lambda r: _FAMILY_ORDER.get(r["family"], 2))]
+    lines = ["Table 3: aggregation entropy = [cls]→patch attention entropy, mean over blocks and heads "
+             "(P = number of patches)", format_table(table, list(table[0]))]
+    if any(not r["has_cls"] for r in rows):
+        lines.append("‡ no [cls] token: aggregation is uniform over the patches, entropy log P.")
+    return "\n".join(lines)
+
+
 def _report(models, rows, files, notes, x_axis, out: Path) -> Path:
     by_name = {r["model"]: r for r in rows}
     lines = ["# Information flow: model comparison", ""]
@@ -384,8 +431,8 @@ def _report(models, rows, files, notes, x_axis, out: Path) -> Path:
                     [[r["model"], r["family"]] + [_fmt(r[n], 4) for n in FIELD_NAMES] for r in rows])
     lines += ["", f"Numbers: [{MODELS_CSV}]({MODELS_CSV}) (per model), [{BLOCKS_CSV}]({BLOCKS_CSV}) "
               "(per model, block and metric; mean, min and max over heads).", ""]
-    axis = ("block number" if x_axis == "block"
-            else "relative depth block / (depth - 1), since the encoders' depths differ")
+    axis = ("block index, 0-based" if x_axis == "block"
+            else "relative depth block / (depth - 1) (blocks 0-based), since the encoders' depths differ")
     lines += ["## Figures 3–6", "",
               f"Mean over heads per block; x axis: {axis}. MIM solid, JEA dashed, other dotted; "
               "dash-dot gray: maximal entropy log |J|. Encoders without [cls] are absent from the [cls] panels.", "",
@@ -412,15 +459,21 @@ def compare(
 ) -> dict:
     """Compare encoders from their saved attention summaries; write figures, CSVs and ``report.md`` to ``out``.
 
-    ``inputs`` are ``analyze`` run directories or ``attention_stats.json`` files; ``names`` replace the
-    summaries' model names; ``families`` maps a name to "MIM"/"JEA" (else inferred from the name).
+    ``inputs`` are ``analyze`` run directories (a multi-model one stands for its per-model subfolders) or
+    ``attention_stats.json`` files; ``names`` replace the summaries' model names; ``families`` maps a name to
+    "MIM"/"JEA" (else inferred from the name).
     Returns ``rows`` (per model), ``per_block`` (long format), ``series`` (the plotted lines),
     ``x_axis`` ("block" or "relative"), ``warnings`` and ``files`` (the written paths).
     """
     models = _models(inputs, names, families)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_output(out, "compare") as folder:
+        return _compare(models, folder)
 
+
+def _compare(models: list[_Model], out: Path) -> dict:
+    """:func:`compare` into ``out``, which this process holds."""
+    for stale in out.glob("heads_*.png"):  # an earlier comparison's models
+        stale.unlink()
     x_axis = "block" if len({m.depth for m in models}) == 1 else "relative"
     series = _series(models, x_axis)
     colors = _colors(models)
@@ -453,5 +506,6 @@ def compare(
         depths = ", ".join(f"{m.name}: {m.depth}" for m in models)
         notes.append(f"depths differ ({depths}): blocks are plotted at block / (depth - 1)")
     files["report"] = _report(models, rows, files, notes, x_axis, out)
+    print(table3_text(rows))
     return {"rows": rows, "per_block": block_rows, "series": series, "x_axis": x_axis, "warnings": problems,
             "files": files}

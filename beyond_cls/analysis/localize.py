@@ -3,8 +3,9 @@ Fig. 8).
 
 Images are resized to ``img_size x img_size`` without cropping (the WSOL protocol), ground-truth boxes read from
 Pascal-VOC XML files (``<boxes>/<image stem>.xml``) and scaled the same way. A map is a selection vector
-(:mod:`beyond_cls.selection`) reshaped to the patch grid: ``cls-attn`` is ``attn-mean``, ``abmilp:RUN[@HEAD]``
-a trained head's scores; any other selection method is accepted too.
+(:mod:`beyond_cls.selection`) reshaped to the patch grid: ``cls-attn`` is ``attn-mean``, ``abmilp:RUN[#KEY]``
+a trained head's scores (the head used is printed and recorded under ``heads``); any other selection method is
+accepted too. Overlays are titled figures with a legend naming each box.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from tqdm import tqdm
 from beyond_cls.config import ConfigError, StreamSettings
 from beyond_cls.data import DataError, build_dataset, make_loader
 from beyond_cls.data.transforms import unnormalized_eval_transform
-from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, draw_overlay, load_voc_boxes
+from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, load_voc_boxes, overlay_figure
+from beyond_cls.runlock import writes_out
 from beyond_cls.runtime import resolve_device
 from beyond_cls.selection import SelectionRunner, parse_method
 
@@ -52,7 +54,7 @@ class LocalizeConfig(StreamSettings):
         if isinstance(self.maps, str):
             self.maps = [m.strip() for m in self.maps.split(",") if m.strip()]
         if not self.maps:
-            raise ConfigError("maps: give at least one --map (cls-attn or abmilp:RUN[@HEAD])")
+            raise ConfigError("maps: give at least one --map (cls-attn or abmilp:RUN[#KEY])")
         if len(set(self.maps)) != len(self.maps):
             raise ConfigError(f"maps: {self.maps} lists a map twice")
         for m in self.maps:
@@ -70,6 +72,7 @@ def _color(name: str, index: int) -> tuple[int, int, int]:
     return OTHER_COLORS[index % len(OTHER_COLORS)]
 
 
+@writes_out("localize")
 def localize(cfg: LocalizeConfig) -> dict:
     """MaxBoxAccV2 of each ``--map`` over ``cfg.data``/``cfg.split``; writes ``localization.json`` and overlay PNGs
     of the first ``cfg.overlays`` images into ``cfg.out`` (ground truth blue, [cls] red, AbMILP green)."""
@@ -82,6 +85,10 @@ def localize(cfg: LocalizeConfig) -> dict:
         source=cfg.source, weights_dir=cfg.weights_dir, img_size=cfg.img_size, device=device,
         precision=cfg.precision,
     )
+    used = runner.heads_used()
+    heads = {name: used[method] for name, method in zip(cfg.maps, methods) if method in used}
+    for name, head in heads.items():
+        print(f"{name}: head {head['head']} (seed {head['seed']})")
     full = build_dataset(cfg.dataset, cfg.data, cfg.split, transform=unnormalized_eval_transform(cfg.img_size, False))
     count = len(full) if cfg.max_images is None else min(cfg.max_images, len(full))
     paths = [str(p) for p in list(full.paths)[:count]]
@@ -105,13 +112,13 @@ def localize(cfg: LocalizeConfig) -> dict:
     scores = {name: acc.compute() for name, acc in accs.items()}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = _overlays(cfg, kept_images, kept_maps, gt, scores, out / "overlays") if kept_images else []
+    files = _overlays(cfg, kept_images, kept_maps, gt, scores, paths, out / "overlays") if kept_images else []
     results = {
         "maps": {name: {**s, "maxboxacc": {str(d): v for d, v in s["maxboxacc"].items()},
                         "best_threshold": {str(d): v for d, v in s["best_threshold"].items()}}
                  for name, s in scores.items()},
         "images": paths, "num_images": start, "image_size": list(size), "grid_size": list(runner.grid_size),
-        "overlays": files, "config": asdict(cfg),
+        "overlays": files, "heads": heads, "config": asdict(cfg),
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
     for name, s in scores.items():
@@ -121,27 +128,39 @@ def localize(cfg: LocalizeConfig) -> dict:
     return results
 
 
-def _overlays(cfg, images, maps, gt, scores, folder: Path) -> list[str]:
+def _short(name: str, width: int = 40) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def _overlays(cfg, images, maps, gt, scores, paths, folder: Path) -> list[str]:
     """Per image: ``<i>_boxes.png`` (all boxes at each map's best threshold for IoU 0.5) and ``<i>_map<k>_<name>.png``
-    (that map's heatmap and box; ``k`` its position among the maps)."""
+    (that map's heatmap and box; ``k`` its position among the maps); each titled, with a legend of the boxes."""
     folder.mkdir(parents=True, exist_ok=True)
     size = (cfg.img_size, cfg.img_size)
     n = len(images)
-    pred = {}
+    pred, thresholds = {}, {}
     for name in cfg.maps:
         best = scores[name]["best_threshold"]
-        threshold = best.get(0.5, next(iter(best.values())))
-        pred[name] = best_boxes(torch.stack(maps[name]), threshold, gt[:n], image_size=size)
+        thresholds[name] = best.get(0.5, next(iter(best.values())))
+        pred[name] = best_boxes(torch.stack(maps[name]), thresholds[name], gt[:n], image_size=size)
     files = []
     for i, image in enumerate(images):
         pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-        boxes = {name: (pred[name][i], _color(name, k)) for k, name in enumerate(cfg.maps)}
+        stem = Path(paths[i]).name
+        boxes = {f"{_short(name)} (threshold {thresholds[name]:.2f})": (pred[name][i], _color(name, k))
+                 for k, name in enumerate(cfg.maps)}
+        labels = list(boxes)
         path = folder / f"{i:04d}_boxes.png"
-        draw_overlay(pixels, None, gt[i], boxes, boxes_size=size).save(path)
+        fig = overlay_figure(pixels, None, gt[i], boxes, boxes_size=size,
+                             title=f"{stem}: each map's box at its best threshold (IoU 0.5)")
+        fig.savefig(path, dpi=100)
         files.append(str(path))
         for k, name in enumerate(cfg.maps):
             safe = "".join(c if c.isalnum() or c in "-+@" else "_" for c in name.rstrip("/"))[-40:]
             path = folder / f"{i:04d}_map{k}_{safe}.png"
-            draw_overlay(pixels, maps[name][i].float(), gt[i], {name: boxes[name]}, boxes_size=size).save(path)
+            title = f"{stem}: {_short(name)}\nMaxBoxAccV2 {100 * scores[name]['maxboxacc_v2']:.1f} (all images)"
+            fig = overlay_figure(pixels, maps[name][i].float(), gt[i], {labels[k]: boxes[labels[k]]},
+                                 boxes_size=size, title=title)
+            fig.savefig(path, dpi=100)
             files.append(str(path))
     return files

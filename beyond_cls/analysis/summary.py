@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from beyond_cls.fileio import match_umask
+
 # (field, column header, needs a [cls] token); order of the table and the JSON file.
 FIELDS: tuple[tuple[str, str, bool], ...] = (
     ("cls_self", "cls-self", True),
@@ -74,6 +76,30 @@ class AttentionSummary:
         """Each statistic averaged over blocks and heads (e.g. Table 3's mean entropy)."""
         return {n: float(t.mean()) for n, t in self.fields().items()}
 
+    def non_finite(self, allow_absent: bool = False) -> str:
+        """Where the statistics hold NaN/Inf (field, block, head and count), or "".
+
+        ``allow_absent``: a [cls] field that is NaN everywhere means "no [cls]" (a convention of files from
+        other tools; this package writes null) and is not reported.
+        """
+        needs_cls = {name for name, _, cls in FIELDS if cls}
+        for name, t in self.fields().items():
+            bad = ~torch.isfinite(t)
+            if allow_absent and name in needs_cls and bool(torch.isnan(t).all()):
+                continue
+            if bool(bad.any()):
+                block, head = (int(i) for i in bad.nonzero()[0])
+                where = f" ({self.block_names[block]})" if block < len(self.block_names) else ""
+                return (f"{name} at block {block}{where}, head {head} is {float(t[block, head])}; "
+                        f"{int(bad.sum())} non-finite value(s) in {name}")
+        return ""
+
+    def check_finite(self, what: str, allow_absent: bool = False) -> None:
+        """ValueError naming the first non-finite statistic (field, block, head) of ``what``."""
+        problem = self.non_finite(allow_absent)
+        if problem:
+            raise ValueError(f"{what}: non-finite attention statistics: {problem}")
+
     def to_dict(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
@@ -109,13 +135,18 @@ class AttentionSummary:
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON atomically (temp file + rename), so a killed run never leaves half a file."""
+        """Write JSON atomically (temp file + rename), so a killed run never leaves half a file.
+
+        A summary with NaN/Inf values is refused (ValueError naming field, block and head): nothing is written.
+        """
         path = Path(path)
+        self.check_finite(f"attention summary of {self.model or 'the encoder'} not saved to {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.to_dict(), f, indent=1)
+            match_umask(tmp)  # mkstemp's 0600 -> what open() gives
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -124,6 +155,7 @@ class AttentionSummary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AttentionSummary:
+        """Read a saved summary; ValueError naming the file when it is malformed or holds NaN/Inf."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -132,9 +164,11 @@ class AttentionSummary:
         except json.JSONDecodeError as exc:
             raise ValueError(f"attention summary {path} is not valid JSON: {exc}") from None
         try:
-            return cls.from_dict(data)
+            summary = cls.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"attention summary {path} is malformed: {exc}") from None
+        summary.check_finite(f"attention summary {path}", allow_absent=True)  # e.g. from a version without the guard
+        return summary
 
     def __str__(self) -> str:
         cols = [(n, h) for n, h, _ in FIELDS if getattr(self, n) is not None]

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from beyond_cls.data.cars import DEVKIT_LAYOUT, StanfordCarsDevkit, find_devkit
 from beyond_cls.data.folder import DataError, ImageFolderDataset
 from beyond_cls.data.labeled import (
     SPLITS,
@@ -21,6 +22,7 @@ from beyond_cls.data.labeled import (
     check_split,
     find_missing,
     find_root,
+    inside,
     missing_error,
     read_lines,
     require_dir,
@@ -39,6 +41,7 @@ __all__ = [
     "NUSWIDE",
     "OxfordPets",
     "StanfordCarsCSV",
+    "StanfordCarsDevkit",
     "build_dataset",
     "image_folder",
     "imagenet_1pct",
@@ -155,7 +158,7 @@ class CUB200(LabeledImages):
             if not 0 <= label < len(classes):
                 raise DataError(f"{root}/image_class_labels.txt: image {image_id} has class {label + 1}, "
                                 f"expected 1..{len(classes)}")
-            paths.append(str(image_dir / rel))
+            paths.append(inside(image_dir, rel, f"{root / 'images.txt'}, image id {image_id}"))
             targets.append(label)
         super().__init__(paths, classes, targets, transform, root, split)
         _check_missing(self, layout)
@@ -185,7 +188,7 @@ class Food101(LabeledImages):
             name = entry.split("/", 1)[0]
             if name not in index:
                 raise DataError(f"{stem}.json/.txt: entry {entry!r} has class {name!r}, not in meta/classes.txt")
-            paths.append(str(image_dir / f"{entry}.jpg"))
+            paths.append(inside(image_dir, f"{entry}.jpg", f"{stem}.json/.txt, entry {entry!r}"))
             targets.append(index[name])
         super().__init__(paths, classes, targets, transform, root, split)
         _check_missing(self, layout)
@@ -216,24 +219,23 @@ class OxfordPets(LabeledImages):
                 if names.setdefault(label, prefix) != prefix:
                     raise DataError(f"{path}: class id {label} names both {names[label]!r} and {prefix!r}")
                 if which == split:
-                    rows.append((parts[0], label - 1))
+                    rows.append((inside(root / "images", f"{parts[0]}.jpg", f"{path}, line {line!r}"), label - 1))
         if not names:
             raise DataError(f"{files[split]} lists no images; expected {layout}")
         if len(names) != max(names):
             raise DataError(f"{root / 'annotations'}: class ids {sorted(set(range(1, max(names) + 1)) - set(names))} "
                             "have no images, so their names are unknown")
         classes = [names[k] for k in range(1, len(names) + 1)]
-        image_dir = require_dir(root / "images", layout)
-        paths = [str(image_dir / f"{name}.jpg") for name, _ in rows]
-        super().__init__(paths, classes, [label for _, label in rows], transform, root, split)
+        require_dir(root / "images", layout)
+        super().__init__([path for path, _ in rows], classes, [label for _, label in rows], transform, root, split)
         _check_missing(self, layout)
 
 
 _CARS_LAYOUTS = (
-    "Stanford Cars as (a) class folders <root>/{train,test}/<class>/ (also under car_data/ or "
-    "car_data/car_data/, as in the Kaggle 'stanford-car-dataset-by-classes-folder'), or (b) CSV annotations "
-    "<root>/{anno_train.csv, anno_test.csv, names.csv} (rows '<file>,x1,y1,x2,y2,<class 1..196>'; one class name "
-    "per line) with images in <root>/cars_{train,test}/ or in the class folders of (a)"
+    "Stanford Cars as (c) " + DEVKIT_LAYOUT + ", or (a) class folders <root>/{train,test}/<class>/ (also under "
+    "car_data/ or car_data/car_data/, as in the Kaggle 'stanford-car-dataset-by-classes-folder'), or (b) CSV "
+    "annotations <root>/{anno_train.csv, anno_test.csv, names.csv} (rows '<file>,x1,y1,x2,y2,<class 1..196>'; "
+    "one class name per line) with images in <root>/cars_{train,test}/ or in the class folders of (a)"
 )
 
 
@@ -252,6 +254,7 @@ class StanfordCarsCSV(LabeledImages):
                 continue  # a header line
             if len(row) < 2 or not row[-1].strip().isdigit() or not 1 <= int(row[-1]) <= len(classes):
                 raise DataError(f"{anno}: bad row {row}; expected '<file>,x1,y1,x2,y2,<class 1..{len(classes)}>'")
+            inside(root, row[0].strip(), f"{anno}, row {i + 1}")  # a bare file name: no folder may be named
             rows.append((row[0].strip(), int(row[-1]) - 1))
         flat = root / f"cars_{which}"
         folders = _cars_folder_root(root, need=which)
@@ -277,9 +280,11 @@ def _cars_folder_root(root: Path, need: str = "train") -> Path | None:
 def stanford_cars(
     root: str | os.PathLike, split: str = "train", transform: Callable | None = None
 ) -> LabeledImages | ImageFolderDataset:
-    """Stanford Cars without scipy; the official devkit's ``.mat`` annotations are not read (a root holding only
-    those raises a DataError listing the accepted layouts). Accepted, in this order of preference:
+    """Stanford Cars; accepted layouts, in this order of preference:
 
+    (c) The official release: devkit ``.mat`` files + ``cars_{train,test}/`` (:class:`StanfordCarsDevkit`),
+        used when ``cars_meta.mat`` and the split's annotations (``cars_test_annos_withlabels.mat`` for val)
+        are there; classes are the official ids in ``cars_meta.mat`` order.
     (b) CSV: ``root/{anno_train.csv, anno_test.csv, names.csv}`` (``root`` or ``root/stanford-car-dataset-by-
         classes-folder``) as in the Kaggle re-distribution: headerless rows ``<file>,x1,y1,x2,y2,<class 1..196>``
         and one class name per line (the official class ids); images in ``root/cars_{train,test}/`` (official
@@ -291,6 +296,9 @@ def stanford_cars(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist; expected {_CARS_LAYOUTS}")
+    devkit = find_devkit(root, split)
+    if devkit is not None:
+        return StanfordCarsDevkit(devkit, split, transform)
     for candidate in (root, root / "stanford-car-dataset-by-classes-folder"):
         if (candidate / "names.csv").is_file() and (candidate / "anno_train.csv").is_file():
             return StanfordCarsCSV(candidate, split, transform)
@@ -298,11 +306,9 @@ def stanford_cars(
     if folders is not None:
         return _folder_split(folders, "train" if split == "train" else "test",
                              "test" if split == "train" else "train", transform)
-    mats = [p for d in (root, root / "devkit", root / "stanford_cars", root / "stanford_cars" / "devkit")
-            if d.is_dir() for p in d.glob("*.mat")]
-    if mats:
-        raise DataError(f"{root} holds only MATLAB annotations ({mats[0].name}), which need scipy to read; "
-                        "expected " + _CARS_LAYOUTS)
+    devkit = find_devkit(root)
+    if devkit is not None:  # the devkit without this split's annotations: its error names the missing file
+        return StanfordCarsDevkit(devkit, split, transform)
     raise DataError(f"no Stanford Cars layout found in {root}; expected " + _CARS_LAYOUTS)
 
 

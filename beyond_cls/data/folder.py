@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from beyond_cls.data.pixels import to_rgb
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
@@ -24,7 +26,23 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class DataError(ValueError):
-    """A dataset is missing, empty or unreadable; the message names the path and what was expected."""
+    """A dataset is missing, empty or unreadable; the message names the path and what was expected.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as ``DataError(<worker traceback>)``;
+    the constructor keeps only the original message, so the error stays one line naming the file.
+    """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(_worker_message(message, type(self)), *args)
+
+
+def _worker_message(message: object, cls: type) -> object:
+    """The original message inside torch's ``Caught <cls> in DataLoader worker …`` text, else ``message``."""
+    if not (isinstance(message, str) and message.startswith(f"Caught {cls.__name__} in DataLoader worker")):
+        return message
+    prefix = f"{cls.__module__}.{cls.__qualname__}: "
+    start = message.rfind("\n" + prefix)
+    return message[start + 1 + len(prefix):].strip() if start >= 0 else message
 
 
 def _layout(root: Path, split: str) -> str:
@@ -108,10 +126,13 @@ def _image_files(folder: Path) -> list[str]:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB; any failure becomes a DataError naming the file."""
+    """Open and fully decode an image as 8-bit RGB (high bit depths rescaled, :func:`to_rgb`).
+
+    Any failure becomes a DataError naming the file.
+    """
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
 

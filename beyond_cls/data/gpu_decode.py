@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from beyond_cls.data.pixels import to_rgb
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["decode_batch", "pil_rgb_tensor", "transform_batch"]
@@ -71,8 +72,8 @@ def _decode_jpeg_cuda(data: Tensor | list[Tensor], device: torch.device) -> Tens
 
 
 def pil_rgb_tensor(image: Image.Image) -> Tensor:
-    """PIL image → uint8 [3, H, W] (RGB-converted; a channels-last view, no copy beyond the conversion)."""
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    """PIL image → uint8 [3, H, W] (:func:`to_rgb`-converted; a channels-last view, no copy beyond that)."""
+    return torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1)
 
 
 def _pil_decode(data: Tensor) -> Tensor:

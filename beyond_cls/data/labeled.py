@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ __all__ = [
     "check_split",
     "find_missing",
     "find_root",
+    "inside",
     "missing_error",
     "read_lines",
     "require_dir",
@@ -115,6 +117,27 @@ def read_lines(path: Path, layout: str) -> list[str]:
     require_file(path, layout)
     with open(path, encoding="utf-8", errors="replace") as f:
         return [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def inside(folder: Path, entry: str, where: str) -> str:
+    """``folder / entry`` as a string; a DataError naming ``where`` (file and entry) if ``entry`` is absolute or
+    climbs out of ``folder`` with ``..`` (``\\`` counts as a separator). Symlinks are followed as the user
+    placed them (an image folder linked to other storage is common), so only the text of ``entry`` is checked.
+    """
+    if not isinstance(entry, str):
+        raise DataError(f"{where}: image path {entry!r} is not a string")
+    rel = entry.replace("\\", "/")
+    if rel.startswith("/") or _DRIVE.match(rel) or (".." in rel.split("/") and _climbs(rel)):
+        raise DataError(f"{where}: image path {entry!r} leaves the dataset folder {folder}; annotation paths "
+                        "must be relative and stay inside it")
+    return str(folder / entry)
+
+
+def _climbs(rel: str) -> bool:
+    return os.path.normpath(rel).split(os.sep, 1)[0] == ".."
 
 
 def find_missing(paths: Iterable[str]) -> list[int]:

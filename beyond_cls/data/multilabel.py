@@ -16,6 +16,7 @@ from beyond_cls.data.labeled import (
     check_split,
     find_missing,
     find_root,
+    inside,
     missing_error,
     read_lines,
     require_dir,
@@ -69,7 +70,7 @@ class COCOMultiLabel(LabeledImages):
         targets = torch.zeros(len(images), len(categories), dtype=torch.bool)
         targets[torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)] = True
         image_dir = root / name if (root / name).is_dir() else require_dir(root / "images" / name, layout)
-        paths = [str(image_dir / im["file_name"]) for im in images]
+        paths = [inside(image_dir, im.get("file_name"), f"{ann_file}, image id {im.get('id')}") for im in images]
         if drop_unlabeled:
             paths, targets = _keep(paths, targets, targets.any(1).nonzero().flatten().tolist())
         missing = find_missing(paths)
@@ -109,7 +110,8 @@ class NUSWIDE(LabeledImages):
         root = find_root(root, "ImageList", ["NUS-WIDE", "nus-wide", "nuswide", "NUS_WIDE"], layout)
         concepts_file = root / "ConceptsList" / "Concepts81.txt"
         concepts = read_lines(concepts_file if concepts_file.is_file() else root / "Concepts81.txt", layout)
-        entries = read_lines(root / "ImageList" / f"{which}Imagelist.txt", layout)
+        list_file = root / "ImageList" / f"{which}Imagelist.txt"
+        entries = read_lines(list_file, layout)
         targets = torch.zeros(len(entries), len(concepts), dtype=torch.bool)
         for j, concept in enumerate(concepts):
             label_file = root / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_{which}.txt"
@@ -122,7 +124,7 @@ class NUSWIDE(LabeledImages):
             targets[:, j] = torch.from_numpy(np.array(values) == b"1")
         images = Path(root / image_dir).expanduser()  # an absolute image_dir replaces root
         require_dir(images, layout)
-        paths = [str(images / _nus_relpath(e)) for e in entries]
+        paths = [inside(images, _nus_relpath(e), f"{list_file}, entry {k + 1}") for k, e in enumerate(entries)]
         gone = find_missing(paths)
         if gone and missing == "error":
             raise missing_error(paths, gone, layout, hint='; pass missing="skip" to leave out images deleted from '

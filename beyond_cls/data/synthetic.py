@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from beyond_cls.fileio import match_umask
+
 __all__ = [
     "CLASS_DESIGNS",
     "GENERATOR_VERSION",
@@ -345,6 +347,7 @@ def make_synthetic_dataset(
         )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    match_umask(tmp, directory=True)  # mkdtemp's 0700 -> what mkdir() gives
     try:
         images = []
         for split, class_index, index in _records(config):

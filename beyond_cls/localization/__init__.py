@@ -44,7 +44,7 @@ from __future__ import annotations
 from beyond_cls.localization.components import label_components
 from beyond_cls.localization.maps import DEFAULT_IOU_THRESHOLDS, default_cam_thresholds, prepare_maps, resize_maps
 from beyond_cls.localization.metric import MaxBoxAccV2Accumulator, best_boxes, best_ious, box_iou, max_box_acc_v2
-from beyond_cls.localization.overlay import draw_overlay
+from beyond_cls.localization.overlay import draw_overlay, overlay_figure
 from beyond_cls.localization.voc import VocAnnotation, load_voc_boxes, read_voc_annotation, read_voc_boxes, scale_boxes
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "label_components",
     "load_voc_boxes",
     "max_box_acc_v2",
+    "overlay_figure",
     "prepare_maps",
     "read_voc_annotation",
     "read_voc_boxes",

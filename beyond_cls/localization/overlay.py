@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageColor, ImageDraw
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from beyond_cls.localization.maps import prepare_maps
 from beyond_cls.localization.voc import scale_boxes
@@ -75,3 +79,39 @@ def draw_overlay(
         for x0, y0, x1, y1 in boxes_px(boxes):
             draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=color, width=width)
     return img
+
+
+def _rgb(color: str | tuple[int, int, int]) -> tuple[float, float, float]:
+    """A PIL colour (name or 0-255 RGB) as matplotlib's 0-1 RGB."""
+    rgb = ImageColor.getrgb(color) if isinstance(color, str) else color
+    return tuple(c / 255.0 for c in rgb[:3])
+
+
+def overlay_figure(
+    image: Image.Image | Tensor,
+    heatmap: Tensor | None,
+    gt_boxes: Tensor | None,
+    pred_boxes: Mapping[str, tuple[Tensor | Sequence[int], str | tuple[int, int, int]]] | None = None,
+    *,
+    title: str,
+    boxes_size: tuple[int, int] | None = None,
+    gt_color: str | tuple[int, int, int] = (0, 0, 255),
+    gt_label: str = "ground truth",
+) -> Figure:
+    """:func:`draw_overlay`'s picture on a figure with ``title`` and, below the image (covering none of it), a
+    legend naming each box colour: ``gt_label`` and the keys of ``pred_boxes``."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    picture = draw_overlay(image, heatmap, gt_boxes, pred_boxes, boxes_size=boxes_size, gt_color=gt_color)
+    entries = ([] if gt_boxes is None else [(gt_label, gt_color)])
+    entries += [(name, color) for name, (_, color) in (pred_boxes or {}).items()]
+    fig = Figure(figsize=(3.6, 3.1 + 0.2 * len(entries)), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(picture)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=8, wrap=True)
+    if entries:
+        handles = [Patch(facecolor="none", edgecolor=_rgb(color), linewidth=2, label=label) for label, color in entries]
+        fig.legend(handles=handles, loc="outside lower center", fontsize=7, frameon=False)
+    return fig

@@ -197,15 +197,25 @@ def _mocov3_extract(obj: Any, key: str | None, source: str | None, path: str | P
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items() if not k.startswith(others)}
 
 
+def _mocov3_model_kwargs(sd: Mapping[str, Tensor]) -> dict[str, Any]:
+    """timm arguments of a MoCo-v3 encoder: its ViT-S (width 384) has 12 heads, not timm's 6 (moco-v3 ``vits.py``)."""
+    kwargs = vit_model_kwargs(sd)
+    cls = sd.get("cls_token")
+    if isinstance(cls, Tensor) and cls.shape[-1] == 384:
+        kwargs["num_heads"] = 12
+    return kwargs
+
+
 register_checkpoint_format(
     CheckpointFormat(
         "mocov3",
         "facebookresearch/moco-v3: {'state_dict': module.base_encoder.*, module.momentum_encoder.*, "
-        "module.predictor.*}; source='base_encoder' (default) or 'momentum_encoder'; the projector head.* is dropped",
+        "module.predictor.*}; source='base_encoder' (default) or 'momentum_encoder'; the projector head.* is dropped; "
+        "a ViT-S (width 384) gets num_heads=12 as in moco-v3's vits.py",
         drop=("head.*",),
         sources=_MOCO_SOURCES,
         extract=_mocov3_extract,
         detect=_looks_like_mocov3,
-        model_kwargs=vit_model_kwargs,
+        model_kwargs=_mocov3_model_kwargs,
     )
 )

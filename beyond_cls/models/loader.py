@@ -11,6 +11,7 @@ import timm
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import Tensor, nn
 
+from beyond_cls.models.arch import check_block, check_img_size, parse_arch
 from beyond_cls.models.checkpoint import (
     AdaptedCheckpoint,
     CheckpointError,
@@ -19,6 +20,7 @@ from beyond_cls.models.checkpoint import (
     prepare_checkpoint,
     wrong_format_hint,
 )
+from beyond_cls.models.fit import check_fit, check_values, size_hint
 
 __all__ = [
     "EncoderInfo",
@@ -204,37 +206,9 @@ def _spread_shared_rel_pos_bias(sd: dict[str, Tensor], model: nn.Module) -> dict
     return out
 
 
-def _check_fit(
-    sd: dict[str, Tensor],
-    model: nn.Module,
-    name: str,
-    fmt: str,
-    path: str | Path,
-    hints: tuple[str, ...] = (),
-) -> None:
-    expected = model.state_dict()
-    missing = tuple(k for k in expected if k not in sd)
-    unexpected = tuple(k for k in sd if k not in expected)
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in sd.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [f"does not fit timm model {name!r} (checkpoint_format {fmt!r}):"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if mismatched:
-        lines.append(f"  shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
-    lines.extend(f"  hint: {h}" for h in hints if h)
-    raise CheckpointError(path, "\n".join(lines), missing=missing, unexpected=unexpected)
-
-
-def _fit_hints(ckpt: AdaptedCheckpoint, model: nn.Module) -> tuple[str, ...]:
-    hints = [wrong_format_hint(ckpt.format, ckpt.detected)]
+def _fit_hints(ckpt: AdaptedCheckpoint, model: nn.Module, name: str) -> tuple[str, ...]:
+    hints = [wrong_format_hint(ckpt.format, ckpt.detected),
+             size_hint(ckpt.state_dict, model, name, ckpt.format.name, ckpt.model_kwargs)]
     if ckpt.model_kwargs:
         args = ", ".join(f"{k}={v!r}" for k, v in ckpt.model_kwargs.items())
         hints.append(f"this checkpoint needs a model created with {args}")
@@ -265,8 +239,8 @@ def load_encoder_checkpoint(
     model with ``num_classes``). Position tables are resampled to the model's grid (with the format's
     own interpolation where it has one) and a shared BEiT bias table is copied into per-block tables if
     the model has those. Non-persistent buffers in the file (e.g. ``relative_position_index``) are
-    ignored since the model rebuilds them; every other leftover or missing key, or wrong shape, raises
-    one :class:`CheckpointError`. Returns the format used.
+    ignored since the model rebuilds them; every other leftover or missing key, wrong shape, NaN/Inf
+    value or integer tensor for a float parameter raises one :class:`CheckpointError`. Returns the format used.
     """
     if isinstance(checkpoint, AdaptedCheckpoint):
         ckpt = checkpoint
@@ -279,13 +253,15 @@ def load_encoder_checkpoint(
     non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())
     sd = {k: v for k, v in ckpt.state_dict.items() if k not in non_persistent}
     sd = _spread_shared_rel_pos_bias(sd, model)
+    check_values(sd, model, path)
     sd = resize_position_tables(sd, model, path, resample_pos_embed=fmt.resample_pos_embed)
-    _check_fit(sd, model, name or type(model).__name__, fmt.name, path, _fit_hints(ckpt, model))
+    name = name or type(model).__name__
+    check_fit(sd, model, name, fmt.name, path, _fit_hints(ckpt, model, name))
     model.load_state_dict(sd, strict=True)
     return fmt
 
 
-def _build(arch: str, img_size: int | tuple[int, int] | None, num_classes: int, kwargs: dict) -> nn.Module:
+def _create(arch: str, img_size: int | tuple[int, int] | None, num_classes: int, kwargs: dict) -> nn.Module:
     if arch == "capi":
         from beyond_cls.models.capi import capi_vit_large_patch14
 
@@ -294,6 +270,17 @@ def _build(arch: str, img_size: int | tuple[int, int] | None, num_classes: int, 
         create_encoder(arch, img_size=img_size, **kwargs)  # same checks and errors first
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
     return create_encoder(arch, img_size=img_size, **kwargs)
+
+
+def _build(arch: str, img_size: int | tuple[int, int] | None, num_classes: int, kwargs: dict) -> nn.Module:
+    """The model, with a readable error for heads that do not divide the width or a bad input size."""
+    try:
+        model = _create(arch, img_size, num_classes, kwargs)
+    except AssertionError as exc:  # timm asserts e.g. dim % num_heads == 0
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k == "num_heads")
+        raise ValueError(f"cannot build {arch}" + (f" with {given}" if given else "") + f": {exc}") from None
+    check_img_size(model, arch)
+    return model
 
 
 def load_encoder(
@@ -317,8 +304,9 @@ def load_encoder(
     (``source``), normalization and token source; ``checkpoint=None`` then means its official file under
     ``weights_dir`` / ``$BEYOND_CLS_WEIGHTS`` (an error names the file and where to get it; nothing is
     downloaded). ``arch`` overrides the architecture (e.g. a DINO ViT-S/16: ``load_encoder("dino_vit_base_patch16",
-    path, arch="vit_small_patch16_224")``). ``checkpoint_format`` is ``"auto"`` (detected from the keys) or a
-    registered format; ``source`` picks a sub-model of a training checkpoint (I-JEPA ``target_encoder`` /
+    path, arch="vit_small_patch16_224")``); ``NAME:heads=N`` states a head count the weights cannot tell
+    (MoCo-v3's ViT-S: ``vit_small_patch16_224:heads=12``). ``checkpoint_format`` is ``"auto"`` (detected from
+    the keys) or a registered format; ``source`` picks a sub-model of a training checkpoint (I-JEPA ``target_encoder`` /
     ``encoder``, DINO/iBOT ``teacher`` / ``student``); ``keep_head`` keeps a fine-tuned classifier.
     ``model_kwargs`` go to ``timm.create_model`` after what the file needs (e.g. ``fc_norm`` of a
     fine-tuned MAE). ``block`` / ``final_norm`` set the default token source recorded in the returned
@@ -345,10 +333,12 @@ def load_encoder(
         ckpt = prepare_checkpoint(checkpoint, checkpoint_format, key=checkpoint_key, source=source,
                                   keep_head=keep_head)
         kwargs.update(ckpt.model_kwargs)
+    architecture, arch_kwargs = parse_arch(arch or (entry.arch if entry is not None else name))
+    kwargs.update(arch_kwargs)  # what the user states about the architecture wins over what the file implies
     kwargs.update(model_kwargs)
-    architecture = arch or (entry.arch if entry is not None else name)
     model = _build(architecture, img_size, ckpt.num_classes if ckpt is not None else 0, kwargs)
     info = encoder_info(model, name=name, checkpoint=checkpoint)  # fails early for non-ViT models
+    check_block(block, info.depth, name)
     if ckpt is not None:
         load_encoder_checkpoint(model, ckpt, name=name)
     model.eval()

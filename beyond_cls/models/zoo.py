@@ -132,17 +132,27 @@ def zoo_entry(name: str) -> ZooEntry | None:
 
 
 def weights_dir(override: str | os.PathLike | None = None) -> Path | None:
-    """The folder holding official files: ``override`` (``--weights-dir``), else ``$BEYOND_CLS_WEIGHTS``."""
+    """The folder holding official files: ``override`` (``--weights-dir``), else ``$BEYOND_CLS_WEIGHTS``.
+
+    FileNotFoundError when the folder named does not exist (or is not a folder).
+    """
     value = override if override is not None else os.environ.get(WEIGHTS_ENV)
-    return Path(value).expanduser() if value else None
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        given = "--weights-dir" if override is not None else f"${WEIGHTS_ENV}"
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"weights folder {folder} ({given}) {problem}")
+    return folder
 
 
 def find_weights(entry: ZooEntry, directory: str | os.PathLike | None = None) -> Path:
     """The official file of ``entry`` under the weights folder; FileNotFoundError naming it and its source."""
-    folder = weights_dir(directory)
     get = f"get it from {entry.url}" if entry.url else entry.where
     if entry.file is None:
         raise FileNotFoundError(f"{entry.name} has no official file: {entry.where}")
+    folder = weights_dir(directory)
     if folder is None:
         raise FileNotFoundError(
             f"{entry.name} needs {entry.file}: pass --checkpoint FILE, or put it in a folder named by "

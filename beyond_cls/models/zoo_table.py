@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from beyond_cls.models.zoo import ZOO, ZooEntry, find_weights
+from beyond_cls.models.zoo import weights_dir as resolve_weights_dir
 
 __all__ = ["build_zoo_architecture", "zoo_rows"]
 
@@ -26,7 +27,9 @@ def build_zoo_architecture(entry: ZooEntry, img_size: int = 224, device: str | t
 
 
 def zoo_rows(weights_dir: str | os.PathLike | None = None, check: bool = False) -> list[dict[str, Any]]:
-    """One row per zoo encoder; ``check`` loads every present file strictly and reports OK or the error."""
+    """One row per zoo encoder; ``check`` loads every present file strictly: ``check`` is OK or ``failed``,
+    with the error in ``error``. FileNotFoundError when the weights folder named does not exist."""
+    resolve_weights_dir(weights_dir)  # a mistyped folder is an error, not fourteen absent files
     rows = []
     for entry in ZOO.values():
         model = build_zoo_architecture(entry)
@@ -47,6 +50,6 @@ def zoo_rows(weights_dir: str | os.PathLike | None = None, check: bool = False) 
                 load_encoder(entry.name, checkpoint=path)
                 row["check"] = "OK"
             except (ValueError, OSError, RuntimeError) as exc:
-                row["check"] = f"error: {exc}"
+                row["check"], row["error"] = "failed", str(exc)
         rows.append(row)
     return rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -152,6 +153,37 @@ def _single_process_group(device: torch.device):
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _drop_cpp_warning(fragment: str):
+    """Swallow the C++ warnings (written straight to file descriptor 2) that contain ``fragment``.
+
+    DDP's reducer warns from the autograd thread, past Python's ``warnings``; every other line written
+    to stderr meanwhile is written back afterwards, in order.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if fragment not in line))
+            sys.stderr.flush()
+
+
+def _frozen_encoder(cfg: BenchProbeConfig) -> nn.Module:
+    """The encoder with the token source the probe would use (the zoo's block and norm, e.g. SimMIM's block 7)."""
+    encoder = load_encoder(cfg.model, cfg.checkpoint, img_size=cfg.img_size)
+    info = encoder.beyond_cls_info
+    TokenSource(encoder, info.block, info.final_norm)  # truncates the encoder in place
+    return encoder
+
+
 class _BaselineModel(nn.Module):
     """Encoder (frozen by requires_grad only) + one head, as one module, like a per-head probe script."""
 
@@ -165,7 +197,7 @@ class _BaselineModel(nn.Module):
 
 def _baseline_rate(cfg: BenchProbeConfig, spec: str, images: torch.Tensor, labels: torch.Tensor) -> float:
     device = images.device
-    encoder = load_encoder(cfg.model, cfg.checkpoint, img_size=cfg.img_size).to(device)
+    encoder = _frozen_encoder(cfg).to(device).requires_grad_(False)
     for module in encoder.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False  # timm's unfused eager attention
@@ -191,7 +223,9 @@ def _baseline_rate(cfg: BenchProbeConfig, spec: str, images: torch.Tensor, label
         previous = os.environ.get("BEYOND_CLS_BACKEND")
         os.environ["BEYOND_CLS_BACKEND"] = "reference"  # eager aggregation
         try:
-            with warnings.catch_warnings():  # DDP's note on grad strides: part of what the baseline does
+            # DDP's notes on grad strides and on find_unused_parameters finding none: part of what the
+            # baseline does, nothing for the reader to act on
+            with warnings.catch_warnings(), _drop_cpp_warning("find_unused_parameters=True was specified"):
                 warnings.filterwarnings("ignore", message="Grad strides do not match")
                 return _rate(step, images.shape[0], cfg.steps, cfg.warmup, device)
         finally:
@@ -206,8 +240,9 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     specs = parse_heads(cfg.heads)
     torch.manual_seed(0)
-    tokens_only = TokenSource(load_encoder(cfg.model, cfg.checkpoint, img_size=cfg.img_size)).to(device)
-    info = tokens_only.encoder.beyond_cls_info
+    encoder = _frozen_encoder(cfg)
+    info = encoder.beyond_cls_info
+    tokens_only = TokenSource(encoder, len(encoder.blocks) - 1, info.final_norm).to(device)
     source = SelectionSource(tokens_only, selection_specs(specs), info.mean or IMAGENET_MEAN,
                              info.std or IMAGENET_STD, img_size=cfg.img_size, device=device)
     bank = HeadBank(specs, cfg.base_lrs(), info.embed_dim, cfg.num_classes, info.num_prefix_tokens,
@@ -234,7 +269,8 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
 
     n, s, w, count = cfg.batch_size, cfg.steps, cfg.warmup, len(bank.entries)
     result: dict[str, Any] = {
-        "model": cfg.model, "heads": specs, "batch_size": n, "device": str(device),
+        "model": cfg.model, "token_block": len(encoder.blocks) - 1, "final_norm": info.final_norm,
+        "heads": specs, "batch_size": n, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "decode": cfg.decode,
         "head_count": count, "num_workers": cfg.num_workers,
@@ -243,14 +279,17 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     result["encoder"] = _rate(encoder_step, n, s, w, device)
     result["heads"] = _rate(heads_step, n, s, w, device)
     result["step"] = _rate(lambda: heads_step(*encoder_step()), n, s, w, device)
-    lines = [
-        f"{cfg.model} batch {n} on {result['device_name']}, {count} heads ({', '.join(specs)} × lrs {cfg.lrs}):",
-        f"  loader ({cfg.decode} decode, {cfg.num_workers} workers)  {result['loader']:10.1f} images/s",
-        f"  encoder (no grad, {cfg.amp} autocast)        {result['encoder']:10.1f} images/s",
-        f"  head bank (fwd + bwd + LARS step)     {result['heads']:10.1f} images/s",
-        f"  encoder + bank                        {result['step']:10.1f} images/s "
-        f"(= {result['step'] * count:.1f} head-images/s)",
+    depth = len(encoder.blocks)
+    tokens = f"block {depth - 1}, {'final norm' if info.final_norm else 'pre-norm'}"
+    warmup, timed = loader_batches(cfg)
+    rows = [
+        (f"loader ({cfg.decode} decode, {cfg.num_workers} workers, {timed} batches after {warmup})",
+         result["loader"], ""),
+        (f"encoder (no grad, {cfg.amp} autocast, tokens of {tokens})", result["encoder"], ""),
+        ("head bank (fwd + bwd + LARS step)", result["heads"], ""),
+        ("encoder + bank", result["step"], f"  (= {result['step'] * count:.1f} head-images/s)"),
     ]
+    summary = ""
     if cfg.baseline:
         baseline = {spec: _baseline_rate(cfg, spec, images, labels) for spec in specs}
         # a baseline run trains one head: H heads cost the sum of H runs' times
@@ -258,8 +297,13 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
         result["baseline"] = baseline
         result["baseline_per_head"] = per_head
         result["speedup_per_head"] = result["step"] * count / per_head
-        lines += [f"  baseline, one run per head ({spec:>10})  {r:10.1f} images/s" for spec, r in baseline.items()]
-        lines.append(f"  per head: ours {result['step'] * count:.1f} vs baseline {per_head:.1f} head-images/s "
-                     f"= {result['speedup_per_head']:.2f}x")
+        rows += [(f"baseline, one run per head ({spec})", r, "") for spec, r in baseline.items()]
+        summary = (f"  per head: ours {result['step'] * count:.1f} vs baseline {per_head:.1f} head-images/s "
+                   f"= {result['speedup_per_head']:.2f}x")
+    width = max(len(label) for label, _, _ in rows)
+    lines = [f"{cfg.model} batch {n} on {result['device_name']}, {count} heads ({', '.join(specs)} × lrs {cfg.lrs}):"]
+    lines += [f"  {label:<{width}}  {rate:10.1f} images/s{note}" for label, rate, note in rows]
+    if summary:
+        lines.append(summary)
     print("\n".join(lines))
     return result

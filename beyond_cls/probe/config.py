@@ -23,6 +23,14 @@ RESUME_CHOICES = ("auto", "none")
 DEFAULT_HEADS = "cls,mean,abmilp,abmilp+cls"
 
 
+MAE_WARMUP_EPOCHS, MAE_EPOCHS = 10, 90
+
+
+def default_warmup(epochs: int) -> float:
+    """MAE's warm-up: 10 epochs, or 10/90 of a run of 10 epochs or fewer (so a short run still warms up)."""
+    return MAE_WARMUP_EPOCHS if epochs > MAE_WARMUP_EPOCHS else round(epochs * MAE_WARMUP_EPOCHS / MAE_EPOCHS, 6)
+
+
 def parse_list(value: Any, kind: type, name: str) -> list:
     """``"0.05,0.1"`` / ``[0.05, 0.1]`` / ``0.1`` → a non-empty list of ``kind``; ConfigError otherwise."""
     items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
@@ -45,7 +53,7 @@ class ProbeConfig:
     """Settings of one probing run (all seeds); see ``beyond-cls probe --help`` for each field."""
 
     model: str
-    data: str
+    data: str | None = field(default=None, kw_only=True)  # None only with dataset "synthetic": the default set
     out: str
     dataset: str = "imagefolder"
     checkpoint: str | None = None
@@ -59,7 +67,7 @@ class ProbeConfig:
     heads: str = DEFAULT_HEADS
     lrs: str | None = None
     epochs: int = 90
-    warmup_epochs: int = 10
+    warmup_epochs: float | None = None  # None: MAE's 10 of 90, scaled to 10/90 of runs of 10 epochs or fewer
     batch_size: int = 256
     accum_iter: int | None = None
     effective_batch: int = 16384
@@ -90,14 +98,22 @@ class ProbeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.data is None and str(self.dataset).lower() != "synthetic":
+            raise ConfigError(f"--data is required for --dataset {self.dataset} (only --dataset synthetic, "
+                              "the built-in set, is made on demand without it)")
         for name in ("img_size", "epochs", "batch_size", "effective_batch", "log_every"):
             _positive(name, getattr(self, name))
         for name in ("accum_iter", "cache_views"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        for name in ("warmup_epochs", "eval_every", "num_workers"):
+        for name in ("eval_every", "num_workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.warmup_epochs is None:
+            self.warmup_epochs = default_warmup(self.epochs)
+        value = self.warmup_epochs
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"warmup_epochs must be a number >= 0, got {value!r}")
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
         for name in ("blr", "min_lr", "momentum", "weight_decay", "ckpt_minutes"):

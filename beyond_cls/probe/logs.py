@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricLog", "format_table", "json_safe", "write_csv", "write_json_atomic"]
+__all__ = ["MetricLog", "format_image_counts", "format_table", "json_safe", "write_csv", "write_json_atomic"]
 
 
 def json_safe(obj: Any) -> Any:
@@ -61,6 +61,18 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     line = lambda items: "| " + " | ".join(s.ljust(w) for s, w in zip(items, widths)) + " |"
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def format_image_counts(per_seed: dict[int, dict[str, int]]) -> str:
+    """'images: 500 evaluated, 2 skipped; 9 skipped in training (all epochs)', per seed where seeds differ.
+
+    ``per_seed``: each seed's ``ProbeTrainer.image_counts()`` (eval_images, eval_skipped, train_skipped).
+    """
+    text = lambda c: (f"{c['eval_images']} evaluated, {c['eval_skipped']} skipped; "
+                      f"{c['train_skipped']} skipped in training (all epochs)")
+    if len({tuple(sorted(c.items())) for c in per_seed.values()}) <= 1:
+        return "images: " + "".join(text(c) for c in list(per_seed.values())[:1])
+    return "images: " + " | ".join(f"seed {seed}: {text(c)}" for seed, c in per_seed.items())
 
 
 class MetricLog:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +16,26 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from beyond_cls.config import load_config
+from beyond_cls.config import ConfigError, load_config
 from beyond_cls.data.datasets import build_dataset
+from beyond_cls.data.synthetic import make_synthetic_dataset
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.data.views import ViewDataset
 from beyond_cls.models import load_encoder
 from beyond_cls.probe.bank import HeadBank, parse_heads, selection_specs
-from beyond_cls.probe.cache import FeatureCache, fingerprint_file
+from beyond_cls.probe.cache import FeatureCache
 from beyond_cls.probe.config import ProbeConfig
-from beyond_cls.probe.distributed import DistEnv, init_distributed
+from beyond_cls.probe.distributed import DistEnv, all_gather_objects, init_distributed
 from beyond_cls.probe.features import TokenSource
-from beyond_cls.probe.logs import format_table, write_csv, write_json_atomic
+from beyond_cls.probe.fingerprint import dataset_fingerprint, fingerprint_file
+from beyond_cls.probe.logs import format_image_counts, format_table, write_csv, write_json_atomic
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
 from beyond_cls.probe.selections import SelectionSource
+from beyond_cls.probe.state import STATE_FILE, load_state
 from beyond_cls.probe.streams import CachedStream, EncoderStream, make_loader, target_tensor
-from beyond_cls.probe.trainer import ProbeTrainer
-from beyond_cls.runtime import autocast
+from beyond_cls.probe.trainer import ProbeTrainer, check_resumable
+from beyond_cls.runlock import FolderLock, claim_output
+from beyond_cls.runtime import autocast, autocast_dtype
 from beyond_cls.selection import parse_method
 
 __all__ = ["RESULTS_FILE", "run", "summarize"]
@@ -64,7 +71,22 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             summary[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary["seeds"] = len(group)
         out.append(summary)
+    mark_best(out)
     return out
+
+
+def mark_best(summary: list[dict[str, Any]]) -> None:
+    """``best`` = "*" on the learning rate with the highest mean top-1 (mAP) of each aggregation, else ""."""
+    metric = "mAP" if any("mAP" in row for row in summary) else "top1"
+    best: dict[str, dict[str, Any]] = {}
+    for row in summary:
+        row["best"] = ""
+        value = row.get(metric, math.nan)
+        held = best.get(row["aggregation"])
+        if not math.isnan(value) and (held is None or value > held[metric]):
+            best[row["aggregation"]] = row
+    for row in best.values():
+        row["best"] = "*"
 
 
 def _extract(
@@ -99,17 +121,21 @@ def run(config: ProbeConfig | dict | str | Path) -> dict[str, Any]:
     TensorBoard), and ``results.json`` + ``results.csv``; prints the results table.
     """
     cfg = _config(config)
+    if cfg.data is None:  # --dataset synthetic without --data: the default synthetic set, made on demand
+        cfg = replace(cfg, data=str(make_synthetic_dataset()))
     specs = parse_heads(cfg.heads)
     base_lrs = cfg.base_lrs()
     env = init_distributed(cfg.device)
     try:
-        return _run(cfg, env, specs, base_lrs)
+        with _output_folder(cfg, env):
+            return _run(cfg, env, specs, base_lrs)
     finally:
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]) -> dict[str, Any]:
+    started = time.perf_counter()
     out = Path(cfg.out)
     options = {"subset_file": cfg.subset_file} if cfg.subset_file else {}
     train_set = build_dataset(cfg.dataset, cfg.data, "train", **options)
@@ -144,15 +170,23 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     shapes = [(info.num_tokens, info.embed_dim)] + [(info.num_patches,)] * len(selections)
     fingerprint = {
-        "model": cfg.model, "weights": fingerprint_file(cfg.checkpoint), "format": cfg.checkpoint_format,
+        "model": cfg.model, "weights": fingerprint_file(info.checkpoint), "format": cfg.checkpoint_format,
+        "init_seed": cfg.seed_list()[0] if info.checkpoint is None else None,  # random weights (torch.manual_seed)
         "img_size": cfg.img_size, "block": source_block(tokens_only), "final_norm": info.final_norm,
         "arch": cfg.arch, "source": info.source,
         "dataset": cfg.dataset, "data": str(Path(cfg.data).resolve()), "subset": cfg.subset_file,
-        "mean": view_kwargs["mean"], "std": view_kwargs["std"], "amp": cfg.amp, "skip_bad": cfg.skip_bad_images,
+        "mean": view_kwargs["mean"], "std": view_kwargs["std"], "amp": str(autocast_dtype(cfg.amp, env.device)),
+        "skip_bad": cfg.skip_bad_images,
     }
     train_targets, val_targets = target_tensor(train_set), target_tensor(val_set)
+    contents = {} if cfg.cache is None else {  # a changed image, label or split re-extracts
+        "train": dataset_fingerprint(train_set, train_targets, env),
+        "val": dataset_fingerprint(val_set, val_targets, env),
+    }
     val_views = ViewDataset(val_set, train=False, **view_kwargs)
     rows: list[dict[str, Any]] = []
+    counts: dict[int, dict[str, int]] = {}  # per seed: images evaluated and skipped
+    images_trained = 0
     for seed in cfg.seed_list():
         train_views = ViewDataset(train_set, train=True, seed=seed, **view_kwargs)
         sampler = TrainBatchSampler(
@@ -160,13 +194,15 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         )
         val_sampler = EvalBatchSampler(len(val_set), cfg.batch_size, env.world_size, env.rank)
         if cfg.cache is not None:
-            split_caches = _caches(cfg, fingerprint, seed, selections)
+            split_caches = _caches(cfg, fingerprint, seed, selections, {
+                "train": {"set": contents["train"], "views": asdict(train_views.spec)},
+                "val": {"set": contents["val"], "views": asdict(val_views.spec)},
+            })
             for split, views, count in (("train", train_views, cfg.views() or 1), ("val", val_views, 1)):
                 for view in range(count):
-                    todo = [c.of(split) for c in split_caches]
-                    todo = [None if c.complete(split, view) else c for c in todo]
-                    if any(c is not None for c in todo):
-                        _extract(split, view, views, source, cfg, env, todo, shapes)
+                    with _to_fill([c.of(split) for c in split_caches], split, view, env) as todo:
+                        if any(c is not None for c in todo):
+                            _extract(split, view, views, source, cfg, env, todo, shapes)
             stream: Any = CachedStream(
                 split_caches[0], train_targets, val_targets, sampler, val_sampler, env.device, split_caches[1:]
             )
@@ -183,16 +219,20 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
             cfg, env, seed, out / f"seed{seed}", bank, stream, sampler.steps_per_epoch, effective, accum, multilabel
         )
         final = trainer.fit()
+        counts[seed] = trainer.image_counts()
+        images_trained += trainer.images_trained
         for entry in bank.entries:
             lr = cfg.lr if cfg.lr is not None else entry.blr * effective / 256
             rows.append({"seed": seed, "head": entry.key, "aggregation": entry.spec, "blr": entry.blr, "lr": lr,
-                         **final[entry.key]})
+                         **final[entry.key], **counts[seed]})
         del stream, trainer
     summary = summarize(rows)
     results = {
         "rows": rows, "summary": summary, "encoder": asdict(info), "config": asdict(cfg),
         "token_source": {"block": source_block(tokens_only), "final_norm": info.final_norm, "source": info.source},
         "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective,
+        "seconds": time.perf_counter() - started, "images_trained": images_trained,
+        "images": {str(seed): c for seed, c in counts.items()},  # evaluated and skipped, per seed
     }
     if env.is_main:
         write_json_atomic(results, out / RESULTS_FILE)
@@ -200,9 +240,84 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         metrics = ["mAP"] if multilabel else ["top1", "top5"]
         if len(cfg.seed_list()) > 1:
             metrics = [m for name in metrics for m in (name, f"{name}_std")]
-        print(format_table(summary, ["aggregation", "blr", "lr", *metrics, "entropy"]))
+        print(format_table(summary, ["aggregation", "blr", "lr", *metrics, "entropy", "best"]))
+        print(f"* the best learning rate of each aggregation; {_speed(results)}")
+        print(format_image_counts(counts))
         print(f"wrote {out / RESULTS_FILE} and {out / 'results.csv'}")
     return results
+
+
+def _speed(results: dict[str, Any]) -> str:
+    """'12.3 min in all, 456 training images/s' (images trained by this invocation, every process)."""
+    seconds, images = results["seconds"], results["images_trained"]
+    if not images:
+        return f"{seconds / 60:.1f} min in all (nothing left to train: a finished run)"
+    rate = f", {images / seconds:.0f} training images/s"
+    return f"{seconds / 60:.1f} min in all{rate}"
+
+
+def _on_main(env: DistEnv, action: Callable[[], Any]) -> Any:
+    """``action()`` on the main process only, its result given to every process; when it fails, every process
+    raises (none is left waiting for the others)."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = action()
+        except Exception as exc:
+            error = exc
+    message = None if error is None else str(error) or type(error).__name__
+    if env.distributed:
+        message, result = all_gather_objects((message, result), env)[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ConfigError(message)
+    return result
+
+
+@contextmanager
+def _output_folder(cfg: ProbeConfig, env: DistEnv) -> Iterator[None]:
+    """Rank 0 holds ``--out`` (lock, kind "probe") for the whole run; the other processes write no file there.
+
+    Before anything is written, every seed's checkpoint must be resumable by ``cfg`` (else config.yaml would be
+    overwritten by a run that is then refused); a run that does not resume removes the results it replaces.
+    """
+    out = Path(cfg.out)
+
+    def claim(held: ExitStack) -> None:
+        held.enter_context(claim_output(out, "probe"))
+        if cfg.resume != "auto":
+            for name in (RESULTS_FILE, "results.csv"):
+                (out / name).unlink(missing_ok=True)
+            return
+        effective = cfg.accumulation(env.world_size)[1]
+        for seed in cfg.seed_list():
+            path = out / f"seed{seed}" / STATE_FILE
+            if path.exists():
+                check_resumable(path, load_state(path), cfg, seed, effective)
+
+    with ExitStack() as held:
+        _on_main(env, lambda: claim(held))
+        yield
+
+
+@contextmanager
+def _to_fill(caches: list[FeatureCache], split: str, view: int, env: DistEnv) -> Iterator[list[FeatureCache | None]]:
+    """The caches whose shard ``(split, view)`` is incomplete (None for the complete ones), decided by rank 0.
+
+    Rank 0 holds the folder lock of those caches until the shard is filled: every process of this job writes its
+    rows there (in step through barriers), and another job about to fill the same folder is refused. Under the
+    lock the shards are checked again, since a job that held it may just have filled them.
+    """
+    def decide(held: ExitStack) -> list[bool]:
+        missing = [c for c in caches if not c.complete(split, view)]
+        for folder in dict.fromkeys(c.dir for c in missing):
+            held.enter_context(FolderLock(folder, "feature cache"))
+        return [c in missing and not c.complete(split, view) for c in caches]
+
+    with ExitStack() as held:
+        fill = _on_main(env, lambda: decide(held))
+        yield [c if f else None for c, f in zip(caches, fill)]
 
 
 def source_block(source: Any) -> int:
@@ -222,16 +337,19 @@ class _SplitCaches:
         return self.of(split).read(split, view, indices)
 
 
-def _caches(cfg: ProbeConfig, fingerprint: dict[str, Any], seed: int, selections: list[str]) -> list[_SplitCaches]:
+def _caches(
+    cfg: ProbeConfig, fingerprint: dict[str, Any], seed: int, selections: list[str], splits: dict[str, dict[str, Any]]
+) -> list[_SplitCaches]:
     """The tokens' caches, then one per non-trainable head (float32 selections, keyed by the spec and guide
-    weights too, so adding such a head to a cached run extracts its selections and reuses the tokens)."""
+    weights too, so adding such a head to a cached run extracts its selections and reuses the tokens).
+    ``splits``: per split, what else its shards depend on (dataset contents, view spec)."""
     out = []
     for spec in [None, *selections]:
         extra = {} if spec is None else {"selection": spec, "guide": fingerprint_file(parse_method(spec).checkpoint)}
         dtype = cfg.cache_dtype if spec is None else "fp32"
         out.append(_SplitCaches(
-            FeatureCache(cfg.cache, {**fingerprint, **extra, "split": "train", "seed": seed}, dtype),
-            FeatureCache(cfg.cache, {**fingerprint, **extra, "split": "val"}, dtype),
+            FeatureCache(cfg.cache, {**fingerprint, **extra, **splits["train"], "split": "train", "seed": seed}, dtype),
+            FeatureCache(cfg.cache, {**fingerprint, **extra, **splits["val"], "split": "val"}, dtype),
         ))
     return out
 

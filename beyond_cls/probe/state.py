@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from beyond_cls.fileio import match_umask
 from beyond_cls.models.checkpoint import CheckpointError, read_checkpoint
 
 __all__ = ["STATE_FILE", "STATE_VERSION", "PreemptionWatch", "load_state", "save_atomic"]
@@ -23,7 +24,9 @@ PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, flush it to disk, then rename over ``path``.
 
-    A crash at any moment leaves either the previous file or the new one, never a torn one.
+    A crash at any moment leaves either the previous file or the new one, never a torn one (the temporary it
+    may leave is removed by the next run's :func:`~beyond_cls.runlock.claim_output`). The file gets the mode
+    ``open()`` would give (group-readable under the usual umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +36,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        match_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

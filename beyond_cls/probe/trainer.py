@@ -42,15 +42,41 @@ from beyond_cls.probe.metrics import mean_average_precision, topk_correct
 from beyond_cls.probe.state import STATE_FILE, STATE_VERSION, PreemptionWatch, load_state, save_atomic
 from beyond_cls.runtime import autocast, autocast_dtype
 
-__all__ = ["FAULT_ENV", "NonFiniteLoss", "Preempted", "ProbeTrainer"]
+__all__ = ["FAULT_ENV", "RESUME_KEYS", "NonFiniteLoss", "Preempted", "ProbeTrainer", "check_resumable"]
 
 # Test hook: "KILL@7" / "TERM@7" sends that signal to this process after global optimizer step 7.
 FAULT_ENV = "BEYOND_CLS_FAULT"
-# Settings that must match to resume a checkpoint (the rest, e.g. workers or logging, may change).
+# Settings that change what is trained (encoder, data, heads, schedule, views): they must match to resume a
+# checkpoint. The rest only change speed, precision or logging (workers, cache folder, amp, decode...).
 RESUME_KEYS = (
-    "model", "checkpoint", "dataset", "img_size", "block", "final_norm", "heads", "lrs", "blr", "lr", "min_lr",
-    "epochs", "warmup_epochs", "optimizer", "momentum", "weight_decay", "cache_views", "mean", "std",
+    "model", "checkpoint", "checkpoint_format", "arch", "source", "dataset", "data", "subset_file", "img_size",
+    "block", "final_norm", "heads", "lrs", "blr", "lr", "min_lr", "epochs", "warmup_epochs", "optimizer",
+    "momentum", "weight_decay", "views", "mean", "std",
 )
+_PATH_KEYS = ("checkpoint", "data", "subset_file")
+
+
+def _trained(config: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`RESUME_KEYS` values of a config dict; paths made absolute, ``views`` as ProbeConfig.views()."""
+    out = {k: config.get(k) for k in RESUME_KEYS}
+    for k in _PATH_KEYS:
+        if isinstance(out[k], str):
+            out[k] = os.path.abspath(os.path.expanduser(out[k]))
+    views = config.get("cache_views")
+    out["views"] = (views or 1) if config.get("cache") is not None else views
+    return out
+
+
+def check_resumable(path: Path, state: dict[str, Any], cfg: ProbeConfig, seed: int, effective_batch: int) -> None:
+    """ConfigError naming every setting (old → new) in which ``state``, read from ``path``, differs from ``cfg``."""
+    saved, current = _trained(state["config"]), _trained(asdict(cfg))
+    diffs = [(k, saved[k], current[k]) for k in RESUME_KEYS if saved[k] != current[k]]
+    diffs += [(k, old, new) for k, old, new in (("effective batch", state["effective_batch"], effective_batch),
+                                                 ("seed", state["seed"], seed)) if old != new]
+    if diffs:
+        detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, old, new in diffs)
+        raise ConfigError(f"{path} was written by a run with other settings ({detail}); "
+                          "use a new --out or --resume none")
 
 
 class NonFiniteLoss(ValueError):
@@ -141,8 +167,12 @@ class ProbeTrainer:
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.history: list[dict[str, Any]] = []
         self.final: dict[str, dict[str, float]] | None = None
-        self.images_skipped = 0
+        self.images_skipped = 0  # train images skipped, all processes and epochs, as of the last save
+        self._skipped_here = 0  # ... plus this process's since then (added in at each save)
+        self.eval_images, self.eval_skipped = 0, 0  # of the last evaluation, all processes
+        self.images_trained = 0  # by this call of fit (all processes), for the closing images/s
         self._last_save = time.monotonic()
+        self._good_state: Path | None = None  # this run's last state on disk (loaded or saved), if any
         self._pending: _StepFlags | None = None  # the last step's flags, not read yet
 
     # ----------------------------------------------------------------------------------- state
@@ -158,6 +188,20 @@ class ProbeTrainer:
         if self.env.distributed:
             for buf in self.bank.buffers():
                 dist.broadcast(buf, src=0)
+
+    def _sync_skipped(self) -> None:
+        """Add every process's train skips since the last save into :attr:`images_skipped` (collective)."""
+        here = self._skipped_here
+        if self.env.distributed:
+            local = torch.tensor([float(here)], dtype=torch.float64, device=self.device)
+            here = int(all_reduce_sum(local, self.env).item())
+        self.images_skipped += here
+        self._skipped_here = 0
+
+    def image_counts(self) -> dict[str, int]:
+        """Train images skipped (all epochs and processes), eval images evaluated and skipped (last evaluation)."""
+        return {"train_skipped": self.images_skipped + self._skipped_here, "eval_images": self.eval_images,
+                "eval_skipped": self.eval_skipped}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -176,38 +220,32 @@ class ProbeTrainer:
             "history": self.history,
             "final": self.final,
             "images_skipped": self.images_skipped,
+            "eval_images": self.eval_images,
+            "eval_skipped": self.eval_skipped,
             "rng_cpu": torch.get_rng_state(),
         }
 
     def save(self) -> None:
         """Write the state atomically (main process; every process holds the same state)."""
         self._sync_buffers()
+        self._sync_skipped()
         if self.env.is_main:
             save_atomic(self.state_dict(), self.state_path)
         self._last_save = time.monotonic()
+        self._good_state = self.state_path
 
     def load(self, path: Path) -> None:
         state = load_state(path)
-        saved = state["config"]
-        current = asdict(self.cfg)
-        diffs = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
-        if state["effective_batch"] != self.effective_batch:
-            diffs.append("effective batch")
-        if state["seed"] != self.seed:
-            diffs.append("seed")
-        if diffs:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in diffs if k in current)
-            raise ConfigError(
-                f"{path} was written by a run with other settings ({', '.join(diffs)}; {detail}); "
-                "use a new --out or --resume none"
-            )
+        check_resumable(path, state, self.cfg, self.seed, self.effective_batch)
         self.bank.load_state_dict(state["bank"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
         self.history, self.final = state["history"], state["final"]
         self.images_skipped = state["images_skipped"]
+        self.eval_images, self.eval_skipped = state.get("eval_images", 0), state.get("eval_skipped", 0)
         torch.set_rng_state(state["rng_cpu"])
+        self._good_state = path
 
     def resume_path(self) -> Path | None:
         if self.cfg.resume == "none":
@@ -271,10 +309,11 @@ class ProbeTrainer:
         bad, stop, save = flags.read(len(self.bank.entries))
         if bad:
             heads = ", ".join(self.bank.entries[h].key for h in bad)
+            kept = (f"{self._good_state} keeps the last good state (nothing after that step was saved)"
+                    if self._good_state is not None else "no checkpoint of this run was saved before it")
             raise NonFiniteLoss(
                 f"non-finite loss in head(s) {heads} at epoch {flags.epoch + 1}, step {flags.step + 1}; "
-                f"training stopped and {self.state_path} keeps the last good state (nothing after that step "
-                "was saved). Lower --lrs for these heads, or use --amp bf16/fp32 instead of fp16"
+                f"training stopped and {kept}. Lower --lrs for these heads, or use --amp bf16/fp32 instead of fp16"
             )
         return stop, save
 
@@ -301,7 +340,8 @@ class ProbeTrainer:
                 self.scaler.scale(losses.sum() / accum).backward()
             step_loss += losses.detach().double() / accum
             window_images += tokens.shape[0]
-            self.images_skipped += skipped
+            self.images_trained += tokens.shape[0] * self.env.world_size
+            self._skipped_here += skipped
             if a < accum - 1:
                 continue
             flags = self._launch_flags(step_loss, preempt)
@@ -358,13 +398,18 @@ class ProbeTrainer:
             "epoch": self.epoch + self.step / self.steps_per_epoch,
             "lr_factor": lr_factor,
             "images_per_s": ips,
-            "images_skipped": self.images_skipped,
+            "images_skipped": self.images_skipped + self._skipped_here,  # this process's since the last save
             "loss": {e.key: v for e, v in zip(self.bank.entries, losses)},
         }
         scalars = {f"loss/{e.key}": v for e, v in zip(self.bank.entries, losses)}
         scalars.update({"train/lr_factor": lr_factor, "train/images_per_s": ips})
         self.log.log(record, self.global_step, scalars)
-        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", lr=f"{lr_factor:.3f}", img_s=f"{ips:.0f}")
+        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", lr=self._lr_text(), img_s=f"{ips:.0f}")
+
+    def _lr_text(self) -> str:
+        """The learning rate the optimizer applies now: one value, or the bank's lowest..highest."""
+        rates = sorted({group["lr"] for group in self.optimizer.param_groups})
+        return f"{rates[0]:.3g}" if len(rates) == 1 else f"{rates[0]:.3g}..{rates[-1]:.3g}"
 
     def _inject_fault(self) -> None:
         spec = os.environ.get(FAULT_ENV)
@@ -381,11 +426,12 @@ class ProbeTrainer:
         self.bank.eval()
         heads = self.bank.entries
         counts = torch.zeros(len(heads), 3, dtype=torch.float64, device=self.device)  # top1, top5, entropy
-        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # images evaluated, skipped
         scores: dict[str, list[Tensor]] = {e.key: [] for e in heads}
         labels: list[Tensor] = []
         try:
-            for tokens, selections, targets, _ in self.stream.eval_batches():
+            for tokens, selections, targets, skipped in self.stream.eval_batches():
+                total[1] += skipped
                 if tokens.shape[0] == 0:
                     continue
                 with autocast(self.cfg.amp, self.device):
@@ -399,13 +445,14 @@ class ProbeTrainer:
                     counts[h, 2] += entropy[e.key]
                 if self.multilabel:
                     labels.append(targets.cpu())
-                total += tokens.shape[0]
+                total[0] += tokens.shape[0]
         finally:
             self.bank.train()
         all_reduce_sum(counts, self.env)
-        n = float(all_reduce_sum(total, self.env).item())
+        n, skipped = all_reduce_sum(total, self.env).tolist()
+        self.eval_images, self.eval_skipped = int(n), int(skipped)
         if n == 0:
-            raise ConfigError("the evaluation set produced no images (all skipped?)")
+            raise ConfigError(f"the evaluation set produced no images ({int(skipped)} skipped as unreadable)")
         results: dict[str, dict[str, float]] = {}
         if self.multilabel:
             gathered_labels = torch.cat([t for part in all_gather_objects(labels, self.env) for t in part])
@@ -426,6 +473,10 @@ class ProbeTrainer:
         path = self.resume_path()
         if path is not None:
             self.load(path)
+            if self.env.is_main:
+                where = ("finished: its final evaluation is reused" if self.final is not None else
+                         f"at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}")
+                print(f"resumed {path} {where}", flush=True)
         if self.final is not None:
             return self.final
         with PreemptionWatch() as preempt:
@@ -445,4 +496,5 @@ class ProbeTrainer:
     def _record_eval(self, results: dict[str, dict[str, float]]) -> None:
         self.history.append({"epoch": self.epoch, "results": results})
         scalars = {f"eval/{k}/{m}": v for k, r in results.items() for m, v in r.items()}
-        self.log.log({"epoch": self.epoch, "eval": results}, self.global_step, scalars)
+        counts = {"eval_images": self.eval_images, "eval_skipped": self.eval_skipped}
+        self.log.log({"epoch": self.epoch, "eval": results, **counts}, self.global_step, scalars)
