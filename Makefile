@@ -31,7 +31,7 @@ lint: install
 # CPU kernel benchmarks, side by side; the table lands in benchmarks/results/ (GPU: benchmarks/device.sh)
 bench: install
 	mkdir -p build
-	for op in attention abmilp; do \
+	for op in attention abmilp loader; do \
 		$(BIN)/python -m pytest benchmarks/bench_$$op.py -p no:cacheprovider -m "not gpu" \
 			--benchmark-save-data --benchmark-json build/bench_$${op}_cpu.json && \
 		$(BIN)/python benchmarks/report.py build/bench_$${op}_cpu.json benchmarks/results/$${op}_cpu || exit 1; \

@@ -145,12 +145,14 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     add("--weights-dir", "folder with the zoo's official files", shown="$BEYOND_CLS_WEIGHTS")
     p.add_argument("--data", help="dataset root folder (required, except with --dataset synthetic: the built-in set)")
     add("--dataset", "dataset adapter: imagefolder, imagenet, imagenet1pct, cub, food101, cars, pets, coco, "
-        "nuswide, synthetic")
+        "nuswide, synthetic, wds")
     add("--subset-file", "ImageNet-1%% file list (imagenet1pct; default ROOT/1percent.txt)")
     p.add_argument("--out", help="output folder: results, checkpoints, logs (required)")
     add("--img-size", "input resolution", type=_positive_int)
     add("--block", "take tokens from this block (0-based, -1 = last)", shown="the zoo's (SimMIM: 7), else the last",
         type=_block)
+    add("--blocks", "layer-wise probing: train the heads on each of these blocks (comma-separated, 0-based, or all) "
+        "from one encoder pass; one result row per block, aggregation and lr; excludes --block")
     add("--final-norm", "apply the encoder's final norm to the tokens", shown="off: the paper's pre-norm features",
         action=argparse.BooleanOptionalAction)
     add("--heads", "comma-separated aggregations: cls, mean, abmilp, abmilp+cls, abmilp-k4-mlp2-gelu-pos, "
@@ -200,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser(
         "analyze", help="attention statistics of an encoder over a dataset (paper Figs. 3-6)",
-        description="Stream an ImageFolder split through an encoder under the AttentionRecorder; write "
+        description="Stream a dataset split (an ImageFolder unless --dataset) through an encoder under the "
+        "AttentionRecorder; write "
         "attention_stats.json and attention_stats.png into --out and print the per-block table. --model repeats: "
         "the images are decoded once for all encoders, each normalized with its own mean/std, and each "
         "--checkpoint, --checkpoint-format, --arch and --source belongs to the --model before it, e.g. "
@@ -212,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--config", help="YAML file with the same keys as the flags (flags win); "
                          "model: [a, b] with checkpoint: [a.pth, null] for several encoders")
     _add_encoder_args(analyze, required=True, per_model=True)
-    analyze.add_argument("--data", help="dataset root holding SPLIT/<class>/<images>")
-    analyze.add_argument("--split", help="split folder under --data (default val)")
+    analyze.add_argument("--data", help="dataset root holding SPLIT/<class>/<images> (or --dataset's layout)")
+    analyze.add_argument("--dataset", help="dataset adapter of --data (default imagefolder; e.g. wds for shards)")
+    analyze.add_argument("--split", help="split folder under --data (default val); train or val for other adapters")
     analyze.add_argument("--out", help="output directory")
     _add_run_args(analyze)
 
@@ -236,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--names", help="comma-separated display names, one per input")
     compare.add_argument("--family", action="append", default=[], metavar="NAME=FAMILY",
                          help="family of a model (MIM or JEA), repeatable; inferred from the name otherwise")
+
+    report = sub.add_parser(
+        "probe-report", help="accuracy vs block per aggregation of a probe --blocks run",
+        description="Plot the best-lr accuracy of each aggregation over the blocks of a layer-wise probe run "
+        "(probe --blocks) into OUT/blocks.png and OUT/blocks.csv, beside the [cls]-to-patch attention entropy "
+        "per block of an analyze run when --analyze is given.",
+    )
+    report.add_argument("run", help="probe output folder (holding results.json)")
+    report.add_argument("--out", required=True, help="output folder")
+    report.add_argument("--analyze", help="analyze output folder of the same encoder (attention_stats.json)")
 
     zoo = sub.add_parser(
         "zoo", help="the paper's encoders: architecture, size, official file, where to get it, presence",
@@ -288,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--out", help="output directory")
     localize.add_argument("--overlays", type=_non_negative_int, help="images drawn as overlays (default 8)")
     _add_run_args(localize)
+
+    shard = sub.add_parser(
+        "shard", help="write an ImageFolder's train/ and val/ as WebDataset shards (read with --dataset wds)",
+        description="Write DATA/train and DATA/val in ImageFolder order (classes sorted, files sorted) as "
+        "OUT/NAME-train-NNNN.tar and OUT/NAME-validation-NN.tar (<key>.jpg + <key>.cls + <key>.json) plus "
+        "OUT/classes.txt. Each shard is renamed into place only when complete.",
+    )
+    shard.add_argument("--data", required=True, help="ImageFolder root holding train/<class>/ and val/<class>/")
+    shard.add_argument("--out", required=True, help="output folder for the shards")
+    shard.add_argument("--name", default="shards", help="shard file-name prefix (default shards)")
+    shard.add_argument("--shard-size", default="1GB", help="per shard: a size such as 500MB or 1GB (decimal; "
+                       "KiB/MiB/GiB binary), or a plain number of samples (default 1GB)")
 
     bench = sub.add_parser("bench", help="throughput measurements").add_subparsers(
         dest="bench", required=True, metavar="WHAT"
@@ -391,6 +417,13 @@ def _run_demo(args: argparse.Namespace) -> None:
                     **{**DEMO_PROBE, **probe}))
 
 
+def _run_probe_report(args: argparse.Namespace) -> None:
+    from beyond_cls.probe.layers_report import probe_report
+
+    files = probe_report(args.run, args.out, analyze=args.analyze)
+    print(f"wrote {files['figure']} and {files['csv']}")
+
+
 def _run_bench(args: argparse.Namespace) -> None:
     if args.bench == "probe":
         from beyond_cls.probe.bench import BenchProbeConfig, bench_probe
@@ -414,13 +447,22 @@ def _run_localize(args: argparse.Namespace) -> None:
     localize(load_config(LocalizeConfig, None, **_overrides(args)))
 
 
+def _run_shard(args: argparse.Namespace) -> None:
+    from beyond_cls.data.shard_writer import write_shards
+
+    written = write_shards(args.data, args.out, name=args.name, shard_size=args.shard_size)
+    for split, files in written.items():
+        print(f"{split}: {len(files)} shard(s) in {args.out}")
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "config", "bench")}
 
 
 COMMANDS = {
     "analyze": _run_analyze, "probe": _run_probe, "compare": _run_compare, "zoo": _run_zoo, "demo": _run_demo,
-    "bench": _run_bench, "aggregations": _run_aggregations, "localize": _run_localize,
+    "bench": _run_bench, "aggregations": _run_aggregations, "localize": _run_localize, "shard": _run_shard,
+    "probe-report": _run_probe_report,
 }
 
 

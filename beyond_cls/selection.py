@@ -275,9 +275,10 @@ def _choose_head(root: Path, scored: list[HeadEntry], head: str | None) -> HeadE
 
 
 def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_info=None) -> ProbeHead:
-    """Rebuild head ``head`` (a key like ``abmilp@blr0p1`` or a spec like ``abmilp`` naming one head; None: the
-    run's only AbMILP head) of the probe run in ``run`` from its first seed's checkpoint. ``encoder_info`` (the
-    run's encoder's :class:`EncoderInfo`) gives the token layout; without it the run's ``results.json`` is read."""
+    """Rebuild head ``head`` (a key like ``abmilp@blr0p1``, ``b5/abmilp@blr0p1`` in a ``--blocks`` run, or a spec
+    like ``abmilp`` naming one head; None: the run's only AbMILP head) of the probe run in ``run`` from its first
+    seed's checkpoint. ``encoder_info`` (the run's encoder's :class:`EncoderInfo`) gives the token layout; without
+    it the run's ``results.json`` is read."""
     from beyond_cls.probe.bank import HeadBank, parse_heads
     from beyond_cls.probe.state import STATE_FILE, load_state
 
@@ -298,15 +299,16 @@ def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_inf
     state = load_state(root / f"seed{seed}" / STATE_FILE)["bank"]
     specs, lrs = parse_heads(cfg.heads), cfg.base_lrs()
     weights = [v for k, v in state.items() if k.endswith(".head.1.weight")]
-    bank = HeadBank(specs, lrs, dim, int(weights[0].shape[0]), prefix, has_cls)
+    source = results.get("token_source", {})
+    blocks = source.get("blocks")  # a layer-wise run (probe --blocks): keys b<k>/..., one head per block
+    bank = HeadBank(specs, lrs, dim, int(weights[0].shape[0]), prefix, has_cls, blocks=blocks)
     bank.load_state_dict(state)
     scored = [e for e in bank.entries if _content(bank.heads[e.key].aggregation) is not None]
     if not scored:
         raise ConfigError(f"probe run {root} has no AbMILP head (heads: {cfg.heads})")
     entry = _choose_head(root, scored, head)
     agg = bank.heads[entry.key].aggregation.eval()
-    source = results.get("token_source", {})
-    block = source.get("block", cfg.block)
+    block = entry.block if entry.block is not None else source.get("block", cfg.block)
     final_norm = source.get("final_norm", cfg.final_norm)
     return ProbeHead(entry.key, entry.spec, agg, _content(agg) == "patch+cls", raw, block, bool(final_norm), seed,
                      str(root))

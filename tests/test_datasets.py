@@ -196,6 +196,14 @@ def make_nuswide(parent: Path) -> Path:
     return root
 
 
+def make_wds(root: Path) -> Path:
+    """The ImageFolder case as WebDataset shards (two samples per train shard)."""
+    from beyond_cls.data.shard_writer import write_shards
+
+    write_shards(make_imagefolder(root / "folder"), root / "shards", name="t", shard_size=2)
+    return root / "shards"
+
+
 # (name, builder, options, root passed = built root or its parent, train size, val size, classes)
 CASES = {
     "imagefolder": (make_imagefolder, {}, False, 6, 3, ["cat", "dog", "eel"]),
@@ -208,6 +216,7 @@ CASES = {
     "pets": (make_pets, {}, True, 3, 3, ["Abyssinian", "american_bulldog", "american_pit_bull_terrier"]),
     "coco": (make_coco, {}, False, 3, 2, ["person", "car", "dog"]),
     "nuswide": (make_nuswide, {}, True, 4, 2, NUS_CONCEPTS),
+    "wds": (make_wds, {}, False, 6, 3, ["cat", "dog", "eel"]),
 }
 
 
@@ -232,7 +241,10 @@ def test_interface(name, tmp_path):
         assert len(ds) == len(ds.paths) == n
         assert ds.classes == classes and ds.num_classes == len(classes)
         assert ds.multilabel is multilabel
-        assert all(Path(p).is_file() for p in ds.paths)
+        if name == "wds":  # <shard>/<key>.<ext>: the shard is the file
+            assert all(Path(p).parent.is_file() and Path(p).parent.suffix == ".tar" for p in ds.paths)
+        else:
+            assert all(Path(p).is_file() for p in ds.paths)
         for i in range(len(ds)):
             t = ds.target(i)
             if multilabel:

@@ -136,8 +136,11 @@ def test_gradient_accumulation_equals_the_mean_gradient(dataset, tmp_path):
     assert trainer.global_step == 1
 
 
-def test_two_processes_equal_one_with_accumulation(dataset, tmp_path):
+@pytest.mark.parametrize("blocks", [None, "2,11"])
+def test_two_processes_equal_one_with_accumulation(dataset, tmp_path, blocks):
     common = dict(TINY, data=dataset, epochs=2, heads="mean,abmilp,attn-mean", lrs="1.0")
+    if blocks is not None:  # layer-wise heads through DDP too
+        common["blocks"] = blocks
     single = _cli(_flags(**common, out=tmp_path / "one", accum_iter=2))
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
@@ -149,8 +152,9 @@ def test_two_processes_equal_one_with_accumulation(dataset, tmp_path):
         if "running" in key or "num_batches" in key:
             continue  # BatchNorm running statistics: one update per micro-batch and process, as in MAE
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
-    updates = "heads.mean@blr1.head.0.num_batches_tracked"
-    assert int(one[updates]) == 2 * int(two[updates]) == 12
+    updates = [k for k in one if re.fullmatch(r"heads\.(b\d+/)?mean@blr1\.head\.0\.num_batches_tracked", k)]
+    assert len(updates) == (1 if blocks is None else 2)
+    assert all(int(one[k]) == 2 * int(two[k]) == 12 for k in updates)
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["world_size"] == 2 and results["accum_iter"] == 1 and results["effective_batch"] == 8
 

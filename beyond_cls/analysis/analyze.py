@@ -19,7 +19,7 @@ from beyond_cls.analysis.plots import plot_information_flow
 from beyond_cls.analysis.recorder import AttentionRecorder
 from beyond_cls.analysis.summary import AttentionSummary
 from beyond_cls.config import ConfigError, RunSettings
-from beyond_cls.data import ImageFolderDataset, make_loader
+from beyond_cls.data import ImageFolderDataset, build_dataset, make_loader
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
 from beyond_cls.models import load_encoder
 from beyond_cls.runlock import writes_out
@@ -63,6 +63,7 @@ class AnalyzeConfig(RunSettings):
     checkpoint_format: PerModel = "auto"
     arch: PerModel = None
     source: PerModel = None
+    dataset: str = "imagefolder"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -187,7 +188,11 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
     model and ``analyze_models.json`` (label -> model, checkpoint, subfolder). Labels are summaries' names.
     """
     device = resolve_device(cfg.device)
-    dataset = ImageFolderDataset(cfg.data, cfg.split, transform=unnormalized_eval_transform(cfg.img_size))
+    transform = unnormalized_eval_transform(cfg.img_size)
+    if cfg.dataset.lower() == "imagefolder":  # any split folder name, as before
+        dataset = ImageFolderDataset(cfg.data, cfg.split, transform=transform)
+    else:
+        dataset = build_dataset(cfg.dataset, cfg.data, cfg.split, transform=transform)
     if cfg.max_images is not None and cfg.max_images < len(dataset):
         dataset = Subset(dataset, range(cfg.max_images))
     encoders = _load_encoders(cfg, device)  # all of them before the first image is read

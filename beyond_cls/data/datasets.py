@@ -29,6 +29,7 @@ from beyond_cls.data.labeled import (
     require_file,
 )
 from beyond_cls.data.multilabel import NUSWIDE, COCOMultiLabel
+from beyond_cls.data.wds import WebDatasetShards
 
 __all__ = [
     "DATASETS",
@@ -42,6 +43,7 @@ __all__ = [
     "OxfordPets",
     "StanfordCarsCSV",
     "StanfordCarsDevkit",
+    "WebDatasetShards",
     "build_dataset",
     "image_folder",
     "imagenet_1pct",
@@ -323,6 +325,7 @@ DATASETS: dict[str, Callable[..., LabeledImages | ImageFolderDataset]] = {
     "pets": OxfordPets,
     "coco": COCOMultiLabel,
     "nuswide": NUSWIDE,
+    "wds": WebDatasetShards,
 }
 
 

@@ -124,8 +124,7 @@ class ViewDataset(Dataset):
 
     def _load_encoded(self, sample: ViewSample, view: int) -> None:
         try:
-            with open(sample.path, "rb") as f:
-                raw = f.read()
+            raw = _encoded(self.base, sample)
             with Image.open(io.BytesIO(raw)) as image:  # lazy: header only; EXIF orientation not applied
                 width, height = image.size
                 # nvJPEG gets baseline/progressive YCbCr JPEGs; anything else is decoded here, as load() would
@@ -134,10 +133,21 @@ class ViewDataset(Dataset):
                 else:
                     sample.data = pil_rgb_tensor(image).permute(1, 2, 0).reshape(-1)
                     sample.pixels = True
+        except DataError:
+            raise
         except _READ_ERRORS as exc:
             raise DataError(f"cannot read image {sample.path}: {exc}") from exc
         sample.size = (height, width)
         sample.params = self.params(sample.index, view, width, height)
+
+
+def _encoded(base: Any, sample: ViewSample) -> bytes:
+    """The encoded image: ``base.read_bytes(index)`` where the base has it (shards), else the file's bytes."""
+    read_bytes = getattr(base, "read_bytes", None)
+    if read_bytes is not None:
+        return read_bytes(sample.index)
+    with open(sample.path, "rb") as f:
+        return f.read()
 
 
 def _stack_targets(targets: list[Any]) -> Tensor:

@@ -19,12 +19,17 @@ one per distinct such spec in :attr:`HeadBank.selections` order (:mod:`beyond_cl
 
 Each head is initialized from its own seed, derived from the run seed and its spec, so a head
 trained in a bank starts (and, with the same data, ends) exactly like the same head trained alone.
+
+Layer-wise banks (``blocks=[5, 11]``, ``probe --blocks``): every (block, spec, lr) is a head keyed
+``b<block>/<key>`` and reads its block's tokens from a stacked [B, K, N, D] input; its initialization does
+not depend on the block, so block 11's heads train exactly like a bank of block 11 alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +41,9 @@ from beyond_cls.heads import AbMILP, AttentivePool, ClsToken, LinearProbe, MeanP
 from beyond_cls.selection import ATTENTION_METHODS, entropy, parse_method
 
 __all__ = [
-    "HeadBank", "HeadEntry", "build_aggregation", "head_key", "is_selection_spec", "parse_heads", "selection_specs",
+    "HeadBank", "HeadEntry", "build_aggregation", "head_key", "is_selection_spec", "parse_heads", "selection_name",
+    "selection_names", "selection_specs",
+    "split_selection_name",
 ]
 
 _ACTS = ("relu", "gelu", "tanh")
@@ -44,11 +51,13 @@ _ACTS = ("relu", "gelu", "tanh")
 
 @dataclass(frozen=True)
 class HeadEntry:
-    """One trained head: its ModuleDict key, aggregation spec and base learning rate."""
+    """One trained head: its ModuleDict key, aggregation spec, base learning rate and token block (None: the
+    bank's single block)."""
 
     key: str
     spec: str
     blr: float
+    block: int | None = None
 
 
 def is_selection_spec(spec: str) -> bool:
@@ -61,15 +70,38 @@ def selection_specs(specs: list[str]) -> list[str]:
     return list(dict.fromkeys(s for s in specs if is_selection_spec(s)))
 
 
-def head_key(spec: str, blr: float) -> str:
-    """ModuleDict key of a head (no dots allowed there): ``abmilp+cls`` at 0.1 → ``abmilp+cls@blr0p1``.
+def head_key(spec: str, blr: float, block: int | None = None) -> str:
+    """ModuleDict key of a head (no dots allowed there): ``abmilp+cls`` at 0.1 → ``abmilp+cls@blr0p1``; of
+    block 5 in a layer-wise bank → ``b5/abmilp+cls@blr0p1``.
 
     A guide's checkpoint is shown by its file stem: ``guide:dino_vit_base_patch16@/w/dino.pth`` → ``guide:
     dino_vit_base_patch16@dino@blr0p1``."""
     if spec.startswith("guide:"):
         method = parse_method(spec)
         spec = f"guide:{method.model}" + (f"@{Path(method.checkpoint).stem}" if method.checkpoint else "")
-    return f"{spec}@blr{blr:g}".replace(".", "p")
+    prefix = "" if block is None else f"b{block}/"
+    return prefix + f"{spec}@blr{blr:g}".replace(".", "p")
+
+
+def selection_name(spec: str, block: int | None) -> str:
+    """Name of the selection weights a non-trainable head reads: a guide's are the same for every block; the
+    encoder's own attention (``attn-*``) is that of the head's block (``b5/attn-mean``)."""
+    return spec if block is None or spec.startswith("guide:") else f"b{block}/{spec}"
+
+
+def split_selection_name(name: str) -> tuple[int | None, str]:
+    """``b5/attn-mean`` → (5, ``attn-mean``); a name without a block prefix → (None, name)."""
+    prefix, sep, spec = name.partition("/")
+    if sep and prefix[:1] == "b" and prefix[1:].isdigit():
+        return int(prefix[1:]), spec
+    return None, name
+
+
+def selection_names(specs: list[str], blocks: Sequence[int] | None = None) -> list[str]:
+    """The distinct selection weights a bank of ``specs`` (over ``blocks``) reads, in :attr:`HeadBank.selections`
+    order."""
+    groups: list[int | None] = [None] if blocks is None else list(blocks)
+    return list(dict.fromkeys(selection_name(s, b) for b in groups for s in specs if is_selection_spec(s)))
 
 
 def _normalize_spec(text: str) -> str:
@@ -175,7 +207,8 @@ def _scores_entropy(scores: Tensor) -> Tensor:
 class HeadBank(nn.Module):
     """``ModuleDict`` of :class:`LinearProbe` heads keyed by :func:`head_key`; one forward for all.
 
-    ``selections``: the distinct non-trainable specs, in the order their weights arrive in ``forward``.
+    ``selections``: the distinct non-trainable specs (with ``blocks``: their :func:`selection_name`), in the order
+    their weights arrive in ``forward``. ``blocks``: a layer-wise bank, tokens [B, K, N, D] of these blocks.
     """
 
     def __init__(
@@ -187,9 +220,12 @@ class HeadBank(nn.Module):
         num_prefix_tokens: int,
         has_class_token: bool,
         seed: int = 0,
+        blocks: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.entries = [HeadEntry(head_key(s, lr), s, lr) for s in specs for lr in base_lrs]
+        self.blocks = None if blocks is None else list(blocks)
+        groups: list[int | None] = [None] if self.blocks is None else self.blocks
+        self.entries = [HeadEntry(head_key(s, lr, b), s, lr, b) for b in groups for s in specs for lr in base_lrs]
         self.num_prefix_tokens = num_prefix_tokens
         self.heads = nn.ModuleDict()
         for entry in self.entries:
@@ -197,27 +233,48 @@ class HeadBank(nn.Module):
                 torch.manual_seed(_head_seed(seed, entry.spec))
                 agg = build_aggregation(entry.spec, dim, num_prefix_tokens, has_class_token)
                 self.heads[entry.key] = LinearProbe(agg, agg.out_dim, num_classes)
-        self.selections = selection_specs(specs)
-        self._selection_of = {e.key: self.selections.index(e.spec) for e in self.entries if is_selection_spec(e.spec)}
+        self.selections = selection_names(specs, self.blocks)
+        # per token block: the selections its heads read (indices into self.selections), each head's place there
+        self._block_selections: dict[int | None, list[int]] = {}
+        self._selection_of: dict[str, int] = {}
+        for e in self.entries:
+            if is_selection_spec(e.spec):
+                used = self._block_selections.setdefault(e.block, [])
+                index = self.selections.index(selection_name(e.spec, e.block))
+                if index not in used:
+                    used.append(index)
+                self._selection_of[e.key] = used.index(index)
         self._pool = SelectionPool(dim, num_prefix_tokens)
 
-    def _selected(self, tokens: Tensor, selections: Tensor | None) -> Tensor | None:
-        """Every non-trainable aggregation's pooled tokens [B, M, D], one pass over the tokens."""
-        if not self.selections:
-            return None
-        if selections is None or selections.shape[1] != len(self.selections):
+    def _groups(self, tokens: Tensor, selections: Tensor | None):
+        """(tokens of one block [B, N, D], its entries, its selections [B, m, P] or None) per token block."""
+        if self.selections and (selections is None or selections.shape[1] != len(self.selections)):
             got = None if selections is None else tuple(selections.shape)
             raise ValueError(f"heads {', '.join(self.selections)} need selections [B, {len(self.selections)}, "
                              f"num_patches] with the tokens, got {got}")
-        return self._pool.pool_many(tokens, selections)
+        if self.blocks is None:
+            yield tokens, self.entries, selections if self.selections else None
+            return
+        if tokens.dim() != 4 or tokens.shape[1] != len(self.blocks):
+            raise ValueError(f"a bank of blocks {self.blocks} needs tokens [B, {len(self.blocks)}, N, D], "
+                             f"got {tuple(tokens.shape)}")
+        for i, block in enumerate(self.blocks):
+            used = self._block_selections.get(block)
+            picked = None if not used else selections[:, used]
+            yield tokens[:, i].contiguous(), [e for e in self.entries if e.block == block], picked
 
     def forward(self, tokens: Tensor, selections: Tensor | None = None) -> dict[str, Tensor]:
-        """Logits of every head, keyed like :attr:`heads`; ``selections`` [B, M, P] for the non-trainable ones."""
-        pooled = self._selected(tokens, selections)
-        return {
-            key: head(tokens) if key not in self._selection_of else head.head(pooled[:, self._selection_of[key]])
-            for key, head in self.heads.items()
-        }
+        """Logits of every head, keyed like :attr:`heads`; ``selections`` [B, M, P] for the non-trainable ones.
+
+        ``tokens``: [B, N, D], or [B, K, N, D] for a bank of K ``blocks``."""
+        out = {}
+        for block_tokens, entries, picked in self._groups(tokens, selections):
+            pooled = None if picked is None else self._pool.pool_many(block_tokens, picked)
+            for e in entries:
+                head = self.heads[e.key]
+                out[e.key] = (head(block_tokens) if e.key not in self._selection_of
+                              else head.head(pooled[:, self._selection_of[e.key]]))
+        return {key: out[key] for key in self.heads}
 
     @torch.no_grad()
     def forward_eval(
@@ -229,22 +286,25 @@ class HeadBank(nn.Module):
         pooling the entropy of its selection vectors.
         """
         logits, entropies = {}, {}
-        num_patches = tokens.shape[1] - self.num_prefix_tokens
-        pooled = self._selected(tokens, selections)
-        for key, head in self.heads.items():
-            agg = head.aggregation
-            if key in self._selection_of:
-                m = self._selection_of[key]
-                logits[key] = head.head(pooled[:, m])
-                entropies[key] = entropy(selections[:, m].double()).sum()
-            elif hasattr(agg, "forward_with_scores"):
-                pooled_head, scores = agg.forward_with_scores(tokens)
-                logits[key] = head.head(pooled_head.flatten(1))
-                entropies[key] = _scores_entropy(scores)
-            else:
-                logits[key] = head(tokens)
-                value = math.log(num_patches) if isinstance(agg, MeanPatch) else float("nan")
-                entropies[key] = torch.tensor(value * tokens.shape[0], dtype=torch.float64, device=tokens.device)
+        for block_tokens, entries, picked in self._groups(tokens, selections):
+            num_patches = block_tokens.shape[1] - self.num_prefix_tokens
+            pooled = None if picked is None else self._pool.pool_many(block_tokens, picked)
+            for e in entries:
+                key, head = e.key, self.heads[e.key]
+                agg = head.aggregation
+                if key in self._selection_of:
+                    m = self._selection_of[key]
+                    logits[key] = head.head(pooled[:, m])
+                    entropies[key] = entropy(picked[:, m].double()).sum()
+                elif hasattr(agg, "forward_with_scores"):
+                    pooled_head, scores = agg.forward_with_scores(block_tokens)
+                    logits[key] = head.head(pooled_head.flatten(1))
+                    entropies[key] = _scores_entropy(scores)
+                else:
+                    logits[key] = head(block_tokens)
+                    value = math.log(num_patches) if isinstance(agg, MeanPatch) else float("nan")
+                    entropies[key] = torch.tensor(value * block_tokens.shape[0], dtype=torch.float64,
+                                                  device=block_tokens.device)
         return logits, entropies
 
     def param_groups(self, lr_scale: float) -> list[dict]:

@@ -63,6 +63,7 @@ class ProbeConfig:
     weights_dir: str | None = None
     img_size: int = 224
     block: int | None = None
+    blocks: str | None = None  # "5,11" or "all": a layer-wise bank, one encoder pass (replaces block)
     final_norm: bool | None = None
     heads: str = DEFAULT_HEADS
     lrs: str | None = None
@@ -126,6 +127,11 @@ class ProbeConfig:
             raise ConfigError("give either --lr (one absolute learning rate) or --lrs (base learning rates), not both")
         if self.block is not None and (not isinstance(self.block, int) or self.block < -1):
             raise ConfigError(f"block must be a block index >= 0 (or -1 for the last), got {self.block!r}")
+        if self.blocks is not None:
+            if self.block is not None:
+                raise ConfigError("give either --block (one token block) or --blocks (several), not both")
+            listed = self.block_list(None)
+            self.blocks = "all" if not listed else ",".join(map(str, listed))  # one spelling: resume compares it
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("decode", self.decode, DECODE_CHOICES)
         _choice("amp", self.amp, AMP_CHOICES)
@@ -143,6 +149,21 @@ class ProbeConfig:
         if len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise ConfigError(f"seeds must be distinct integers >= 0, got {self.seeds!r}")
         return seeds
+
+    def block_list(self, depth: int | None) -> list[int] | None:
+        """``--blocks`` as ascending 0-based indices (``all``: 0..depth-1); None without ``--blocks``.
+
+        With ``depth`` None only the syntax is checked (``all`` gives [])."""
+        if self.blocks is None:
+            return None
+        if isinstance(self.blocks, str) and self.blocks.strip().lower() == "all":
+            return [] if depth is None else list(range(depth))
+        values = parse_list(self.blocks, int, "blocks")
+        if len(set(values)) != len(values) or min(values) < 0:
+            raise ConfigError(f"blocks must be distinct block indices >= 0 (0-based) or all, got {self.blocks!r}")
+        if depth is not None and max(values) >= depth:
+            raise ConfigError(f"blocks {self.blocks!r}: the encoder has blocks 0..{depth - 1}")
+        return sorted(values)
 
     def base_lrs(self) -> list[float]:
         """Base learning rates of the head bank (``--lrs``, else ``--blr``); scaled by batch/256 later."""

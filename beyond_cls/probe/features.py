@@ -1,13 +1,31 @@
-"""The frozen encoder as a token source: tokens of block ``k`` (default the last), final norm or not."""
+"""The frozen encoder as a token source: tokens of block ``k`` (default the last), or of several blocks from one
+pass (``blocks``), final norm or not."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from beyond_cls.config import ConfigError
 
-__all__ = ["TokenSource"]
+__all__ = ["MAX_BLOCK_TOKEN_BYTES", "TokenSource", "check_block_token_bytes"]
+
+# Bound on the float32 tokens one micro-batch keeps with --blocks: B x K x N x D x 4 bytes (K listed blocks).
+MAX_BLOCK_TOKEN_BYTES = 4 << 30
+
+
+def check_block_token_bytes(batch_size: int, blocks: int, num_tokens: int, dim: int,
+                            limit: int = MAX_BLOCK_TOKEN_BYTES) -> None:
+    """ConfigError when ``blocks`` blocks' float32 tokens of one micro-batch exceed ``limit`` bytes."""
+    size = batch_size * blocks * num_tokens * dim * 4
+    if size > limit:
+        raise ConfigError(
+            f"--blocks keeps {blocks} blocks x {batch_size} images x {num_tokens} tokens x {dim} dims = "
+            f"{size / 2**30:.1f} GiB of float32 tokens per micro-batch, above the {limit / 2**30:.1f} GiB bound; "
+            "lower --batch-size (and raise --accum-iter) or list fewer blocks"
+        )
 
 
 class TokenSource(nn.Module):
@@ -15,11 +33,22 @@ class TokenSource(nn.Module):
 
     ``block=k`` keeps blocks ``0..k`` only (the later ones never run); ``final_norm=False`` skips the
     encoder's final norm. The encoder is shared, not copied: building a TokenSource truncates it.
+    ``blocks=[k1, k2, ...]`` (ascending, distinct; replaces ``block``): tokens [B, K, N, D] of each listed
+    block from one pass up to the deepest, each through the final norm exactly as ``block=k`` alone would give.
     """
 
-    def __init__(self, encoder: nn.Module, block: int | None = None, final_norm: bool = True) -> None:
+    def __init__(self, encoder: nn.Module, block: int | None = None, final_norm: bool = True,
+                 blocks: Sequence[int] | None = None) -> None:
         super().__init__()
         depth = len(encoder.blocks)
+        if blocks is not None:
+            blocks = list(blocks)
+            bad = [k for k in blocks if not 0 <= k < depth]
+            if bad or not blocks:
+                raise ConfigError(f"blocks {bad or blocks} do not exist: the encoder has blocks 0..{depth - 1}")
+            if blocks != sorted(set(blocks)):
+                raise ConfigError(f"blocks must be distinct and ascending, got {blocks}")
+            block = blocks[-1]
         if block is not None and block != -1:
             if not 0 <= block < depth:
                 raise ConfigError(f"block {block} does not exist: the encoder has blocks 0..{depth - 1}")
@@ -27,8 +56,18 @@ class TokenSource(nn.Module):
         if not final_norm:
             encoder.norm = nn.Identity()
         self.block = depth - 1 if block in (None, -1) else block
+        self.blocks = blocks
         self.final_norm = final_norm
         self.encoder = encoder.eval().requires_grad_(False)
+        self._kept: dict[int, Tensor] = {}
+        if blocks is not None:
+            for k in blocks[:-1]:
+                encoder.blocks[k].register_forward_hook(self._keeper(k))
+
+    def _keeper(self, k: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            self._kept[k] = output
+        return hook
 
     def train(self, mode: bool = True) -> TokenSource:
         """The encoder stays in eval mode whatever the caller asks."""
@@ -36,4 +75,11 @@ class TokenSource(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         with torch.no_grad():
-            return self.encoder.forward_features(images)
+            last = self.encoder.forward_features(images)
+            if self.blocks is None:
+                return last
+            try:
+                parts = [self.encoder.norm(self._kept[k]) for k in self.blocks[:-1]]
+            finally:
+                self._kept.clear()
+            return torch.stack([*parts, last], 1)

@@ -73,4 +73,7 @@ def dataset_fingerprint(dataset: Any, targets: torch.Tensor, env: DistEnv | None
     if env is None or env.is_main:
         workers = min(32, 4 * (os.cpu_count() or 1))
         result = _contents(paths, targets, int(getattr(dataset, "num_classes", 0)), workers)
+        content_files = getattr(dataset, "content_files", None)  # shards: their stats stand for the images'
+        if content_files is not None:
+            result["content_files"] = _digest([_stats([str(p) for p in content_files])])
     return result if env is None else all_gather_objects(result, env)[0]

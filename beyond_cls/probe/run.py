@@ -22,11 +22,11 @@ from beyond_cls.data.synthetic import make_synthetic_dataset
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.data.views import ViewDataset
 from beyond_cls.models import load_encoder
-from beyond_cls.probe.bank import HeadBank, parse_heads, selection_specs
+from beyond_cls.probe.bank import HeadBank, parse_heads, selection_names, split_selection_name
 from beyond_cls.probe.cache import FeatureCache
 from beyond_cls.probe.config import ProbeConfig
 from beyond_cls.probe.distributed import DistEnv, all_gather_objects, init_distributed
-from beyond_cls.probe.features import TokenSource
+from beyond_cls.probe.features import TokenSource, check_block_token_bytes
 from beyond_cls.probe.fingerprint import dataset_fingerprint, fingerprint_file
 from beyond_cls.probe.logs import format_image_counts, format_table, write_csv, write_json_atomic
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
@@ -52,14 +52,14 @@ def _config(config: ProbeConfig | dict | str | Path) -> ProbeConfig:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and (sample) std over seeds of every metric, one row per head."""
+    """Mean and (sample) std over seeds of every metric, one row per head (and token block)."""
     by_head: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_head.setdefault(row["head"], []).append(row)
     out = []
     for group in by_head.values():
         first = group[0]
-        summary = {k: first[k] for k in ("head", "aggregation", "blr", "lr")}
+        summary = {k: first[k] for k in ("head", "block", "aggregation", "blr", "lr") if k in first}
         for metric in ("top1", "top5", "mAP", "entropy"):
             values = [r[metric] for r in group if metric in r]
             if not values:
@@ -76,15 +76,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def mark_best(summary: list[dict[str, Any]]) -> None:
-    """``best`` = "*" on the learning rate with the highest mean top-1 (mAP) of each aggregation, else ""."""
+    """``best`` = "*" on the learning rate with the highest mean top-1 (mAP) of each aggregation (per token
+    block), else ""."""
     metric = "mAP" if any("mAP" in row for row in summary) else "top1"
-    best: dict[str, dict[str, Any]] = {}
+    best: dict[tuple, dict[str, Any]] = {}
     for row in summary:
         row["best"] = ""
         value = row.get(metric, math.nan)
-        held = best.get(row["aggregation"])
+        group = (row.get("block"), row["aggregation"])
+        held = best.get(group)
         if not math.isnan(value) and (held is None or value > held[metric]):
-            best[row["aggregation"]] = row
+            best[group] = row
     for row in best.values():
         row["best"] = "*"
 
@@ -95,8 +97,10 @@ def _extract(
 ) -> None:
     """Fill the incomplete shards of one view with this process's share of ``views`` through one encoder pass.
 
-    ``caches[0]`` holds the tokens, ``caches[1 + m]`` the selections of non-trainable head ``m``; None: complete.
+    ``caches[:k]`` hold the tokens (k = 1, or one per block of a layer-wise run: tokens [B, k, N, D]), ``caches[k +
+    m]`` the selections of non-trainable head ``m``; None: complete.
     """
+    k = len(caches) - len(source.methods)
     sampler = EvalBatchSampler(len(views), cfg.batch_size, env.world_size, env.rank, view=view)
     loader = make_loader(views, sampler, cfg.num_workers, env.device)
     writers = [None if c is None else c.writer(split, view, len(views), shape, env) for c, shape in zip(caches, shapes)]
@@ -108,7 +112,8 @@ def _extract(
             tokens, selections = source(images)
         for m, writer in enumerate(writers):
             if writer is not None:
-                writer.write(batch.indices, tokens.float() if m == 0 else selections[:, m - 1])
+                rows = selections[:, m - k] if m >= k else tokens[:, m].contiguous() if tokens.dim() == 4 else tokens
+                writer.write(batch.indices, rows.float())
     for writer in writers:
         if writer is not None:
             writer.close()
@@ -147,7 +152,11 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         block=cfg.block, final_norm=cfg.final_norm, source=cfg.source, weights_dir=cfg.weights_dir,
     )
     info = encoder.beyond_cls_info  # token source: the flags, else the zoo's, else the last block, pre-norm
-    tokens_only = TokenSource(encoder, info.block, info.final_norm).to(env.device)
+    blocks = cfg.block_list(info.depth)  # --blocks: a layer-wise bank, tokens [B, K, N, D] from one pass
+    if blocks is not None:
+        check_block_token_bytes(cfg.batch_size, len(blocks), info.num_tokens, info.embed_dim)
+    tokens_only = TokenSource(encoder, info.block if blocks is None else None, info.final_norm,
+                              blocks=blocks).to(env.device)
     if cfg.channels_last:
         tokens_only = tokens_only.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -159,7 +168,7 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         decode=cfg.decode,
         skip_bad_images=cfg.skip_bad_images,
     )
-    selections = selection_specs(specs)  # HeadBank.selections
+    selections = selection_names(specs, blocks)  # HeadBank.selections
     source = SelectionSource(
         tokens_only, selections, view_kwargs["mean"], view_kwargs["std"], img_size=cfg.img_size,
         weights_dir=cfg.weights_dir, device=env.device,
@@ -168,7 +177,8 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         out.mkdir(parents=True, exist_ok=True)
         resolved = {**asdict(cfg), "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective}
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    shapes = [(info.num_tokens, info.embed_dim)] + [(info.num_patches,)] * len(selections)
+    token_blocks = blocks or [None]
+    shapes = [(info.num_tokens, info.embed_dim)] * len(token_blocks) + [(info.num_patches,)] * len(selections)
     fingerprint = {
         "model": cfg.model, "weights": fingerprint_file(info.checkpoint), "format": cfg.checkpoint_format,
         "init_seed": cfg.seed_list()[0] if info.checkpoint is None else None,  # random weights (torch.manual_seed)
@@ -194,7 +204,7 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         )
         val_sampler = EvalBatchSampler(len(val_set), cfg.batch_size, env.world_size, env.rank)
         if cfg.cache is not None:
-            split_caches = _caches(cfg, fingerprint, seed, selections, {
+            split_caches = _caches(cfg, fingerprint, seed, token_blocks, selections, {
                 "train": {"set": contents["train"], "views": asdict(train_views.spec)},
                 "val": {"set": contents["val"], "views": asdict(val_views.spec)},
             })
@@ -203,8 +213,10 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
                     with _to_fill([c.of(split) for c in split_caches], split, view, env) as todo:
                         if any(c is not None for c in todo):
                             _extract(split, view, views, source, cfg, env, todo, shapes)
+            k = len(token_blocks)
             stream: Any = CachedStream(
-                split_caches[0], train_targets, val_targets, sampler, val_sampler, env.device, split_caches[1:]
+                split_caches[0] if blocks is None else split_caches[:k], train_targets, val_targets, sampler,
+                val_sampler, env.device, split_caches[k:],
             )
         else:
             stream = EncoderStream(
@@ -213,7 +225,7 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
             )
         bank = HeadBank(
             specs, base_lrs, info.embed_dim, train_set.num_classes, info.num_prefix_tokens, info.has_class_token,
-            seed=seed,
+            seed=seed, blocks=blocks,
         )
         trainer = ProbeTrainer(
             cfg, env, seed, out / f"seed{seed}", bank, stream, sampler.steps_per_epoch, effective, accum, multilabel
@@ -223,13 +235,15 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         images_trained += trainer.images_trained
         for entry in bank.entries:
             lr = cfg.lr if cfg.lr is not None else entry.blr * effective / 256
+            block = source_block(tokens_only) if entry.block is None else entry.block
             rows.append({"seed": seed, "head": entry.key, "aggregation": entry.spec, "blr": entry.blr, "lr": lr,
-                         **final[entry.key], **counts[seed]})
+                         **final[entry.key], **counts[seed], "block": block})
         del stream, trainer
     summary = summarize(rows)
     results = {
         "rows": rows, "summary": summary, "encoder": asdict(info), "config": asdict(cfg),
-        "token_source": {"block": source_block(tokens_only), "final_norm": info.final_norm, "source": info.source},
+        "token_source": {"block": source_block(tokens_only), "blocks": blocks, "final_norm": info.final_norm,
+                         "source": info.source},
         "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective,
         "seconds": time.perf_counter() - started, "images_trained": images_trained,
         "images": {str(seed): c for seed, c in counts.items()},  # evaluated and skipped, per seed
@@ -240,7 +254,8 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         metrics = ["mAP"] if multilabel else ["top1", "top5"]
         if len(cfg.seed_list()) > 1:
             metrics = [m for name in metrics for m in (name, f"{name}_std")]
-        print(format_table(summary, ["aggregation", "blr", "lr", *metrics, "entropy", "best"]))
+        columns = ["aggregation", "blr", "lr", *metrics, "entropy", "best"]
+        print(format_table(summary, columns if blocks is None else ["block", *columns]))
         print(f"* the best learning rate of each aggregation; {_speed(results)}")
         print(format_image_counts(counts))
         print(f"wrote {out / RESULTS_FILE} and {out / 'results.csv'}")
@@ -338,15 +353,23 @@ class _SplitCaches:
 
 
 def _caches(
-    cfg: ProbeConfig, fingerprint: dict[str, Any], seed: int, selections: list[str], splits: dict[str, dict[str, Any]]
+    cfg: ProbeConfig, fingerprint: dict[str, Any], seed: int, token_blocks: list[int | None], selections: list[str],
+    splits: dict[str, dict[str, Any]],
 ) -> list[_SplitCaches]:
-    """The tokens' caches, then one per non-trainable head (float32 selections, keyed by the spec and guide
-    weights too, so adding such a head to a cached run extracts its selections and reuses the tokens).
-    ``splits``: per split, what else its shards depend on (dataset contents, view spec)."""
+    """The tokens' caches (one per token block: a block's cache is that of a ``--block k`` run), then one per
+    non-trainable head (float32 selections, keyed by the spec and guide weights too, so adding such a head to a
+    cached run extracts its selections and reuses the tokens). ``splits``: per split, what else its shards depend
+    on (dataset contents, view spec)."""
     out = []
-    for spec in [None, *selections]:
-        extra = {} if spec is None else {"selection": spec, "guide": fingerprint_file(parse_method(spec).checkpoint)}
-        dtype = cfg.cache_dtype if spec is None else "fp32"
+    for name in [*token_blocks, *selections]:
+        if isinstance(name, str):  # a selection; "b5/attn-mean": block 5's attention, keyed like a --block 5 run
+            block, spec = split_selection_name(name)
+            extra = {"selection": spec, "guide": fingerprint_file(parse_method(spec).checkpoint)}
+        else:
+            block, extra = name, {}
+        if block is not None:
+            extra["block"] = block
+        dtype = cfg.cache_dtype if not isinstance(name, str) else "fp32"
         out.append(_SplitCaches(
             FeatureCache(cfg.cache, {**fingerprint, **extra, **splits["train"], "split": "train", "seed": seed}, dtype),
             FeatureCache(cfg.cache, {**fingerprint, **extra, **splits["val"], "split": "val"}, dtype),

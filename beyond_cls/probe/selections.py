@@ -5,7 +5,8 @@ runs: the encoder's last, or ``--block``'s), so the pooled tokens and the weight
 [cls] and central-patch rows come out of that block's fused attention pass (:class:`RowCapture`, installed for
 the run). ``guide:MODEL[@CKPT]`` runs that encoder, frozen, on the same images (re-normalized with its own
 mean/std) and weights the patches with its last block's [cls] attention averaged over heads (its ``attn-mean``).
-Definitions: :mod:`beyond_cls.selection`.
+Definitions: :mod:`beyond_cls.selection`. In a layer-wise run (``--blocks``) a name ``b5/attn-mean`` reads
+block 5's attention (one :class:`RowCapture` per listed block, all from the same pass).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from beyond_cls.analysis.row_capture import RowCapture
 from beyond_cls.config import ConfigError
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.models.loader import encoder_info
+from beyond_cls.probe.bank import split_selection_name
 from beyond_cls.selection import Method, attention_queries, attention_selection, parse_method
 
 __all__ = ["SelectionSource"]
@@ -60,7 +62,12 @@ class SelectionSource(nn.Module):
     ) -> None:
         super().__init__()
         self.source = source
-        self.methods: list[Method] = [parse_method(s) for s in specs]
+        self.blocks: list[int] = []  # per spec: the attention block its rows come from (-1: the token block)
+        self.methods: list[Method] = []
+        for name in specs:
+            block, spec = split_selection_name(name)
+            self.methods.append(parse_method(spec))
+            self.blocks.append(-1 if block is None else block)
         device = torch.device(device)
         encoder = getattr(source, "_orig_mod", source).encoder
         info = getattr(encoder, "beyond_cls_info", None) or encoder_info(encoder)
@@ -68,10 +75,12 @@ class SelectionSource(nn.Module):
         self.grid_size = tuple(info.grid_size)
         self._norm_values = (tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD))
         self.mean, self.std = _norm(mean, IMAGENET_MEAN, device), _norm(std, IMAGENET_STD, device)
-        self.capture: RowCapture | None = None
-        if any(m.kind != "guide" for m in self.methods):
-            queries = attention_queries(info)
-            self.capture = RowCapture(encoder, queries, num_prefix_tokens=info.num_prefix_tokens).install()
+        self.captures: dict[int, RowCapture] = {}
+        queries = attention_queries(info)
+        for m, block in zip(self.methods, self.blocks):
+            if m.kind != "guide" and block not in self.captures:
+                self.captures[block] = RowCapture(encoder, queries, block=block,
+                                                  num_prefix_tokens=info.num_prefix_tokens).install()
         self.guides: dict[str, _Guide] = {}
         for m in self.methods:
             if m.kind == "guide":
@@ -106,14 +115,14 @@ class SelectionSource(nn.Module):
         b, p = images.shape[0], self.grid_size[0] * self.grid_size[1]
         if b == 0:
             return tokens, tokens.new_zeros(0, len(self.methods), p, dtype=torch.float32)
-        rows = self.capture.take() if self.capture is not None else None
+        rows = {block: capture.take() for block, capture in self.captures.items()}
         out = []
         with torch.no_grad():
-            for m in self.methods:
+            for m, block in zip(self.methods, self.blocks):
                 if m.kind == "guide":
                     out.append(self._guide_selection(self.guides[m.name], images))
                 else:
-                    out.append(attention_selection(m.kind, rows, self.num_prefix_tokens))
+                    out.append(attention_selection(m.kind, rows[block], self.num_prefix_tokens))
         return tokens, torch.stack(out, 1).float()
 
     def _guide_selection(self, guide: _Guide, images: Tensor) -> Tensor:

@@ -96,12 +96,13 @@ class EncoderStream:
 class CachedStream:
     """Tokens (and selections) read from :class:`FeatureCache` shards (train view ``epoch mod V``; the eval view).
 
+    ``cache``: the tokens' cache, or a sequence of one per block of a layer-wise run (tokens [b, K, N, D]);
     ``selection_caches``: one cache per non-trainable head, in :attr:`HeadBank.selections` order.
     """
 
     def __init__(
         self,
-        cache: FeatureCache,
+        cache: FeatureCache | Sequence[FeatureCache],
         train_targets: Tensor,
         val_targets: Tensor,
         train_sampler: TrainBatchSampler,
@@ -124,19 +125,28 @@ class CachedStream:
     def _read(self, split: str, keys: list[tuple[int, int]], targets: Tensor) -> MicroBatch:
         view = keys[0][1] if keys else 0
         indices = [i for i, _ in keys]
-        kept, tokens = self.cache.read(split, view, indices)
+        layered = isinstance(self.cache, Sequence)
+        token_caches = list(self.cache) if layered else [self.cache]
+        kept, tokens = token_caches[0].read(split, view, indices)
+        blocks = [tokens]
+        for cache in token_caches[1:]:
+            blocks.append(self._agreeing(cache, split, view, indices, kept))
+        tokens = torch.stack(blocks, 1) if layered else tokens
         selections = None
         if self.selection_caches:
-            parts = []
-            for cache in self.selection_caches:
-                kept_sel, rows = cache.read(split, view, indices)
-                if not torch.equal(kept_sel, kept):
-                    raise ConfigError(f"the feature cache's token and selection shards disagree on which {split} "
-                                      "images are valid; delete the --cache folder to extract them again")
-                parts.append(rows)
+            parts = [self._agreeing(cache, split, view, indices, kept) for cache in self.selection_caches]
             selections = self._to_device(torch.stack(parts, 1))
         return MicroBatch(self._to_device(tokens), selections,
                           self._pinned(targets[kept]).to(self.device, non_blocking=True), len(keys) - len(kept))
+
+    @staticmethod
+    def _agreeing(cache: FeatureCache, split: str, view: int, indices: list[int], kept: Tensor) -> Tensor:
+        """Rows of another cache of the same images; ConfigError when it kept other images."""
+        kept_here, rows = cache.read(split, view, indices)
+        if not torch.equal(kept_here, kept):
+            raise ConfigError(f"the feature cache's token and selection shards disagree on which {split} "
+                              "images are valid; delete the --cache folder to extract them again")
+        return rows
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[MicroBatch]:
         self.train_sampler.set_epoch(epoch, start_step)

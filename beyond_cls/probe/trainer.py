@@ -50,7 +50,7 @@ FAULT_ENV = "BEYOND_CLS_FAULT"
 # checkpoint. The rest only change speed, precision or logging (workers, cache folder, amp, decode...).
 RESUME_KEYS = (
     "model", "checkpoint", "checkpoint_format", "arch", "source", "dataset", "data", "subset_file", "img_size",
-    "block", "final_norm", "heads", "lrs", "blr", "lr", "min_lr", "epochs", "warmup_epochs", "optimizer",
+    "block", "blocks", "final_norm", "heads", "lrs", "blr", "lr", "min_lr", "epochs", "warmup_epochs", "optimizer",
     "momentum", "weight_decay", "views", "mean", "std",
 )
 _PATH_KEYS = ("checkpoint", "data", "subset_file")
