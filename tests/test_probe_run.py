@@ -401,12 +401,14 @@ def test_bench_probe_measures_every_part_and_the_baseline(tmp_path, monkeypatch,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_encoder", [False, True])
-def test_probe_on_cuda_with_gpu_decoding(dataset, tmp_path, compile_encoder):
+@pytest.mark.parametrize("compile_encoder,blocks", [(False, None), (True, None), (True, "5,11")])
+def test_probe_on_cuda_with_gpu_decoding(dataset, tmp_path, compile_encoder, blocks):
     heads = TINY["heads"] + ",attn-mean,attn-center,guide:vit_tiny_patch16_224"  # the fused kept rows, compiled too
+    extra = {} if blocks is None else {"blocks": blocks}  # layer-wise: block hooks under torch.compile
     results = run(dict(TINY, data=str(dataset), out=str(tmp_path), device="cuda", decode="gpu", amp="bf16",
-                       channels_last=True, compile=compile_encoder, num_workers=2, heads=heads))
+                       channels_last=True, compile=compile_encoder, num_workers=2, heads=heads, **extra))
     assert all(0 <= r["top1"] <= 100 for r in results["rows"])
+    assert {r["block"] for r in results["rows"]} == ({11} if blocks is None else {5, 11})
     state = load_state(tmp_path / "seed0" / "checkpoint.pt")
     assert state["global_step"] == 9 and all(v.device.type == "cpu" for v in state["bank"].values())
 
