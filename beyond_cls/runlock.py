@@ -112,8 +112,12 @@ class FolderLock:
                 if seen is not None:
                     self._take_over(seen)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(mine)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(mine)
+            except BaseException:  # e.g. a full disk: an empty lock file would block the folder for good
+                self.path.unlink(missing_ok=True)
+                raise
             self._mine = mine
             return self
         raise FolderBusy(f"{self.what} {self.folder}: could not take {self.path} (other processes keep taking it)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,8 +301,10 @@ def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_inf
     specs, lrs = parse_heads(cfg.heads), cfg.base_lrs()
     weights = [v for k, v in state.items() if k.endswith(".head.1.weight")]
     source = results.get("token_source", {})
-    blocks = source.get("blocks")  # a layer-wise run (probe --blocks): keys b<k>/..., one head per block
-    bank = HeadBank(specs, lrs, dim, int(weights[0].shape[0]), prefix, has_cls, blocks=blocks)
+    # a layer-wise run (probe --blocks): keys b<k>/..., one head per block; the keys tell when results.json
+    # is not written yet (an unfinished or killed run)
+    blocks = source.get("blocks") or sorted({int(m[1]) for k in state if (m := re.match(r"heads\.b(\d+)/", k))})
+    bank = HeadBank(specs, lrs, dim, int(weights[0].shape[0]), prefix, has_cls, blocks=blocks or None)
     bank.load_state_dict(state)
     scored = [e for e in bank.entries if _content(bank.heads[e.key].aggregation) is not None]
     if not scored:

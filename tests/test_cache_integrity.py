@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 
 from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
 from beyond_cls.data.datasets import build_dataset
-from beyond_cls.probe import run
+from beyond_cls.probe import run, shardio
 from beyond_cls.probe.cache import CacheError, FeatureCache
 from beyond_cls.probe.distributed import DistEnv
 from beyond_cls.probe.fingerprint import dataset_fingerprint
@@ -130,7 +131,7 @@ def test_full_disk_fails_with_one_line_naming_the_shard(tmp_path, monkeypatch):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(shardio, "_FALLOCATE", full)
     cache = FeatureCache(tmp_path, {"test": 1}, "fp32")
     with pytest.raises(CacheError, match=r"no disk space for feature cache file .*train_v0\.bin: it needs "
                                          r"0\.0 MiB, [\d.]+ [MG]iB free") as info:
@@ -139,6 +140,7 @@ def test_full_disk_fails_with_one_line_naming_the_shard(tmp_path, monkeypatch):
 
 
 def test_full_disk_without_fallocate_fails_in_the_checked_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(shardio, "_FALLOCATE", None)
     monkeypatch.delattr(os, "posix_fallocate", raising=False)
     cache = FeatureCache(tmp_path, {"test": 1}, "fp32")
     writer = cache.writer("train", 0, N, ROW, ENV)
@@ -155,7 +157,7 @@ def test_file_systems_without_fallocate_get_a_sparse_file(tmp_path, monkeypatch)
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
-    monkeypatch.setattr(os, "posix_fallocate", unsupported, raising=False)
+    monkeypatch.setattr(shardio, "_FALLOCATE", unsupported)
     cache = _filled(tmp_path)
     torch.testing.assert_close(_fresh(cache).read("train", 0, [4])[1], _rows()[[4]], rtol=0, atol=0)
 
@@ -229,3 +231,20 @@ def test_zoo_weights_file_keys_the_cache(small_set, tmp_path, monkeypatch):
     torch.save(create_encoder("vit_tiny_patch16_224", img_size=32).state_dict(), weights / DINO_FILE)
     run(dict(common, out=str(tmp_path / "c"), seeds="0"))
     assert len(_done_dirs(cache, "val_v0.done")) == 2  # a new weights file under the same name
+
+
+def test_fingerprint_takes_file_names_that_are_not_utf8():
+    names = [os.fsdecode(b"caf\xe9.jpg"), "plain.jpg"]  # Latin-1 bytes decode to a surrogate
+    dataset = type("D", (), {"paths": names, "num_classes": 2})()
+    first = dataset_fingerprint(dataset, torch.tensor([0, 1]))
+    assert first == dataset_fingerprint(dataset, torch.tensor([0, 1]))
+    assert first != dataset_fingerprint(type("D", (), {"paths": names[::-1], "num_classes": 2})(), torch.tensor([0, 1]))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fallocate(2) is Linux's")
+def test_reservation_uses_the_system_call_not_glibcs_byte_writing_emulation(tmp_path):
+    """On Linux the space is reserved with fallocate(2) itself (and really reserved: the blocks are there)."""
+    assert shardio._FALLOCATE is not None
+    path = tmp_path / "shard.bin"
+    shardio.allocate(path, 1 << 20)
+    assert path.stat().st_size == 1 << 20 and path.stat().st_blocks * 512 >= 1 << 20

@@ -79,6 +79,15 @@ def test_block_rows_equal_runs_of_each_block_alone(dataset, tmp_path, capsys):  
     assert head.block == 5 and head.key == "b5/abmilp@blr1"
     with pytest.raises(ConfigError, match="matches 4 AbMILP heads"):
         load_probe_head(tmp_path / "layered", "abmilp")
+    results = tmp_path / "layered" / "results.json"
+    info = load_encoder(common["model"], img_size=common["img_size"]).beyond_cls_info
+    results.rename(results.with_suffix(".bak"))  # an unfinished run: the blocks come from the checkpoint's keys
+    unfinished = load_probe_head(tmp_path / "layered", "b11/abmilp@blr1", encoder_info=info)
+    results.with_suffix(".bak").rename(results)
+    finished = load_probe_head(tmp_path / "layered", "b11/abmilp@blr1")
+    assert unfinished.block == finished.block == 11
+    for a, b in zip(unfinished.aggregation.state_dict().values(), finished.aggregation.state_dict().values()):
+        assert torch.equal(a, b)
     again = run(dict(common, out=str(tmp_path / "layered"), blocks="5,11"))  # finished: resumed, not retrained
     assert again["images_trained"] == 0 and [r["head"] for r in again["rows"]] == [r["head"] for r in layered["rows"]]
 

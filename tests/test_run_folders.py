@@ -194,6 +194,11 @@ def test_a_finished_run_rerun_with_other_data_is_refused_before_anything_is_writ
     assert (out / "config.yaml").read_text() == config and (out / "results.json").read_text() == results
     again = run(dict(TINY, data=str(dataset), out=str(out)))  # the same settings: the finished run's numbers
     assert again["rows"] == first["rows"]
+    state = out / "seed0" / "checkpoint.pt"
+    config, results = (out / "config.yaml").read_text(), (out / "results.json").read_text()
+    with pytest.raises(ConfigError, match="data:"):  # an explicit --resume PATH is checked as early, keeps results
+        run(dict(TINY, data=str(other), out=str(out), resume=str(state)))
+    assert (out / "config.yaml").read_text() == config and (out / "results.json").read_text() == results
     with pytest.raises(ValueError, match="missing"):  # a fresh start failing early: no stale results left
         run(dict(TINY, data=str(tmp_path / "missing"), out=str(out), resume="none"))
     assert not (out / "results.json").exists() and not (out / "results.csv").exists()
@@ -300,3 +305,20 @@ def test_written_files_are_group_readable(tmp_path, umask_002):
     assert (root.stat().st_mode & 0o777) == 0o775
     with FolderLock(tmp_path / "o") as lock:
         assert (lock.path.stat().st_mode & 0o777) == 0o664
+
+
+def test_a_failed_lock_write_leaves_no_lock_file(tmp_path, monkeypatch):
+    """A full disk while writing the lock must not leave an empty lock that blocks the folder for good."""
+    real = os.fdopen
+
+    def full(fd, *args, **kwargs):
+        handle = real(fd, *args, **kwargs)
+        handle.write = lambda text: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        return handle
+
+    monkeypatch.setattr(os, "fdopen", full)
+    with pytest.raises(OSError, match="No space"):
+        FolderLock(tmp_path).acquire()
+    monkeypatch.setattr(os, "fdopen", real)
+    assert not (tmp_path / LOCK_FILE).exists()
+    FolderLock(tmp_path).acquire().release()

@@ -240,3 +240,40 @@ def test_keys_are_the_file_stems_when_distinct(folder, shards, tmp_path):
         assert [Path(p).stem for p in ds.paths] == [Path(p).stem for p in ref.paths]
     repeated = build_dataset("wds", shards, "train")  # the synthetic set repeats 0000.jpg in every class
     assert Path(repeated.paths[0]).stem == "train_00"
+
+
+def test_shards_are_not_written_beside_older_ones(folder, shards):
+    """A reader takes every matching shard: writing a second set into the folder would mix the two."""
+    with pytest.raises(DataError, match="already holds shards named syn"):
+        write_shards(folder, shards, name="syn", shard_size="2")
+    assert len(build_dataset("wds", shards, "train")) == len(build_dataset("imagefolder", folder, "train"))
+
+
+def test_long_stems_and_unicode_digit_labels(folder, tmp_path):
+    long = tmp_path / "long"
+    for split in ("train", "val"):
+        for path in sorted((folder / split).glob("*/*.jpg")):
+            target = long / split / path.parent.name / f"{'x' * 120}_{path.parent.name}_{split}_{path.stem}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    write_shards(long, tmp_path / "out", name="long")  # keys past tar's 100-character names: PAX headers
+    ds = build_dataset("wds", tmp_path / "out", "train")
+    assert [Path(p).stem for p in ds.paths] == [Path(p).stem for p in build_dataset("imagefolder", long, "train").paths]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _tar(bad / "b-train-0000.tar", {"a.jpg": (folder / "train" / "00_disc" / "0000.jpg").read_bytes(),
+                                    "a.cls": "²".encode()})
+    with pytest.raises(DataError, match=r"key 'a': a\.cls holds '²', expected a class index"):
+        build_dataset("wds", bad, "train")
+
+
+def test_open_shards_are_bounded(shards, monkeypatch):
+    """Random access over many shards keeps at most MAX_OPEN_SHARDS descriptors open per process."""
+    from beyond_cls.data import wds
+
+    monkeypatch.setattr(wds, "MAX_OPEN_SHARDS", 2)
+    ds = build_dataset("wds", shards, "train")
+    expected = [ds.read_bytes(i) for i in range(len(ds))]
+    assert len(ds._fds) == 2
+    for i in reversed(range(len(ds))):  # evicted shards are opened again and read the same bytes
+        assert ds.read_bytes(i) == expected[i] and len(ds._fds) <= 2

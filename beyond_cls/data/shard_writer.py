@@ -85,7 +85,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _write_shard(path: Path, samples: list[tuple[str, str, int, str]]) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for key, file, label, rel in samples:
                 ext = Path(file).suffix.lower().lstrip(".")
                 with open(file, "rb") as f:
@@ -117,6 +117,10 @@ def write_shards(
             raise DataError(f"{bad[0]}: extension not one of {', '.join(WDS_IMAGE_EXTENSIONS)}")
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    stale = sorted(p.name for tag in SPLIT_TAGS.values() for p in out.glob(f"{name}{tag}*.tar"))
+    if stale:  # a reader takes every matching shard: new shards beside old ones would mix two sets
+        raise DataError(f"{out} already holds shards named {name} ({stale[0]}, … {len(stale)} in all): "
+                        "write into an empty folder or remove them first")
     written: dict[str, list[str]] = {}
     for split, ds in splits.items():
         plan = _plan(ds.samples, limit)

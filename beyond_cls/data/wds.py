@@ -16,6 +16,7 @@ import json
 import os
 import tarfile
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 SPLIT_TAGS = {"train": "-train-", "val": "-validation-"}
 INDEX_FORMAT = 1
+MAX_OPEN_SHARDS = 64  # descriptors a process keeps open (least recently used closed first)
 CLASSES_FILE = "classes.txt"
 _LAYOUT = "shards DIR/<name>-train-<n>.tar and DIR/<name>-validation-<n>.tar of <key>.jpg + <key>.cls samples"
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -85,7 +87,7 @@ def _build_index(shard: Path) -> ShardIndex:
             raise DataError(f"shard {shard}, key {key!r}: no image member ({', '.join(WDS_IMAGE_EXTENSIONS)})")
         if "cls" not in entry:
             raise DataError(f"shard {shard}, key {key!r}: no {key}.cls label member")
-        if not entry["cls"].isdigit():
+        if not (entry["cls"].isascii() and entry["cls"].isdigit()):
             raise DataError(f"shard {shard}, key {key!r}: {key}.cls holds {entry['cls'][:20]!r}, "
                             "expected a class index as decimal text")
         ext, offset, size = entry["image"]
@@ -178,8 +180,8 @@ class WebDatasetShards(LabeledImages):
         if bad:
             raise DataError(f"{bad[0][0]}: label {bad[0][1]} but {root / CLASSES_FILE} lists {len(classes)} classes")
         super().__init__(paths, classes, targets, transform, root, split)
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
+        # least recently used first; a forked worker keeps its inherited copies (pread shares no file offset)
+        self._fds: OrderedDict[int, int] = OrderedDict()
 
     @staticmethod
     def _classes(root: Path, split: str, targets: list[int]) -> list[str]:
@@ -198,23 +200,32 @@ class WebDatasetShards(LabeledImages):
         return self.shards
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fds": {}}  # descriptors are per process; a worker opens its own
+        return {**self.__dict__, "_fds": OrderedDict()}  # a spawned worker opens its own descriptors
 
     def read_bytes(self, index: int) -> bytes:
         """The encoded image of sample ``index``; DataError naming shard and key if it cannot be read."""
-        if self._pid != os.getpid():  # forked: the parent's descriptors are not ours to use
-            self._fds, self._pid = {}, os.getpid()
         shard = self._shard_of[index]
         try:
-            fd = self._fds.get(shard)
-            if fd is None:
-                fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+            fd = self._descriptor(shard)
             data = os.pread(fd, self._sizes[index], self._offsets[index])
         except OSError as exc:
             raise DataError(f"cannot read image {self.paths[index]}: {exc}") from exc
         if len(data) != self._sizes[index]:
             raise DataError(f"cannot read image {self.paths[index]}: shard is shorter than its index (truncated?)")
         return data
+
+    def _descriptor(self, shard: int) -> int:
+        """An open descriptor of shard ``shard``; at most MAX_OPEN_SHARDS stay open (1,024 shards, a usual
+        ``ulimit -n``, would otherwise exhaust a worker's descriptors)."""
+        fd = self._fds.get(shard)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        while len(self._fds) >= MAX_OPEN_SHARDS:
+            with contextlib.suppress(OSError):
+                os.close(self._fds.popitem(last=False)[1])
+        fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return fd
 
     def load(self, index: int) -> Image.Image:
         raw = self.read_bytes(index)
@@ -226,6 +237,5 @@ class WebDatasetShards(LabeledImages):
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
-            if getattr(self, "_pid", None) == os.getpid():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)

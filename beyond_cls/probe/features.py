@@ -75,10 +75,10 @@ class TokenSource(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         with torch.no_grad():
-            last = self.encoder.forward_features(images)
             if self.blocks is None:
-                return last
-            try:
+                return self.encoder.forward_features(images)
+            try:  # the hooks' tokens are dropped whatever happens (a failed pass must not hold them)
+                last = self.encoder.forward_features(images)
                 parts = [self.encoder.norm(self._kept[k]) for k in self.blocks[:-1]]
             finally:
                 self._kept.clear()

@@ -53,7 +53,8 @@ def _contents(paths: list[str], targets: torch.Tensor, num_classes: int, workers
     return {
         "samples": len(paths),
         "classes": num_classes,
-        "paths": _digest(("\0".join(c) + "\0").encode() for c in chunks),
+        # surrogateescape: file names that are not UTF-8 (e.g. Latin-1) hash as their raw bytes
+        "paths": _digest(("\0".join(c) + "\0").encode("utf-8", "surrogateescape") for c in chunks),
         "targets": _digest([f"{targets.dtype}{tuple(targets.shape)}".encode(), targets.cpu().contiguous().numpy()]),
         "files": files,
     }

@@ -301,13 +301,15 @@ def _output_folder(cfg: ProbeConfig, env: DistEnv) -> Iterator[None]:
 
     def claim(held: ExitStack) -> None:
         held.enter_context(claim_output(out, "probe"))
-        if cfg.resume != "auto":
+        if cfg.resume == "none":
             for name in (RESULTS_FILE, "results.csv"):
                 (out / name).unlink(missing_ok=True)
             return
+        if cfg.resume != "auto" and not Path(cfg.resume).exists():
+            raise ConfigError(f"--resume {cfg.resume}: file not found")
         effective = cfg.accumulation(env.world_size)[1]
         for seed in cfg.seed_list():
-            path = out / f"seed{seed}" / STATE_FILE
+            path = out / f"seed{seed}" / STATE_FILE if cfg.resume == "auto" else Path(cfg.resume)
             if path.exists():
                 check_resumable(path, load_state(path), cfg, seed, effective)
 
