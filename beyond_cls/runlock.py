@@ -68,15 +68,26 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (``pid:[4026531836]``), None where ``/proc`` does not say."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _identity() -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "boot": _boot_id(), "start": _start_time(pid),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {"host": socket.gethostname(), "pid": pid, "pidns": _pid_namespace(), "boot": _boot_id(),
+            "start": _start_time(pid), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _gone(holder: dict[str, Any]) -> bool:
-    """True when ``holder`` certainly no longer runs: same host, and its pid is dead, reused or pre-reboot."""
+    """True when ``holder`` certainly no longer runs: same host and PID namespace, and its pid is dead, reused
+    or pre-reboot. Containers sharing a hostname (host networking) have other PID namespaces: not checkable."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    if holder.get("pidns") != _pid_namespace():
         return False
     if holder.get("boot") and _boot_id() and holder["boot"] != _boot_id():
         return True

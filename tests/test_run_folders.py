@@ -28,7 +28,7 @@ from beyond_cls.probe import NonFiniteLoss, ProbeConfig, run
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.state import load_state, save_atomic
 from beyond_cls.probe.trainer import RESUME_KEYS, check_resumable
-from beyond_cls.runlock import LOCK_FILE, RUN_FILE, FolderBusy, FolderLock, claim_output, folder_kind
+from beyond_cls.runlock import LOCK_FILE, RUN_FILE, FolderBusy, FolderLock, _pid_namespace, claim_output, folder_kind
 
 TINY = dict(model="vit_tiny_patch16_224", img_size=32, epochs=2, warmup_epochs=1, batch_size=4, effective_batch=8,
             num_workers=0, progress=False, heads="mean,abmilp", lrs="1.0", device="cpu")
@@ -50,9 +50,10 @@ def _dead_pid() -> int:
 
 
 def _write_lock(folder: Path, **holder) -> Path:
+    """A lock file of ``holder``, in this process's PID namespace unless it says otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    path.write_text(json.dumps(holder))
+    path.write_text(json.dumps({"pidns": _pid_namespace(), **holder}))
     return path
 
 
@@ -94,6 +95,13 @@ def test_a_killed_holder_is_detected_and_its_lock_taken_over(tmp_path):
         holder.kill()
         holder.wait()
     FolderLock(tmp_path).acquire().release()
+
+
+def test_a_dead_pid_in_another_pid_namespace_is_not_taken_for_gone(tmp_path):
+    """A container with the same hostname (host networking) has its own pids: they cannot be checked here."""
+    _write_lock(tmp_path, host=socket.gethostname(), pid=_dead_pid(), pidns="pid:[1]")
+    with pytest.raises(FolderBusy):
+        FolderLock(tmp_path).acquire()
 
 
 def test_a_holder_on_another_host_is_refused_with_the_file_to_delete(tmp_path):
