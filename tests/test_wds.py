@@ -225,14 +225,19 @@ def test_cache_fingerprint_follows_shard_contents(shards, tmp_path):
     assert dataset_fingerprint(ds, torch.tensor(ds.targets))["content_files"] != before["content_files"]
 
 
-def test_keys_are_the_file_stems_when_distinct(folder, shards, tmp_path):
-    """Distinct, dot-free stems (ImageNet's) become the keys, so `localize` finds `<stem>.xml` boxes."""
-    named = tmp_path / "named"
+def _distinct_names(folder: Path, out: Path, prefix: str = "") -> Path:
+    """A copy of the synthetic set whose file stems are distinct (<prefix><class>_<split>_<stem>.jpg)."""
     for split in ("train", "val"):
         for path in sorted((folder / split).glob("*/*.jpg")):
-            target = named / split / path.parent.name / f"{path.parent.name}_{split}_{path.stem}.jpg"
+            target = out / split / path.parent.name / f"{prefix}{path.parent.name}_{split}_{path.stem}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
+    return out
+
+
+def test_keys_are_the_file_stems_when_distinct(folder, shards, tmp_path):
+    """Distinct, dot-free stems (ImageNet's) become the keys, so `localize` finds `<stem>.xml` boxes."""
+    named = _distinct_names(folder, tmp_path / "named")
     write_shards(named, tmp_path / "out", name="named", shard_size="5")
     for split in ("train", "val"):
         ref = build_dataset("imagefolder", named, split)
@@ -250,12 +255,7 @@ def test_shards_are_not_written_beside_older_ones(folder, shards):
 
 
 def test_long_stems_and_unicode_digit_labels(folder, tmp_path):
-    long = tmp_path / "long"
-    for split in ("train", "val"):
-        for path in sorted((folder / split).glob("*/*.jpg")):
-            target = long / split / path.parent.name / f"{'x' * 120}_{path.parent.name}_{split}_{path.stem}.jpg"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
+    long = _distinct_names(folder, tmp_path / "long", prefix="x" * 120)
     write_shards(long, tmp_path / "out", name="long")  # keys past tar's 100-character names: PAX headers
     ds = build_dataset("wds", tmp_path / "out", "train")
     assert [Path(p).stem for p in ds.paths] == [Path(p).stem for p in build_dataset("imagefolder", long, "train").paths]
