@@ -67,15 +67,18 @@ def test_second_writer_is_refused_with_one_line_naming_the_holder(tmp_path):
     FolderLock(tmp_path / "out").acquire().release()
 
 
-@pytest.mark.parametrize("how", ["dead pid", "reused pid", "rebooted"])
+_NO_PROC = pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/stat").exists(),
+                              reason="no /proc: pid start times and boot ids are unknown")
+
+
+@pytest.mark.parametrize("how", ["dead pid", pytest.param("reused pid", marks=_NO_PROC),
+                                 pytest.param("rebooted", marks=_NO_PROC)])
 def test_a_gone_holder_on_this_host_is_taken_over(tmp_path, how):
     holder = {"host": socket.gethostname(), "pid": _dead_pid()}
     if how == "reused pid":  # our own (live) pid, but it started at another time than the holder did
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": "1"}
     if how == "rebooted":
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "boot": "another-boot"}
-    if how != "dead pid" and not Path(f"/proc/{os.getpid()}/stat").exists():
-        pytest.skip("no /proc: pid start times and boot ids are unknown")
     path = _write_lock(tmp_path, **holder)
     lock = FolderLock(tmp_path).acquire()
     assert json.loads(path.read_text())["pid"] == os.getpid()

@@ -97,7 +97,7 @@ def test_index_falls_back_to_cache_folder_when_read_only(shards, tmp_path, monke
             raise PermissionError(13, "Read-only file system", str(dir))
         return real_mkstemp(*args, dir=dir, **kw)
 
-    monkeypatch.setattr("beyond_cls.data.wds.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("beyond_cls.fileio.tempfile.mkstemp", refuse)
     assert len(WebDatasetShards(out, "train")) == 24
     assert not list(out.glob("*.index.json"))
     assert len(list((tmp_path / "cache" / "wds-index").rglob("*.index.json"))) == 5

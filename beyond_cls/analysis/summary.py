@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from beyond_cls.fileio import match_umask
+from beyond_cls.fileio import write_atomic
 
 # (field, column header, needs a [cls] token); order of the table and the JSON file.
 FIELDS: tuple[tuple[str, str, bool], ...] = (
@@ -141,17 +140,7 @@ class AttentionSummary:
         """
         path = Path(path)
         self.check_finite(f"attention summary of {self.model or 'the encoder'} not saved to {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            match_umask(tmp)  # mkstemp's 0600 -> what open() gives
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AttentionSummary:

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from PIL import Image
 from beyond_cls.data.folder import DataError
 from beyond_cls.data.labeled import LabeledImages, check_split
 from beyond_cls.data.pixels import to_rgb
-from beyond_cls.fileio import match_umask
+from beyond_cls.fileio import write_atomic
 
 __all__ = [
     "WDS_IMAGE_EXTENSIONS", "ShardIndex", "WebDatasetShards", "find_shards", "shard_index", "write_text_atomic",
@@ -109,16 +108,7 @@ def _index_locations(shard: Path) -> list[Path]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        match_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode())
 
 
 def shard_index(shard: Path) -> ShardIndex:

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from beyond_cls.fileio import write_atomic
+
 __all__ = ["MetricLog", "format_image_counts", "format_table", "json_safe", "write_csv", "write_json_atomic"]
 
 
@@ -25,11 +27,7 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False).encode())
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
@@ -41,10 +39,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue().encode())
 
 
 def _cell(value: Any) -> str:

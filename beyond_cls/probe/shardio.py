@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from beyond_cls.config import ConfigError
+from beyond_cls.fileio import write_atomic
 
 __all__ = ["CacheError", "allocate", "crc", "load_npy", "npy_bytes", "pwrite_all", "row_crcs", "save_atomic"]
 
@@ -126,12 +127,9 @@ def pwrite_all(fd: int, data: np.ndarray, offset: int, path: Path, needed: int) 
 
 def save_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file, then rename it to ``path``: readers see all of it or none of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno in _FULL:
             raise _no_space(path, len(data)) from None
         raise

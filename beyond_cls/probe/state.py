@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
 
-from beyond_cls.fileio import match_umask
+from beyond_cls.fileio import write_atomic
 from beyond_cls.models.checkpoint import CheckpointError, read_checkpoint
 
 __all__ = ["STATE_FILE", "STATE_VERSION", "PreemptionWatch", "load_state", "save_atomic"]
@@ -28,20 +27,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     may leave is removed by the next run's :func:`~beyond_cls.runlock.claim_output`). The file gets the mode
     ``open()`` would give (group-readable under the usual umask), not mkstemp's 0600.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        match_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
