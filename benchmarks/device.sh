@@ -189,16 +189,16 @@ XDIST=()
 "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n "$JOBS")
 gpu_tests() {
   # the `gpu`-marked cases of every file, beside the Triton files, which compile on the GPU as a whole
-  "${PYTEST[@]}" "${XDIST[@]}" tests -m gpu --ignore tests/test_triton_aot.py --ignore tests/test_triton_attention.py \
-    --ignore tests/test_abmilp.py --junitxml "$OUT/gpu_marked.xml" >"$WORK/gpu_marked.txt" 2>&1 &
+  "${PYTEST[@]}" "${XDIST[@]}" tests -m gpu --ignore tests/ops/test_triton_aot.py --ignore tests/ops/test_triton_attention.py \
+    --ignore tests/ops/test_abmilp.py --junitxml "$OUT/gpu_marked.xml" >"$WORK/gpu_marked.txt" 2>&1 &
   local marked=$!
   if [ "$TRITON_FILES" = 0 ]; then
     echo "skipped: TRITON_FILES=0" >"$WORK/triton.txt"
   elif [ "$MODE" = rehearse ]; then  # the interpreter runs these in `make test`; here only their collection
-    "${PYTEST[@]}" tests/test_triton_attention.py tests/test_abmilp.py --collect-only >"$WORK/triton.txt" 2>&1
+    "${PYTEST[@]}" tests/ops/test_triton_attention.py tests/ops/test_abmilp.py --collect-only >"$WORK/triton.txt" 2>&1
     echo "skipped: no CUDA ($(tail -n 1 "$WORK/triton.txt"))" >>"$WORK/triton.txt"
   else
-    "${PYTEST[@]}" "${XDIST[@]}" tests/test_triton_attention.py tests/test_abmilp.py \
+    "${PYTEST[@]}" "${XDIST[@]}" tests/ops/test_triton_attention.py tests/ops/test_abmilp.py \
       --junitxml "$OUT/triton_tests.xml" >"$WORK/triton.txt" 2>&1
   fi
   local rc=$?
@@ -240,12 +240,12 @@ stage "4 analyze vs inference" 70 analyze_bench
 
 # -------------------------------------------------------------------------------------------- 5 probe
 probe_bench() {
-  local decode=$1 amp=bf16 extra=()
-  [ "$MODE" = rehearse ] && amp=fp32
+  local decode=$1 precision=bf16 extra=()
+  [ "$MODE" = rehearse ] && precision=fp32
   [ "$decode" = cpu ] && extra=(--no-baseline)
   await "$SYNTH_PID"; cat "$WORK/synthetic.log"
   "$PYTHON" benchmarks/e2e.py probe --csv "$E2E" --model "$PROBE_MODEL" --batch-size "$BATCH" --steps "$STEPS" \
-    --warmup "$WARMUP" --device "$DEV" --amp "$amp" --decode "$decode" --num-workers "$WORKERS" \
+    --warmup "$WARMUP" --device "$DEV" --precision "$precision" --decode "$decode" --num-workers "$WORKERS" \
     --data "$SYNTH" --dataset synthetic "${extra[@]}"
 }
 stage "5a probe, GPU decoding, vs the per-head baseline" 100 probe_bench gpu
@@ -257,7 +257,7 @@ extension_check() {
   await "$EXT_PID"
   tail -n 3 "$OUT/extension_build.txt"
   tail -n 1 "$OUT/extension_build.txt" | grep -q "exit 0" || return 1
-  PYTHONPATH="$WORK/site-ext" CUDA_VISIBLE_DEVICES="" "${PYTEST[@]}" tests/test_abmilp_cpp.py
+  PYTHONPATH="$WORK/site-ext" CUDA_VISIBLE_DEVICES="" "${PYTEST[@]}" tests/ops/test_abmilp_cpp.py
 }
 stage "6 C++ extension on this torch" 60 extension_check
 

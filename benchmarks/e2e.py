@@ -73,11 +73,11 @@ def measure_probe(args: argparse.Namespace) -> list[dict]:
 
     cfg = BenchProbeConfig(model=args.model, heads=args.heads, lrs=args.lrs, data=args.data, dataset=args.dataset,
                            batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                           num_workers=args.num_workers, decode=args.decode, device=args.device, amp=args.amp,
-                           baseline=not args.no_baseline)
+                           num_workers=args.num_workers, decode=args.decode, device=args.device,
+                           precision=args.precision, baseline=not args.no_baseline)
     r = bench_probe(cfg)
     heads, tag = r["head_count"], f"{args.decode} decode"
-    what = f"{args.model}, batch {args.batch_size}, {heads} heads ({args.heads} × lrs {args.lrs}), {args.amp}"
+    what = f"{args.model}, batch {args.batch_size}, {heads} heads ({args.heads} × lrs {args.lrs}), {args.precision}"
     rows = [
         _row(f"probe_step_images_per_s[{tag}]", min(r["step"], r["loader"]), r["step"], "images/s",
              f"{what}; ours = min(loader, encoder + bank), baseline = encoder + bank on a device batch"),
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--steps", type=int, default=10)
         p.add_argument("--warmup", type=int, default=3)
         p.add_argument("--device", default="auto")
-    sub.choices["analyze"].add_argument("--precision", default="bf16")
+        p.add_argument("--precision", "--amp", default="bf16")
     probe = sub.choices["probe"]
     probe.add_argument("--heads", default="cls,mean,abmilp,abmilp+cls")
     probe.add_argument("--lrs", default="0.05,0.1,0.2")
@@ -148,7 +148,6 @@ def main(argv: list[str] | None = None) -> None:
     probe.add_argument("--dataset", default="imagefolder")
     probe.add_argument("--num-workers", type=int, default=16)
     probe.add_argument("--decode", choices=["cpu", "gpu"], default="gpu")
-    probe.add_argument("--amp", default="bf16")
     probe.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args(argv)
     if args.what == "report":

@@ -1,10 +1,13 @@
-"""Job configs: dataclasses that load from YAML and take command-line overrides."""
+"""Job configs: dataclasses whose fields carry their own help, group and checks; YAML files and command-line
+overrides fill them (:func:`load_config`), and ``beyond_cls.cli_args`` turns the same fields into flags."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,9 +15,123 @@ import yaml
 
 T = TypeVar("T")
 
+GROUPS = ("model", "data", "schedule", "heads", "runtime", "output")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 
 class ConfigError(ValueError):
     """A config file or value is wrong; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Number:
+    """A numeric range: a finite ``kind`` above ``minimum`` (``strict``) or at least it, described as ``what``."""
+
+    kind: type
+    minimum: float
+    strict: bool
+    what: str
+
+    def holds(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+            return False
+        return math.isfinite(value) and (value > self.minimum if self.strict else value >= self.minimum)
+
+    def parse(self, text: str) -> Any:
+        """``text`` as a number in range; ValueError ``expected {what}, got {text!r}`` otherwise."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if not self.holds(value):
+            raise ValueError(f"expected {self.what}, got {text!r}")
+        return value
+
+
+POSITIVE_INT = Number(int, 0, True, "a positive integer")
+NON_NEGATIVE_INT = Number(int, 0, False, "an integer >= 0")
+POSITIVE_FLOAT = Number(float, 0, True, "a positive number")
+NON_NEGATIVE_FLOAT = Number(float, 0, False, "a number >= 0")
+BLOCK = Number(int, -1, False, "a block index (0-based, -1 = last)")
+
+
+class _Required:
+    """The default of a :class:`Setting` that has none."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything about one setting; calling it declares a dataclass field (optionally with another default).
+
+    ``shown``: the default in words where the value says little (None, a factory); ``aliases``: former names,
+    accepted as flags and as config keys; ``flag``: the flag when it is not ``--<field name>``; ``repeat``: the
+    flag repeats and its values make a list; ``positional``: an argument without a flag (a list with ``repeat``).
+    """
+
+    default: Any = REQUIRED
+    help: str = ""
+    group: str = "runtime"
+    factory: Callable[[], Any] | None = None
+    choices: tuple = ()
+    number: Number | None = None
+    shown: str | None = None
+    aliases: tuple[str, ...] = ()
+    flag: str | None = None
+    repeat: bool = False
+    positional: bool = False
+    metavar: str | None = None
+
+    def __call__(self, default: Any = MISSING, **changes: Any) -> Any:
+        if default is not MISSING:
+            changes = {"shown": None, **changes, "default": default, "factory": None}
+        s = dataclasses.replace(self, **changes)
+        if s.group not in GROUPS:
+            raise ValueError(f"setting group must be one of {GROUPS}, got {s.group!r}")
+        if s.factory is not None:
+            return field(default_factory=s.factory, metadata={"setting": s})
+        return field(default=MISSING if s.default is REQUIRED else s.default, metadata={"setting": s})
+
+
+def setting(default: Any = REQUIRED, **facts: Any) -> Any:
+    """A dataclass field declared with its :class:`Setting` facts (help, group, checks, CLI details)."""
+    return Setting(default, **facts)()
+
+
+def settings_of(cls: type) -> dict[str, Setting]:
+    """Field name -> :class:`Setting` of a config dataclass (class or instance)."""
+    return {f.name: f.metadata["setting"] for f in dataclasses.fields(cls) if "setting" in f.metadata}
+
+
+def check_settings(cfg: object) -> None:
+    """ConfigError naming the first field whose value is outside its setting's choices or range.
+
+    None passes where the field's default is None (unset)."""
+    for f in dataclasses.fields(cfg):
+        s, value = f.metadata.get("setting"), getattr(cfg, f.name)
+        if s is None or (value is None and f.default is None):
+            continue
+        if s.choices and value not in s.choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, s.choices))}; got {value!r}")
+        if s.number is not None and not s.number.holds(value):
+            raise ConfigError(f"{f.name} must be {s.number.what}, got {value!r}")
+
+
+def current_names(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with ``-`` in keys read as ``_`` and former names (:attr:`Setting.aliases`) as today's."""
+    former = {alias: name for name, s in settings_of(cls).items() for alias in s.aliases}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = former.get(key.replace("-", "_"), key.replace("-", "_"))
+        if name in out:
+            raise ConfigError(f"{where}: {name} given twice (once as {key})")
+        out[name] = value
+    return out
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides: Any) -> T:
@@ -31,14 +148,15 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        unknown = sorted(set(k.replace("-", "_") for k in loaded) - names)
+        values = current_names(cls, loaded, f"config file {path}")
+        unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"config file {path}: unknown keys {unknown}; known keys: {sorted(names)}")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    values.update({k: v for k, v in overrides.items() if v is not None and k in names})
+    given = current_names(cls, {k: v for k, v in overrides.items() if v is not None}, "settings")
+    values.update({k: v for k, v in given.items() if k in names})
     missing = [
         f.name for f in dataclasses.fields(cls)
-        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in values and f.default is MISSING and f.default_factory is MISSING
     ]
     if missing:
         flags = ", ".join("--" + n.replace("_", "-") for n in missing)
@@ -49,54 +167,83 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides
         raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
-def check_run_settings(cfg: object) -> None:
-    """The checks every dataset-streaming job shares: image size, batch size, image cap, workers, precision."""
-    from beyond_cls.runtime import check_precision
-
-    for name in ("img_size", "batch_size"):
-        if int(getattr(cfg, name)) <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
-    max_images = getattr(cfg, "max_images", None)
-    if max_images is not None and max_images <= 0:
-        raise ConfigError(f"max_images must be a positive integer, got {max_images}")
-    if cfg.num_workers < 0:
-        raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
-    check_precision(cfg.precision)
+def default_num_workers() -> int:
+    """CPUs this process may use, capped at 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(8, cpus)
 
 
-def _default_num_workers() -> int:
-    from beyond_cls.data.folder import default_num_workers
-
-    return default_num_workers()
+MODEL = Setting(help="zoo name (beyond-cls zoo) or timm ViT name, e.g. mae_vit_base_patch16", group="model")
+CHECKPOINT = Setting(None, help="encoder weights: .pth/.pt/.pth.tar or .safetensors (local path)", group="model",
+                     shown="a zoo name's official file under --weights-dir, else random weights")
+CHECKPOINT_FORMAT = Setting("auto", help="checkpoint layout", group="model", shown="auto: the zoo's, else detected")
+ARCH = Setting(None, help="timm architecture for a zoo name's weights, e.g. vit_small_patch16_224; NAME:heads=N "
+               "states the head count (MoCo-v3 ViT-S: vit_small_patch16_224:heads=12)", group="model",
+               shown="the zoo's")
+SOURCE = Setting(None, help="sub-model of a training checkpoint: I-JEPA target_encoder or encoder, DINO/iBOT "
+                 "teacher or student", group="model", shown="the zoo's: target_encoder, teacher")
+WEIGHTS_DIR = Setting(None, help="folder with the zoo's official files", group="model", shown="$BEYOND_CLS_WEIGHTS")
+IMG_SIZE = Setting(224, help="input resolution", group="data", number=POSITIVE_INT)
+DATA = Setting(help="dataset root folder (ImageFolder: SPLIT/<class>/<images>, or --dataset's layout)", group="data")
+DATASET = Setting("imagefolder", help="dataset adapter of --data: imagefolder, imagenet, imagenet1pct, cub, food101, "
+                  "cars, pets, coco, nuswide, synthetic, wds (shards)", group="data")
+SPLIT = Setting("val", help="split folder under --data; train or val for other adapters", group="data")
+MAX_IMAGES = Setting(None, help="stop after this many images", group="data", shown="all", number=POSITIVE_INT)
+OUT = Setting(help="output folder", group="output")
+BATCH_SIZE = Setting(64, help="images per batch", group="runtime", number=POSITIVE_INT)
+NUM_WORKERS = Setting(factory=default_num_workers, help="data loading workers (per process)", group="runtime",
+                      shown="min(8, CPUs)", number=NON_NEGATIVE_INT)
+DEVICE = Setting("auto", help="auto (CUDA when available), cpu, cuda or cuda:N (under torchrun/srun: the local GPU)",
+                 group="runtime")
+PRECISION = Setting("auto", help="autocast dtype; auto is bf16 on CUDA, fp32 on the CPU", group="runtime",
+                    choices=PRECISIONS, aliases=("amp",))
+PROGRESS = Setting(True, help="progress bars", group="output")
+STEPS = Setting(10, help="timed batches per measurement", group="schedule", number=POSITIVE_INT)
+WARMUP = Setting(3, help="untimed batches first", group="schedule", number=NON_NEGATIVE_INT)
 
 
 @dataclass(kw_only=True)
-class RunSettings:
-    """The run settings every dataset-streaming job shares (``analyze``, ``aggregations``, ``localize``);
-    keyword-only, checked by :func:`check_run_settings`."""
-
-    weights_dir: str | None = None
-    split: str = "val"
-    img_size: int = 224
-    batch_size: int = 64
-    max_images: int | None = None
-    num_workers: int = field(default_factory=_default_num_workers)
-    device: str = "auto"
-    precision: str = "auto"
-    progress: bool = True
+class Settings:
+    """Root of the job configs: checks every field against its :class:`Setting` after construction."""
 
     def __post_init__(self) -> None:
-        check_run_settings(self)
+        check_settings(self)
 
 
 @dataclass(kw_only=True)
-class StreamSettings(RunSettings):
-    """:class:`RunSettings` plus one encoder and a dataset adapter: the jobs that stream a split through encoders
-    for selection vectors (``aggregations``, ``localize``)."""
+class EncoderSettings(Settings):
+    """One encoder: a zoo or timm name, its weights and how to read them."""
 
-    model: str | None = None
-    checkpoint: str | None = None
-    checkpoint_format: str = "auto"
-    arch: str | None = None
-    source: str | None = None
-    dataset: str = "imagefolder"
+    model: str = MODEL()
+    checkpoint: str | None = CHECKPOINT()
+    checkpoint_format: str = CHECKPOINT_FORMAT()
+    arch: str | None = ARCH()
+    source: str | None = SOURCE()
+    weights_dir: str | None = WEIGHTS_DIR()
+    img_size: int = IMG_SIZE()
+
+
+@dataclass(kw_only=True)
+class RunSettings(Settings):
+    """How a dataset-streaming job (``analyze``, ``aggregations``, ``localize``, ``demo``) reads and runs."""
+
+    split: str = SPLIT()
+    max_images: int | None = MAX_IMAGES()
+    batch_size: int = BATCH_SIZE()
+    num_workers: int = NUM_WORKERS()
+    device: str = DEVICE()
+    precision: str = PRECISION()
+    progress: bool = PROGRESS()
+
+
+@dataclass(kw_only=True)
+class StreamSettings(EncoderSettings, RunSettings):
+    """An encoder streaming a dataset split into an output folder: ``analyze``, ``aggregations``, ``localize``."""
+
+    model: str | None = MODEL(None, shown="none: only abmilp:RUN methods, which bring their run's encoder")
+    data: str = DATA()
+    dataset: str = DATASET()
+    out: str = OUT()

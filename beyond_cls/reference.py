@@ -6,13 +6,26 @@ Readable in a minute and exact in float64. Kernels in ``kernels/`` (Triton) and
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from beyond_cls.numerics import MAX_KEPT_ROWS, accumulation_dtype, entropy, max_entropy
+
+__all__ = [
+    "AttentionRows",
+    "abmilp_pool",
+    "attention_logits",
+    "attention_with_stats",
+    "entropy",
+    "keep_row_indices",
+    "lars_step",
+    "max_entropy",
+    "softmax_pool",
+]
 
 
 class AttentionRows(NamedTuple):
@@ -38,9 +51,6 @@ def attention_logits(
     return logits
 
 
-MAX_KEPT_ROWS = 8  # rows ``keep_rows`` may ask for: the Triton kernel holds them in one static loop
-
-
 def keep_row_indices(keep_rows: Sequence[int], n: int) -> tuple[int, ...]:
     """``keep_rows`` as non-negative query indices in [0, n), in the order given.
 
@@ -62,11 +72,6 @@ def keep_row_indices(keep_rows: Sequence[int], n: int) -> tuple[int, ...]:
     if len(set(normalized)) != len(normalized):
         raise ValueError(f"keep_rows {list(indices)} name the same query twice (N={n})")
     return normalized
-
-
-def _stats_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 stays float64 (ground truth); everything else is computed in float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def attention_with_stats(
@@ -91,7 +96,7 @@ def attention_with_stats(
     if not 0 <= num_prefix_tokens < n:
         raise ValueError(f"num_prefix_tokens must be in [0, {n - 1}], got {num_prefix_tokens}")
     kept_index = None if keep_rows is None else keep_row_indices(keep_rows, n)
-    dtype = _stats_dtype(q, k, v)
+    dtype = accumulation_dtype(q.dtype, k.dtype, v.dtype)
     logits = attention_logits(q.to(dtype), k.to(dtype), scale, bias)
     attn = logits.softmax(dim=-1)
     out = torch.matmul(attn, v.to(dtype)).to(v.dtype)
@@ -99,13 +104,13 @@ def attention_with_stats(
     patch_logits = logits[..., num_prefix_tokens:]
     log_p = patch_logits.log_softmax(dim=-1)
     p = log_p.exp()
-    # exact Shannon entropy of the renormalised patch attention, 0·log 0 = 0
-    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    # exact Shannon entropy of the renormalised patch attention, 0·log 0 = 0, from the log-probabilities
+    patch_entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
     rows = AttentionRows(
         self_attn=attn.diagonal(dim1=-2, dim2=-1),
         cls_attn=attn[..., 0] if num_prefix_tokens > 0 else None,
         patch_mass=attn[..., num_prefix_tokens:].sum(-1),
-        patch_entropy=entropy,
+        patch_entropy=patch_entropy,
     )
     if kept_index is None:
         return out, rows
@@ -146,16 +151,6 @@ def abmilp_pool(
     bias = torch.as_tensor(bias, dtype=tokens.dtype, device=tokens.device)
     logits = torch.einsum("bnd,kd->bkn", tokens, weight.to(tokens.dtype)) + bias.reshape(-1, 1)
     return softmax_pool(tokens, logits, mask)
-
-
-def entropy(p: Tensor, dim: int = -1) -> Tensor:
-    """Exact Shannon entropy (natural log) of probability vectors along ``dim``."""
-    return -torch.special.xlogy(p, p).sum(dim)
-
-
-def max_entropy(num_patches: int) -> float:
-    """Entropy of the uniform distribution over ``num_patches`` (5.28 for 196)."""
-    return math.log(num_patches)
 
 
 @torch.no_grad()

@@ -6,9 +6,9 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from beyond_cls.config import ConfigError
+from beyond_cls.config import PRECISIONS, ConfigError
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -24,17 +24,13 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def check_precision(precision: str) -> None:
-    if precision not in ("auto", *PRECISIONS):
-        raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: ``auto`` is bf16 on CUDA and none (fp32) on the CPU."""
-    check_precision(precision)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return PRECISIONS[precision]
+    return _DTYPES[precision]
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager:

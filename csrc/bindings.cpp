@@ -1,7 +1,8 @@
 // Operator schemas of the beyond_cls library and the Python module that loads them.
 //
-// Implementations register per device in their own files (TORCH_LIBRARY_IMPL); fake (meta)
-// implementations for tracing are registered from Python (beyond_cls/_extension.py, pooling.py).
+// Implementations register per device in their own files (TORCH_LIBRARY_IMPL). These are the CPU
+// kernels: Python calls them only inside its own custom ops (beyond_cls/ops/), which carry the
+// fakes and the autograd, so they need neither here.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>

@@ -6,7 +6,7 @@ softmax pooling, forward and backward): its ``@triton.jit`` kernels and host lau
 through ``beyond_cls.ops``.
 """
 
-import os
+from beyond_cls.ops._dispatch import interpreting
 
 # ``input_precision`` of the kernels' float32 dots on a GPU: 3xTF32 (a = a_hi + a_lo in TF32, three
 # tensor-core products) is float32-accurate (~1e-6 relative), where an IEEE float32 dot runs on the
@@ -18,4 +18,4 @@ def fp32_dot_precision() -> str:
     """``input_precision`` for float32 ``tl.dot`` operands, passed to the kernels as a constexpr:
     ``GPU_FP32_DOT`` when compiled for a GPU, "ieee" under ``TRITON_INTERPRET=1`` (the interpreter
     multiplies in numpy; exact float32 keeps the CPU tests' float32 results exact)."""
-    return "ieee" if os.environ.get("TRITON_INTERPRET") == "1" else GPU_FP32_DOT
+    return "ieee" if interpreting() else GPU_FP32_DOT

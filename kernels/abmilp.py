@@ -12,15 +12,15 @@ interpreter, and for float64 tokens), see ``beyond_cls.kernels.fp32_dot_precisio
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from beyond_cls.kernels import GPU_FP32_DOT, fp32_dot_precision
 
+from beyond_cls.numerics import MAX_BRANCHES, accumulation_dtype
+from beyond_cls.ops._dispatch import interpreting
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: exact tests
-MAX_BRANCHES = 16
 # Launch configs (BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel. On a GPU each kernel is
 # autotuned over its list, per (N, D, K_PAD, flags, dtypes); CI compiles every one ahead of time for
 # sm_80 and sm_90 (aot_specializations), and each fits their shared memory for bf16 and fp32 tokens
@@ -247,10 +247,6 @@ def _weight_grad_kernel(
     tl.store(Partial + split * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=k_ok[:, None] & d_ok[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _k_pad(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
@@ -259,41 +255,47 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     """WIDE: fp32/fp64 tokens (one dot in the accumulation dtype); UPCAST: bf16 in the interpreter;
     PRECISION: ``input_precision`` of dots on fp32 operands (fp64 ones are always IEEE)."""
     precision = "ieee" if dtype == torch.float64 else fp32_dot_precision()
-    return dict(WIDE=dtype in (torch.float32, torch.float64), UPCAST=_interpreting() and dtype == torch.bfloat16,
+    return dict(WIDE=dtype in (torch.float32, torch.float64), UPCAST=interpreting() and dtype == torch.bfloat16,
                 PRECISION=precision)
 
 
-def _acc(tokens: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tokens.dtype == torch.float64 else torch.float32
-
-
-# kernel name -> (jit kernel, autotune key); the key adds the tensor arguments' dtypes itself
-_KERNELS = {
-    "logits": (_abmilp_logits_kernel, ["N", "D", "K_PAD", "WIDE", "UPCAST", "PRECISION"]),
-    "pool": (_softmax_pool_fwd_kernel, ["N", "D", "K_PAD", "HAS_MASK", "WIDE", "UPCAST", "PRECISION"]),
-    "pool_bwd": (_softmax_pool_bwd_kernel,
-                 ["N", "D", "K_PAD", "HAS_GS", "HAS_WEIGHT", "TOKENS_GRAD", "WIDE", "UPCAST", "PRECISION"]),
-    "wgrad": (_weight_grad_kernel, ["N", "D", "K_PAD", "WIDE", "UPCAST", "PRECISION"]),
+# kernel name -> jit kernel; CONFIGS[name] holds its launch configs
+KERNELS = {
+    "logits": _abmilp_logits_kernel,
+    "pool": _softmax_pool_fwd_kernel,
+    "pool_bwd": _softmax_pool_bwd_kernel,
+    "wgrad": _weight_grad_kernel,
+}
+# autotune keys; the autotuner adds the tensor arguments' dtypes itself
+_FLAGS = ["WIDE", "UPCAST", "PRECISION"]
+_AUTOTUNE_KEYS = {
+    "logits": ["N", "D", "K_PAD", *_FLAGS],
+    "pool": ["N", "D", "K_PAD", "HAS_MASK", *_FLAGS],
+    "pool_bwd": ["N", "D", "K_PAD", "HAS_GS", "HAS_WEIGHT", "TOKENS_GRAD", *_FLAGS],
+    "wgrad": ["N", "D", "K_PAD", *_FLAGS],
 }
 _AUTOTUNED = {
     name: triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=st)
                  for n, d, w, st in CONFIGS[name]],
-        key=key,
+        key=_AUTOTUNE_KEYS[name],
     )(kernel)
-    for name, (kernel, key) in _KERNELS.items()
+    for name, kernel in KERNELS.items()
 }
 
 
-def _launch(name: str, grid, *args, **meta) -> None:
-    """Run kernel ``name`` over ``grid(config)``: autotuned over CONFIGS[name] on a GPU, the one
-    INTERPRET_CONFIG in the interpreter (where tuning would run every config and time numpy)."""
-    if _interpreting():
-        block_n, block_d, warps, stages = INTERPRET_CONFIG
-        blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d)
-        _KERNELS[name][0][grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
-    else:
+def launch(name: str, grid, *args, config: tuple[int, int, int, int] | None = None, **meta) -> None:
+    """Run kernel ``name`` over ``grid(blocks)`` at ``config`` (BLOCK_N, BLOCK_D, num_warps, num_stages) when
+    given; else at INTERPRET_CONFIG in the interpreter (where tuning would run every config and time numpy),
+    autotuned over CONFIGS[name] on a GPU."""
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG
+    if config is None:
         _AUTOTUNED[name][grid](*args, **meta)
+        return
+    block_n, block_d, warps, stages = config
+    blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d)
+    KERNELS[name][grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
 
 
 def check_tokens(tokens: torch.Tensor, k: int, mask: torch.Tensor | None) -> None:
@@ -312,16 +314,17 @@ def check_tokens(tokens: torch.Tensor, k: int, mask: torch.Tensor | None) -> Non
 def _pool(tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None):
     b, n, d = tokens.shape
     k = logits.shape[1]
+    acc = accumulation_dtype(tokens.dtype)
     # float32 like the scores: exact for the probe's head and for g·pooled in the backward
-    pooled = torch.empty((b, k, d), dtype=_acc(tokens), device=tokens.device)
-    scores = torch.empty((b, k, n), dtype=_acc(tokens), device=tokens.device)
+    pooled = torch.empty((b, k, d), dtype=acc, device=tokens.device)
+    scores = torch.empty((b, k, n), dtype=acc, device=tokens.device)
     if mask is not None and tokens.dtype == torch.float64:
         # an 8-bit mask feeding the float64 scores makes Triton (3.6 to 3.8) pick a dot-operand layout
         # its float64 MMA cannot lower ("fp64 don't support largeK MMA"); an int32 mask does not
         mask = mask.to(torch.int32)
     mask_arg = mask if mask is not None else tokens
     mask_strides = mask.stride() if mask is not None else (0, 0)
-    _launch(
+    launch(
         "pool", lambda cfg: (triton.cdiv(d, cfg["BLOCK_D"]), b),
         tokens, logits, mask_arg, pooled, scores, *tokens.stride(), *mask_strides, n, d, k,
         HAS_MASK=mask is not None, K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
@@ -334,8 +337,8 @@ def abmilp_forward(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     check_tokens(tokens, weight.shape[0], mask)
     b, n, d = tokens.shape
     k = weight.shape[0]
-    logits = torch.empty((b, k, n), dtype=_acc(tokens), device=tokens.device)
-    _launch(
+    logits = torch.empty((b, k, n), dtype=accumulation_dtype(tokens.dtype), device=tokens.device)
+    launch(
         "logits", lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), b),
         tokens, weight, bias, logits, *tokens.stride(), *weight.stride(), bias.stride(0), n, d, k,
         K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
@@ -346,7 +349,7 @@ def abmilp_forward(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def softmax_pool_forward(tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None):
     """(pooled [B, K, D], scores [B, K, N]), both float32, of softmax pooling with logits [B, K, N]."""
     check_tokens(tokens, logits.shape[1], mask)
-    return _pool(tokens, logits.to(_acc(tokens)).contiguous(), mask)
+    return _pool(tokens, logits.to(accumulation_dtype(tokens.dtype)).contiguous(), mask)
 
 
 def pool_backward(
@@ -364,7 +367,7 @@ def pool_backward(
     """
     b, n, d = tokens.shape
     k = scores.shape[1]
-    acc = _acc(tokens)
+    acc = accumulation_dtype(tokens.dtype)
     g = grad_pooled.to(acc).contiguous()
     gp = (g * pooled.to(acc)).sum(-1).contiguous()
     has_gs = grad_scores is not None
@@ -373,7 +376,7 @@ def pool_backward(
     dlogits = torch.empty((b, k, n), dtype=acc, device=tokens.device)
     dz = torch.empty((b, n, d) if tokens_grad else (0,), dtype=tokens.dtype, device=tokens.device)
     w = weight if weight is not None else g
-    _launch(
+    launch(
         "pool_bwd", lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), b),
         tokens, g, scores, gp, gs, gsum, w, dlogits, dz,
         *tokens.stride(), *(w.stride() if weight is not None else (0, 0)), n, d, k,
@@ -389,12 +392,24 @@ def weight_grad(tokens: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
     k = dlogits.shape[1]
     splits = max(1, min(WGRAD_SPLITS, b * triton.cdiv(n, _WGRAD_MIN_BLOCK_N)))  # the same for every config
     partial = torch.empty((splits, k, d), dtype=dlogits.dtype, device=tokens.device)
-    _launch(
+    launch(
         "wgrad", lambda cfg: (triton.cdiv(d, cfg["BLOCK_D"]), splits),
         tokens, dlogits, partial, *tokens.stride(), b, n, d, k, splits,
         K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
     )
     return partial.sum(0)
+
+
+def softmax_pool_backward(
+    grad_pooled: torch.Tensor,
+    grad_scores: torch.Tensor | None,
+    tokens: torch.Tensor,
+    scores: torch.Tensor,
+    pooled: torch.Tensor,
+    tokens_grad: bool,
+):
+    """(grad_tokens or an empty tensor, grad_logits [B, K, N]) of :func:`softmax_pool_forward`."""
+    return pool_backward(grad_pooled, grad_scores, tokens, scores, pooled, None, tokens_grad)
 
 
 def abmilp_backward(
@@ -433,7 +448,7 @@ def aot_specializations():
         }
         # the widest variant of each kernel: mask, grad_scores, scorer weight and tokens' gradient on
         variants = {"pool": dict(HAS_MASK=True), "pool_bwd": dict(HAS_GS=True, HAS_WEIGHT=True, TOKENS_GRAD=True)}
-        for kernel_name, (kernel, _) in _KERNELS.items():
+        for kernel_name, kernel in KERNELS.items():
             for block_n, block_d, warps, stages in CONFIGS[kernel_name]:
                 yield kernel, Specialization(
                     pointers[kernel_name] | _ints(kernel),

@@ -24,13 +24,14 @@ again, turning each logit s into e^(s − m) / l. K and V are read once; the def
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from beyond_cls.kernels import GPU_FP32_DOT, fp32_dot_precision
+
+from beyond_cls.ops._dispatch import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -39,7 +40,6 @@ _LN2 = tl.constexpr(LN2)
 MAX_PREFIX_TOKENS = 16  # prefix keys must fit the first key block (BLOCK_N >= 32)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
-MAX_KEPT_ROWS = 8  # kept rows per call: each owning program walks them once per key block
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): small so CI can compile every one ahead of time.
 CONFIGS = [
@@ -182,7 +182,7 @@ def _normalize_kept_rows(m_i, l_i, offs_m, first_row, owns_kept, KeepRows, kept_
 
 
 @triton.jit
-def _attention_stats_fwd_kernel(
+def attention_stats_fwd_kernel(
     Q, K, V, Bias, Out, SelfAttn, ClsAttn, PatchMass, PatchEntropy, KeepRows, Kept,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -267,11 +267,20 @@ def _attention_stats_fwd_kernel(
 _attention_stats_fwd_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in CONFIGS],
     key=["N", "HEAD_DIM", "NUM_PREFIX", "HAS_BIAS", "FP32_DOT", "UPCAST_DOT", "KEEP_ROWS"],
-)(_attention_stats_fwd_kernel)
+)(attention_stats_fwd_kernel)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def launch(grid, *args, config: tuple[int, int, int, int] | None = None, **meta) -> None:
+    """Run the kernel over ``grid(blocks)`` at ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) when given;
+    else at INTERPRET_CONFIG in the interpreter, autotuned over CONFIGS on a GPU."""
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG
+    if config is None:
+        _attention_stats_fwd_autotuned[grid](*args, **meta)
+        return
+    block_m, block_n, warps, stages = config
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    attention_stats_fwd_kernel[grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix_tokens: int) -> None:
@@ -314,7 +323,7 @@ def attention_with_stats_forward(
 
     q, k, v may be strided views (e.g. timm's qkv reshape/permute): no copies are made. ``bias``
     must broadcast to [B, H, N, N]; broadcast dimensions are read with stride 0. With ``keep_rows``
-    (1 to 8 distinct query indices, negative from the end) a sixth tensor follows: the kept rows'
+    (1 to ``MAX_KEPT_ROWS`` distinct query indices, negative from the end) a sixth tensor follows: the kept rows'
     softmax probabilities [B, H, R, N] float32, computed in the same launch.
     """
     check_inputs(q, k, v, num_prefix_tokens)
@@ -348,20 +357,11 @@ def attention_with_stats_forward(
         NUM_PREFIX=num_prefix_tokens,
         HAS_BIAS=bias is not None,
         FP32_DOT=fp32_dot_precision() if q.dtype == torch.float32 else "",
-        UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16,
         KEEP_ROWS=kept_rows is not None,
         D_PAD=max(16, triton.next_power_of_2(d)),
     )
-    if _interpreting():
-        block_m, block_n, warps, stages = INTERPRET_CONFIG
-        grid = (triton.cdiv(n, block_m), batch * heads)
-        _attention_stats_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
-                                          num_warps=warps, num_stages=stages)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(n, cfg["BLOCK_M"]), batch * heads)
-
-        _attention_stats_fwd_autotuned[grid](*args, **meta)
+    launch(lambda cfg: (triton.cdiv(n, cfg["BLOCK_M"]), batch * heads), *args, **meta)
     return (out, *stats) if kept_rows is None else (out, *stats, kept)
 
 
@@ -375,11 +375,12 @@ __all__ = [
     "LN2",
     "LOG2E",
     "MAX_HEAD_DIM",
-    "MAX_KEPT_ROWS",
     "SUPPORTED_DTYPES",
+    "attention_stats_fwd_kernel",
     "attention_with_stats_forward",
     "check_inputs",
     "flops",
+    "launch",
 ]
 
 
@@ -388,7 +389,7 @@ def aot_specializations():
     and the bf16 one again with kept rows (``KEEP_ROWS``)."""
     from beyond_cls.kernels.aot import Specialization, pointer
 
-    strides = [a for a in _attention_stats_fwd_kernel.arg_names if a.startswith("stride_")]
+    strides = [a for a in attention_stats_fwd_kernel.arg_names if a.startswith("stride_")]
     variants = ((torch.bfloat16, 80, True, False), (torch.float32, 64, False, False), (torch.bfloat16, 80, True, True))
     for block_m, block_n, warps, stages in CONFIGS:
         for dtype, head_dim, has_bias, keep_rows in variants:

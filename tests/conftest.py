@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-AOT_TEST = "tests/test_triton_aot.py::"
+AOT_TEST = "tests/ops/test_triton_aot.py::"
 
 
 @pytest.hookimpl(trylast=True)

@@ -1,17 +1,26 @@
-"""The ``beyond-cls`` command on the synthetic set: outputs, and one-line errors with exit code 2."""
+"""The ``beyond-cls`` command: outputs on the synthetic set, one-line errors with exit code 2, and the flags and
+``--config`` files that every command takes from its config dataclass."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
+from beyond_cls import cli
 from beyond_cls.analysis import AttentionSummary
-from beyond_cls.cli import main
+from beyond_cls.cli import build_parser, main
+from beyond_cls.config import GROUPS, ConfigError, load_config, settings_of
 from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
+from beyond_cls.probe import ProbeConfig
 
 FAST = ["--model", "vit_tiny_patch16_224", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--device",
         "cpu"]
@@ -123,3 +132,149 @@ def test_demo_analyzes_and_probes_the_synthetic_set(tmp_path, monkeypatch, capsy
     rows = json.loads((out / "probe" / "results.json").read_text())["rows"]
     assert [r["aggregation"] for r in rows] == ["cls", "mean", "abmilp"]
     assert "| aggregation" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ flags made from the config dataclasses
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def _command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command that takes settings: name -> its parser (``bench analyze`` under its two words)."""
+    commands = dict(_subparsers(build_parser()))
+    bench = commands.pop("bench")
+    return {**commands, **{f"bench {name}": p for name, p in _subparsers(bench).items()}}
+
+
+def _config_class(name: str) -> type:
+    words = name.split()
+    return (cli.BENCH[words[1]] if words[0] == "bench" else cli.COMMANDS[name]).config
+
+
+def test_every_command_takes_settings_from_a_config_dataclass():
+    assert set(_command_parsers()) == {*cli.COMMANDS, *(f"bench {n}" for n in cli.BENCH)}
+
+
+@pytest.mark.parametrize("name", sorted(_command_parsers()))
+def test_every_config_field_has_a_flag_with_help_in_its_group(name):
+    parser = _command_parsers()[name]
+    by_dest = {a.dest: a for a in parser._actions}
+    group_of = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
+    assert "config" in by_dest, f"{name} takes no --config"
+    for field_name, setting in settings_of(_config_class(name)).items():
+        assert field_name in by_dest, f"{name}: no flag for {field_name}"
+        assert setting.help and by_dest[field_name].help, f"{name} {field_name}: no help"
+        assert setting.group in GROUPS and group_of[field_name] == f"{setting.group} settings", field_name
+    assert len(dataclasses.fields(_config_class(name))) == len(settings_of(_config_class(name)))
+
+
+@pytest.mark.parametrize("name", sorted(_command_parsers()))
+def test_defaults_are_shown_once_and_read_off_the_dataclass(name):
+    parser = _command_parsers()[name]
+    for action in parser._actions:
+        assert (action.help or "").count("default") <= 1, (name, action.dest, action.help)
+    for field_name, setting in settings_of(_config_class(name)).items():
+        assert "default" not in setting.help, f"{field_name}: the default is written into its help text"
+    text = " ".join(parser.format_help().split())
+    if "--img-size" in text:
+        assert "input resolution (default: 224)" in text
+
+
+CONFIG_CASES = {  # command: (YAML settings, flags given, expected config values)
+    "analyze": (dict(model="m", data="d", out="o", batch_size=3, max_images=7), ["--batch-size", "5"],
+                dict(batch_size=5, max_images=7, model="m")),
+    "probe": (dict(model="m", data="d", out="o", epochs=3, seeds="1"), ["--epochs", "4"], dict(epochs=4, seeds="1")),
+    "aggregations": (dict(data="d", out="o", methods="attn-mean", examples=2, split="train"), ["--examples", "3"],
+                     dict(examples=3, split="train")),
+    "localize": (dict(data="d", out="o", boxes="b", maps=["cls-attn"], overlays=2), ["--overlays", "3"],
+                 dict(overlays=3, maps=["cls-attn"], boxes="b")),
+    "demo": (dict(img_size=32, batch_size=2), ["--batch-size", "4"], dict(img_size=32, batch_size=4)),
+    "compare": (dict(inputs=["a", "b"], out="o", names="x,y"), ["--names", "p,q"],
+                dict(inputs=["a", "b"], names="p,q")),
+    "probe-report": (dict(run="r", out="o"), ["--analyze", "a"], dict(run="r", out="o", analyze="a")),
+    "zoo": (dict(weights_dir="w"), ["--check"], dict(weights_dir="w", check=True)),
+    "shard": (dict(data="d", out="o", name="n"), ["--shard-size", "2GB"], dict(name="n", shard_size="2GB")),
+    "bench analyze": (dict(steps=2, precision="bf16"), ["--warmup", "0"], dict(steps=2, warmup=0, precision="bf16")),
+    "bench probe": (dict(steps=2, heads="cls", baseline=False), ["--precision", "fp32"],
+                    dict(steps=2, heads="cls", baseline=False, precision="fp32")),
+}
+
+
+def test_config_cases_cover_every_command():
+    assert set(CONFIG_CASES) == set(_command_parsers())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_CASES))
+def test_config_file_values_are_used_and_flags_given_win(name, tmp_path, monkeypatch):
+    values, flags, expected = CONFIG_CASES[name]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(values))
+    seen = []
+    words = name.split()
+    table, key = (cli.BENCH, words[1]) if words[0] == "bench" else (cli.COMMANDS, name)
+    monkeypatch.setitem(table, key, dataclasses.replace(table[key], run=seen.append))
+    assert main([*words, "--config", str(config), *flags]) == 0
+    assert {k: getattr(seen[0], k) for k in expected} == expected
+
+
+def test_positional_arguments_override_the_config_file(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("inputs: [a, b]\nout: o\n")
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "compare", dataclasses.replace(cli.COMMANDS["compare"], run=seen.append))
+    assert main(["compare", "c", "--config", str(config)]) == 0
+    assert seen[0].inputs == ["c"] and seen[0].out == "o"
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["probe"], ["demo"], ["bench", "analyze"], ["bench", "probe"]])
+def test_amp_and_precision_are_one_setting(command):
+    parser = build_parser()
+    assert parser.parse_args([*command, "--amp", "fp16"]).precision == "fp16"
+    assert parser.parse_args([*command, "--precision", "bf16"]).precision == "bf16"
+    assert parser.parse_args(command).precision is None  # unset: a --config file's value stands
+
+
+def test_an_old_amp_key_still_loads(tmp_path):
+    config = tmp_path / "old.yaml"
+    config.write_text("model: m\ndata: d\nout: o\namp: bf16\n")
+    assert load_config(ProbeConfig, config).precision == "bf16"
+    assert load_config(ProbeConfig, config, precision="fp16").precision == "fp16"  # a flag given wins
+    assert load_config(ProbeConfig, None, model="m", data="d", out="o", amp="fp32").precision == "fp32"
+    config.write_text("model: m\ndata: d\nout: o\namp: bf16\nprecision: fp16\n")
+    with pytest.raises(ConfigError, match="precision given twice"):
+        load_config(ProbeConfig, config)
+
+
+def test_a_checkpoint_saved_with_amp_still_resumes():
+    from beyond_cls.probe.trainer import check_resumable
+
+    cfg = load_config(ProbeConfig, None, model="m", data="d", out="o", precision="bf16")
+    saved = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "precision"}, "amp": "fp16"}
+    check_resumable(Path("seed0/checkpoint.pt"), {"config": saved, "effective_batch": 16384, "seed": 0}, cfg, 0, 16384)
+
+
+@pytest.mark.parametrize("cls,values,message", [
+    (ProbeConfig, dict(epochs=0), "epochs must be a positive integer, got 0"),
+    (ProbeConfig, dict(precision="fp8"), "precision must be one of auto, bf16, fp16, fp32; got 'fp8'"),
+    (ProbeConfig, dict(block=-2), "block must be a block index"),
+    (ProbeConfig, dict(momentum=float("nan")), "momentum must be a number >= 0"),
+    (ProbeConfig, dict(compile=True, batch_size=True), "batch_size must be a positive integer, got True"),
+])
+def test_config_values_are_checked_by_their_setting(cls, values, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(cls, None, model="m", data="d", out="o", **values)
+
+
+def test_flags_keep_their_special_forms(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["probe", "--no-progress", "--final-norm", "--compile", "--block", "-1"])
+    assert (args.progress, args.final_norm, args.compile, args.block) == (False, True, True, -1)
+    assert parser.parse_args(["probe", "--no-final-norm"]).final_norm is False
+    assert parser.parse_args(["localize", "--map", "a", "--map", "b"]).maps == ["a", "b"]
+    assert parser.parse_args(["bench", "probe", "--no-baseline"]).baseline is False
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["probe", "--block", "-2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("argument --block: expected a block index (0-based, -1 = last), got '-2'")

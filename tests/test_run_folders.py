@@ -175,7 +175,7 @@ def test_settings_that_change_what_is_trained_refuse_a_resume(change):
 
 
 @pytest.mark.parametrize("change", [
-    dict(num_workers=3), dict(decode="gpu"), dict(amp="bf16"), dict(log_every=1), dict(ckpt_minutes=1.0),
+    dict(num_workers=3), dict(decode="gpu"), dict(precision="bf16"), dict(log_every=1), dict(ckpt_minutes=1.0),
     dict(progress=True), dict(data=os.path.join(".", "set")), dict(data=os.path.abspath("set")),
     dict(cache="c", cache_views=None),
 ])
@@ -188,7 +188,7 @@ def test_every_probe_setting_is_classified():
     """A new ProbeConfig field must be added to RESUME_KEYS or, if it only changes speed or logging, here."""
     speed_only = {"out", "weights_dir", "batch_size", "accum_iter", "effective_batch", "seeds", "eval_every",
                   "num_workers", "decode", "cache", "cache_views", "cache_dtype", "ckpt_minutes", "resume", "compile",
-                  "channels_last", "amp", "skip_bad_images", "device", "log_every", "progress"}
+                  "channels_last", "precision", "skip_bad_images", "device", "log_every", "progress"}
     fields = {f.name for f in dataclasses.fields(ProbeConfig)}
     assert fields - set(RESUME_KEYS) == speed_only  # cache, cache_views: through "views"; effective batch, seeds:
     assert set(RESUME_KEYS) - fields == {"views"}   # checked apart

@@ -18,12 +18,14 @@ from matplotlib.figure import Figure
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from beyond_cls.config import ConfigError, StreamSettings
+from beyond_cls.analysis.selection_runner import SelectionRunner
+from beyond_cls.config import NON_NEGATIVE_INT, ConfigError, StreamSettings, setting
 from beyond_cls.data import build_dataset, make_loader
 from beyond_cls.data.transforms import unnormalized_eval_transform
+from beyond_cls.numerics import entropy
 from beyond_cls.runlock import writes_out
 from beyond_cls.runtime import resolve_device
-from beyond_cls.selection import SelectionRunner, entropy, kl, parse_methods
+from beyond_cls.selection import kl, parse_methods
 
 __all__ = ["AggregationsConfig", "aggregations", "examples_figure", "kl_figure", "kl_label", "plot_examples",
            "plot_kl"]
@@ -31,19 +33,17 @@ __all__ = ["AggregationsConfig", "aggregations", "examples_figure", "kl_figure",
 RESULTS_FILE = "aggregations.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AggregationsConfig(StreamSettings):
-    """What ``beyond-cls aggregations`` runs; every field is also a CLI flag."""
+    """What ``beyond-cls aggregations`` runs; every field is also a CLI flag and a YAML key."""
 
-    data: str
-    out: str
-    methods: str
-    examples: int = 4
+    methods: str = setting(help="comma-separated: attn-mean, attn-minent, attn-center, guide:MODEL[@CHECKPOINT], "
+                           "abmilp:RUN[#KEY] (RUN: a beyond-cls probe --out folder, KEY: one of its heads)",
+                           group="heads")
+    examples: int = setting(4, help="images in examples.png", group="output", number=NON_NEGATIVE_INT)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.examples < 0:
-            raise ConfigError(f"examples must be >= 0, got {self.examples}")
         parse_methods(self.methods)
 
 

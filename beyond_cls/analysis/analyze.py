@@ -18,7 +18,7 @@ from tqdm import tqdm
 from beyond_cls.analysis.plots import plot_information_flow
 from beyond_cls.analysis.recorder import AttentionRecorder
 from beyond_cls.analysis.summary import AttentionSummary
-from beyond_cls.config import ConfigError, RunSettings
+from beyond_cls.config import ARCH, CHECKPOINT, CHECKPOINT_FORMAT, MODEL, SOURCE, ConfigError, StreamSettings
 from beyond_cls.data import ImageFolderDataset, build_dataset, make_loader
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
 from beyond_cls.models import load_encoder
@@ -47,8 +47,8 @@ class EncoderSpec:
     source: str | None = None
 
 
-@dataclass
-class AnalyzeConfig(RunSettings):
+@dataclass(kw_only=True)
+class AnalyzeConfig(StreamSettings):
     """What ``beyond-cls analyze`` runs; every field is also a CLI flag and a YAML key.
 
     ``model`` is one name or a list of names analyzed on the same images. ``checkpoint``,
@@ -56,14 +56,11 @@ class AnalyzeConfig(RunSettings):
     ``model`` (None: no explicit value); one explicit checkpoint for several models is ambiguous.
     """
 
-    model: str | list[str]
-    data: str
-    out: str
-    checkpoint: PerModel = None
-    checkpoint_format: PerModel = "auto"
-    arch: PerModel = None
-    source: PerModel = None
-    dataset: str = "imagefolder"
+    model: str | list[str] = MODEL(help=MODEL.help + "; repeatable: several encoders on the same images")
+    checkpoint: PerModel = CHECKPOINT()
+    checkpoint_format: PerModel = CHECKPOINT_FORMAT()
+    arch: PerModel = ARCH()
+    source: PerModel = SOURCE()
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,31 +9,23 @@ import torch
 from torch import nn
 
 from beyond_cls.analysis.recorder import AttentionRecorder
-from beyond_cls.config import ConfigError
+from beyond_cls.config import BATCH_SIZE, CHECKPOINT, DEVICE, IMG_SIZE, MODEL, PRECISION, STEPS, WARMUP, Settings
 from beyond_cls.models import load_encoder
-from beyond_cls.runtime import autocast, autocast_dtype, check_precision, resolve_device
+from beyond_cls.runtime import autocast, autocast_dtype, resolve_device
 
 
-@dataclass
-class BenchAnalyzeConfig:
+@dataclass(kw_only=True)
+class BenchAnalyzeConfig(Settings):
     """Settings of ``beyond-cls bench analyze`` (random weights and inputs unless a checkpoint is given)."""
 
-    model: str = "vit_base_patch16_224"
-    checkpoint: str | None = None
-    img_size: int = 224
-    batch_size: int = 64
-    steps: int = 10
-    warmup: int = 3
-    device: str = "auto"
-    precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("img_size", "batch_size", "steps"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
-        check_precision(self.precision)
+    model: str = MODEL("vit_base_patch16_224")
+    checkpoint: str | None = CHECKPOINT(shown="random weights")
+    img_size: int = IMG_SIZE()
+    batch_size: int = BATCH_SIZE()
+    steps: int = STEPS()
+    warmup: int = WARMUP()
+    device: str = DEVICE()
+    precision: str = PRECISION()
 
 
 def _throughput(model: nn.Module, images: torch.Tensor, steps: int, warmup: int, precision: str) -> float:

@@ -29,14 +29,21 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from beyond_cls.analysis.analyze import MODELS_FILE, STATS_FILE  # noqa: E402
 from beyond_cls.analysis.plots import BLOCK_LABEL, HEAD_LABEL, PANELS, YLABELS  # noqa: E402
 from beyond_cls.analysis.summary import FIELD_NAMES, FIELDS, AttentionSummary  # noqa: E402
+from beyond_cls.models.zoo import ZOO, ZooEntry, zoo_entry  # noqa: E402
 from beyond_cls.runlock import claim_output  # noqa: E402
 
 __all__ = ["FAMILIES", "compare", "infer_family", "table3_text"]
 
-#: Method-name prefixes of the paper's encoders (zoo names look like ``mae_vit_base_patch16``).
+
+def _method_prefix(method: str) -> str:
+    """``"BEiT-v2"`` -> ``"beit"``: lower-case letters and digits, without a version suffix."""
+    return re.sub(r"v\d+$", "", re.sub(r"[^a-z0-9]", "", method.lower()))
+
+
+#: Method-name prefixes of the paper's encoders by family, from the zoo (``mae``, ``beit``, ``moco``, ...).
 FAMILIES: Mapping[str, tuple[str, ...]] = {
-    "MIM": ("mae", "simmim", "maskfeat", "beit", "ijepa", "capi"),
-    "JEA": ("dino", "ibot", "moco"),  # also dinov2, mocov3
+    family: tuple(dict.fromkeys(_method_prefix(e.method) for e in ZOO.values() if e.family == family))
+    for family in dict.fromkeys(e.family for e in ZOO.values())
 }
 # family -> (line style, marker); anything else is "other"
 _STYLES = {"MIM": ("-", "o"), "JEA": ("--", "s")}
@@ -97,14 +104,10 @@ def infer_family(name: str) -> str:
     return "other"
 
 
-def _zoo_entry(name: str):
+def _zoo_entry(name: str) -> ZooEntry | None:
     """The zoo entry of ``name`` (family, the paper's Table 3 value), or None when it is not a zoo name.
 
     ``analyze`` labels several checkpoints of one model ``name@<checkpoint stem>[-k]``: the name before ``@``."""
-    try:
-        from beyond_cls.models.zoo import zoo_entry
-    except ImportError:  # the zoo is optional here: names alone give the family
-        return None
     return zoo_entry(name) or zoo_entry(name.split("@", 1)[0])
 
 

@@ -18,13 +18,14 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from beyond_cls.config import ConfigError, StreamSettings
+from beyond_cls.analysis.selection_runner import SelectionRunner
+from beyond_cls.config import NON_NEGATIVE_INT, ConfigError, StreamSettings, setting
 from beyond_cls.data import DataError, build_dataset, make_loader
 from beyond_cls.data.transforms import unnormalized_eval_transform
 from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, load_voc_boxes, overlay_figure
 from beyond_cls.runlock import writes_out
 from beyond_cls.runtime import resolve_device
-from beyond_cls.selection import SelectionRunner, parse_method
+from beyond_cls.selection import parse_method
 
 __all__ = ["LocalizeConfig", "localize", "map_method"]
 
@@ -40,15 +41,14 @@ def map_method(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LocalizeConfig(StreamSettings):
-    """What ``beyond-cls localize`` runs; every field is also a CLI flag."""
+    """What ``beyond-cls localize`` runs; every field is also a CLI flag and a YAML key."""
 
-    data: str
-    boxes: str
-    out: str
-    maps: list[str]
-    overlays: int = 8
+    boxes: str = setting(help="folder of Pascal-VOC XML annotations named like the images", group="data")
+    maps: list[str] = setting(help="cls-attn or abmilp:RUN[#KEY] (or any aggregations method)",
+                              group="heads", flag="--map", repeat=True, metavar="MAP")
+    overlays: int = setting(8, help="images drawn as overlays", group="output", number=NON_NEGATIVE_INT)
 
     def __post_init__(self) -> None:
         if isinstance(self.maps, str):
@@ -60,8 +60,6 @@ class LocalizeConfig(StreamSettings):
         for m in self.maps:
             parse_method(map_method(m))
         super().__post_init__()
-        if self.overlays < 0:
-            raise ConfigError(f"overlays must be >= 0, got {self.overlays}")
 
 
 def _color(name: str, index: int) -> tuple[int, int, int]:

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from beyond_cls import ops
-from beyond_cls.analysis.attention_adapters import adapter_for, finish
 from beyond_cls.analysis.row_capture import attention_modules
 from beyond_cls.analysis.summary import AttentionSummary
+from beyond_cls.models.architectures import attention_adapter, supported_attention
 from beyond_cls.models.loader import encoder_info
 from beyond_cls.reference import AttentionRows
 
@@ -69,7 +69,8 @@ class KeptRows(dict):
 class AttentionRecorder:
     """Context manager that records attention statistics of every block of a timm model.
 
-    Works for timm's VisionTransformer (with or without [cls], with registers), Beit and Eva.
+    Works for every attention class a registered architecture adapts: timm's VisionTransformer (with or
+    without [cls], with registers), Beit and Eva, the CAPI port (``beyond_cls.models.architectures``).
     ``num_prefix_tokens``, ``has_class_token`` and ``name`` default to :func:`encoder_info` of the model.
 
     ``keep_rows``: ``{block_index: query_indices}`` (blocks in :attr:`modules` order, negative from
@@ -104,8 +105,7 @@ class AttentionRecorder:
             kinds = sorted({type(m).__name__ for m in model.modules() if "attn" in type(m).__name__.lower()})
             raise TypeError(
                 f"{type(model).__name__} has no attention module the recorder supports "
-                f"(found {kinds or 'none'}); supported: timm Attention, AttentionRope, EvaAttention, "
-                "Beit Attention"
+                f"(found {kinds or 'none'}); supported: {', '.join(supported_attention())}"
             )
         self._blocks: list[_BlockSums | None] = [None] * len(self.modules)
         self._num_tokens: int | None = None
@@ -154,13 +154,13 @@ class AttentionRecorder:
     # -- recording ----------------------------------------------------------------------
     def _make_forward(self, index: int):
         recorder = self
-        project = adapter_for(self.modules[index][1])
+        adapter = attention_adapter(self.modules[index][1])
 
         def forward(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
             drop = getattr(module, "attn_drop", None)
             if module.training and drop is not None and drop.p > 0:
                 raise RuntimeError("AttentionRecorder needs eval mode: attention dropout is active")
-            proj = project(module, x, *args, **kwargs)
+            proj = adapter.project(module, x, *args, **kwargs)
             keep = recorder._keep_rows.get(index)
             result = ops.attention_with_stats(
                 proj.q, proj.k, proj.v, recorder.num_prefix_tokens, module.scale, proj.bias, keep
@@ -169,7 +169,7 @@ class AttentionRecorder:
             recorder._accumulate(index, rows)
             if keep is not None:
                 recorder.kept_rows[index] = result[2].detach()
-            return finish(module, out.to(proj.v.dtype), proj.gate)
+            return adapter.finish(module, out.to(proj.v.dtype), proj.gate)
 
         return forward
 

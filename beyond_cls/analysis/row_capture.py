@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from beyond_cls import ops
-from beyond_cls.analysis.attention_adapters import adapter_for, finish
+from beyond_cls.models.architectures import attention_adapter
 
 __all__ = ["RowCapture", "attention_modules"]
 
@@ -25,7 +25,7 @@ _NO_FORWARD = object()
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The attention modules the recorder supports, in forward order (one per block)."""
-    return [(n, m) for n, m in model.named_modules() if adapter_for(m) is not None]
+    return [(n, m) for n, m in model.named_modules() if attention_adapter(m) is not None]
 
 
 class RowCapture:
@@ -81,19 +81,19 @@ class RowCapture:
 
     def _forward(self):
         capture = self
-        project = adapter_for(self.module)
+        adapter = attention_adapter(self.module)
 
         def forward(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
             drop = getattr(module, "attn_drop", None)
             if module.training and drop is not None and drop.p > 0:
                 raise RuntimeError("RowCapture needs eval mode: attention dropout is active")
-            proj = project(module, x, *args, **kwargs)
+            proj = adapter.project(module, x, *args, **kwargs)
             prefix = min(capture.num_prefix_tokens, proj.q.shape[-2] - 1)
             out, _, kept = ops.attention_with_stats(
                 proj.q, proj.k, proj.v, prefix, module.scale, proj.bias, capture.queries
             )
             capture.rows = kept.detach()
-            return finish(module, out.to(proj.v.dtype), proj.gate)
+            return adapter.finish(module, out.to(proj.v.dtype), proj.gate)
 
         # under torch.compile this one module runs eagerly (a graph break), so ``rows`` is really set
         return torch.compiler.disable(forward)

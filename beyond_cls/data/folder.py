@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from beyond_cls.config import default_num_workers
 from beyond_cls.data.pixels import to_rgb
 
 __all__ = [
@@ -135,15 +136,6 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
-
-
-def default_num_workers() -> int:
-    """CPUs this process may use, capped at 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return min(8, cpus)
 
 
 def make_loader(

@@ -1,22 +1,30 @@
-"""Encoder zoo: the paper's encoders by name, timm architectures, and adapters for official checkpoint layouts."""
+"""Encoder zoo: the paper's encoders by name, their architectures, and adapters for official checkpoint layouts.
+
+``formats/`` holds the checkpoint-format registry and one module per family of layouts;
+``architectures/`` the architecture registry and one module per family of encoders. Importing this
+package registers both.
+"""
 
 from __future__ import annotations
 
+from beyond_cls.models.architectures import ARCHITECTURES, Architecture, register_architecture
 from beyond_cls.models.checkpoint import (
-    CHECKPOINT_FORMATS,
-    CLASSIFIER_KEYS,
     AdaptedCheckpoint,
-    CheckpointError,
-    CheckpointFormat,
     adapt_checkpoint,
     checkpoint_model_kwargs,
-    detect_checkpoint_formats,
-    extract_state_dict,
     prepare_checkpoint,
     read_checkpoint,
+)
+from beyond_cls.models.errors import CheckpointError
+from beyond_cls.models.formats import (
+    CHECKPOINT_FORMATS,
+    CLASSIFIER_KEYS,
+    CheckpointFormat,
+    detect_checkpoint_formats,
     register_checkpoint_format,
     resolve_checkpoint_format,
 )
+from beyond_cls.models.formats.common import extract_state_dict
 from beyond_cls.models.loader import (
     EncoderInfo,
     create_encoder,
@@ -28,10 +36,12 @@ from beyond_cls.models.loader import (
 from beyond_cls.models.zoo import ZOO, ZooEntry, find_weights, zoo_entry
 
 __all__ = [
+    "ARCHITECTURES",
     "CHECKPOINT_FORMATS",
     "CLASSIFIER_KEYS",
     "ZOO",
     "AdaptedCheckpoint",
+    "Architecture",
     "CheckpointError",
     "CheckpointFormat",
     "EncoderInfo",
@@ -47,6 +57,7 @@ __all__ = [
     "load_encoder_checkpoint",
     "prepare_checkpoint",
     "read_checkpoint",
+    "register_architecture",
     "register_checkpoint_format",
     "resize_position_tables",
     "resolve_checkpoint_format",

@@ -19,7 +19,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from beyond_cls.models.checkpoint import CheckpointError
+from beyond_cls.models.architectures.registry import architecture_of
+from beyond_cls.models.errors import CheckpointError
 
 __all__ = ["WeightsShape", "check_fit", "check_values", "describe_weights", "first_few"]
 
@@ -125,7 +126,8 @@ def _timm_name(shape: WeightsShape, sd: Mapping[str, Tensor], model: nn.Module) 
     if shape.size is None or shape.patch[0] != shape.patch[1]:
         return None
     word, p = shape.size[1], shape.patch[0]
-    prefixes = ("beitv2", "beit") if type(model).__name__ == "Beit" else ("vit",)
+    arch = architecture_of(model)
+    prefixes = arch.timm_prefixes if arch is not None else ()
     suffixes = []
     reg = sd.get("reg_token")
     if isinstance(reg, Tensor) and reg.ndim == 3:

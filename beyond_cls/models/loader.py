@@ -12,15 +12,12 @@ from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import Tensor, nn
 
 from beyond_cls.models.arch import check_block, check_img_size, parse_arch
-from beyond_cls.models.checkpoint import (
-    AdaptedCheckpoint,
-    CheckpointError,
-    CheckpointFormat,
-    PosEmbedResampler,
-    prepare_checkpoint,
-    wrong_format_hint,
-)
+from beyond_cls.models.architectures.registry import ARCHITECTURES, architecture_of, builder_for
+from beyond_cls.models.checkpoint import AdaptedCheckpoint, prepare_checkpoint, wrong_format_hint
+from beyond_cls.models.errors import CheckpointError
 from beyond_cls.models.fit import check_fit, check_values, size_hint
+from beyond_cls.models.formats.registry import CheckpointFormat, PosEmbedResampler
+from beyond_cls.models.zoo import find_weights, zoo_entry
 
 __all__ = [
     "EncoderInfo",
@@ -97,23 +94,39 @@ def encoder_info(
 
 
 def create_encoder(name: str, img_size: int | tuple[int, int] | None = None, **model_kwargs) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, num_classes=0, ...)`` with readable errors."""
+    """The encoder architecture ``name`` without weights or classifier, with readable errors.
+
+    A name a registered architecture builds itself (e.g. ``capi``) goes to its builder; any other to
+    ``timm.create_model(name, pretrained=False, num_classes=0, ...)``.
+    """
+    _check_reserved(model_kwargs)
+    return _create(name, img_size, 0, model_kwargs)
+
+
+def _check_reserved(model_kwargs: dict) -> None:
     reserved = [k for k in _RESERVED_KWARGS if k in model_kwargs]
     if reserved:
         raise ValueError(
             f"load_encoder sets {reserved} itself (no downloads, no classifier head); "
             "pass weights with checkpoint=<file>"
         )
+
+
+def _create(name: str, img_size: int | tuple[int, int] | None, num_classes: int, kwargs: dict) -> nn.Module:
+    builder = builder_for(name)
+    if builder is not None:
+        return builder(img_size=img_size, num_classes=num_classes, **kwargs)
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        own = [n for a in ARCHITECTURES.values() for n in a.builders]
+        close = difflib.get_close_matches(name, [*own, *timm.list_models()], n=5)
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise ValueError(
             f"unknown timm model {name!r}{hint}. List candidates with timm.list_models('*vit*'), "
             "timm.list_models('beit*') or timm.list_models('eva*')"
         )
     if img_size is not None:
-        model_kwargs["img_size"] = img_size
-    return timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
+        kwargs = {**kwargs, "img_size": img_size}
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def resize_position_tables(
@@ -183,29 +196,6 @@ def resize_position_tables(
     return out
 
 
-_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
-
-
-def _spread_shared_rel_pos_bias(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Copy a shared BEiT bias table into every block when ``model`` has per-block tables instead.
-
-    This is how BEiT's fine-tuning script loads pretrained weights; each block then adds the same bias
-    the shared module would have added. Does nothing when the model has a shared table itself.
-    """
-    if _SHARED_TABLE not in sd or getattr(model, "rel_pos_bias", None) is not None:
-        return sd
-    targets = [
-        f"{name}.relative_position_bias_table"
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "relative_position_bias_table", None), Tensor)
-    ]
-    if not targets or any(t in sd for t in targets):
-        return sd
-    out = {k: v for k, v in sd.items() if k != _SHARED_TABLE}
-    out.update({t: sd[_SHARED_TABLE] for t in targets})
-    return out
-
-
 def _fit_hints(ckpt: AdaptedCheckpoint, model: nn.Module, name: str) -> tuple[str, ...]:
     hints = [wrong_format_hint(ckpt.format, ckpt.detected),
              size_hint(ckpt.state_dict, model, name, ckpt.format.name, ckpt.model_kwargs)]
@@ -237,10 +227,11 @@ def load_encoder_checkpoint(
     ``"encoder"``, DINO/iBOT ``"teacher"``/``"student"``, MoCo-v3 ``"base_encoder"``/
     ``"momentum_encoder"``); ``keep_head=True`` also loads a fine-tuned classifier ``head.*`` (build the
     model with ``num_classes``). Position tables are resampled to the model's grid (with the format's
-    own interpolation where it has one) and a shared BEiT bias table is copied into per-block tables if
-    the model has those. Non-persistent buffers in the file (e.g. ``relative_position_index``) are
-    ignored since the model rebuilds them; every other leftover or missing key, wrong shape, NaN/Inf
-    value or integer tensor for a float parameter raises one :class:`CheckpointError`. Returns the format used.
+    own interpolation where it has one), and the model's architecture may adapt the weights last (a
+    shared BEiT bias table is copied into per-block tables if the model has those). Non-persistent
+    buffers in the file (e.g. ``relative_position_index``) are ignored since the model rebuilds them;
+    every other leftover or missing key, wrong shape, NaN/Inf value or integer tensor for a float
+    parameter raises one :class:`CheckpointError`. Returns the format used.
     """
     if isinstance(checkpoint, AdaptedCheckpoint):
         ckpt = checkpoint
@@ -252,7 +243,9 @@ def load_encoder_checkpoint(
     fmt, path = ckpt.format, ckpt.path
     non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())
     sd = {k: v for k, v in ckpt.state_dict.items() if k not in non_persistent}
-    sd = _spread_shared_rel_pos_bias(sd, model)
+    arch = architecture_of(model)
+    if arch is not None and arch.prepare_state_dict is not None:
+        sd = arch.prepare_state_dict(sd, model)
     check_values(sd, model, path)
     sd = resize_position_tables(sd, model, path, resample_pos_embed=fmt.resample_pos_embed)
     name = name or type(model).__name__
@@ -261,19 +254,9 @@ def load_encoder_checkpoint(
     return fmt
 
 
-def _create(arch: str, img_size: int | tuple[int, int] | None, num_classes: int, kwargs: dict) -> nn.Module:
-    if arch == "capi":
-        from beyond_cls.models.capi import capi_vit_large_patch14
-
-        return capi_vit_large_patch14(img_size=img_size or 224, num_classes=num_classes, **kwargs)
-    if num_classes:  # a fine-tuned classifier kept for analysis
-        create_encoder(arch, img_size=img_size, **kwargs)  # same checks and errors first
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
-    return create_encoder(arch, img_size=img_size, **kwargs)
-
-
 def _build(arch: str, img_size: int | tuple[int, int] | None, num_classes: int, kwargs: dict) -> nn.Module:
     """The model, with a readable error for heads that do not divide the width or a bad input size."""
+    _check_reserved(kwargs)
     try:
         model = _create(arch, img_size, num_classes, kwargs)
     except AssertionError as exc:  # timm asserts e.g. dim % num_heads == 0
@@ -313,9 +296,6 @@ def load_encoder(
     model's :class:`EncoderInfo` (``model.beyond_cls_info``): the zoo's, else the last block without the
     final norm (the paper's features). The model is in eval mode with ``requires_grad=False``.
     """
-    from beyond_cls.models.checkpoint import prepare_checkpoint
-    from beyond_cls.models.zoo import find_weights, zoo_entry
-
     entry = zoo_entry(name)
     kwargs: dict = {}
     if entry is not None:

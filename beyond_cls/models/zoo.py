@@ -36,7 +36,7 @@ class ZooEntry:
     name: str
     method: str
     family: str  # "MIM" or "JEA"
-    arch: str  # timm architecture, or "capi" for the package's CAPI port
+    arch: str  # a timm architecture, or a name a registered architecture builds ("capi": the CAPI port)
     checkpoint_format: str
     file: str | None  # the official file name, looked up under the weights folder
     url: str | None  # where to get it (None: not public)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from beyond_cls.models.loader import create_encoder, load_encoder
 from beyond_cls.models.zoo import ZOO, ZooEntry, find_weights
 from beyond_cls.models.zoo import weights_dir as resolve_weights_dir
 
@@ -17,12 +18,6 @@ __all__ = ["build_zoo_architecture", "zoo_rows"]
 def build_zoo_architecture(entry: ZooEntry, img_size: int = 224, device: str | torch.device = "meta") -> nn.Module:
     """The encoder of ``entry`` with random (or, on ``meta``, no) weights, no head."""
     with torch.device(device):
-        if entry.arch == "capi":
-            from beyond_cls.models.capi import capi_vit_large_patch14
-
-            return capi_vit_large_patch14(img_size=img_size)
-        from beyond_cls.models.loader import create_encoder
-
         return create_encoder(entry.arch, img_size=img_size, **entry.kwargs())
 
 
@@ -44,8 +39,6 @@ def zoo_rows(weights_dir: str | os.PathLike | None = None, check: bool = False) 
         except FileNotFoundError:
             path, row["present"] = None, "no"
         if check and path is not None:
-            from beyond_cls.models.loader import load_encoder
-
             try:
                 load_encoder(entry.name, checkpoint=path)
                 row["check"] = "OK"

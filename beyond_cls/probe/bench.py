@@ -24,13 +24,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from beyond_cls.config import ConfigError
+from beyond_cls.config import (
+    BATCH_SIZE,
+    CHECKPOINT,
+    DATA,
+    DATASET,
+    DEVICE,
+    IMG_SIZE,
+    MODEL,
+    NUM_WORKERS,
+    POSITIVE_INT,
+    PRECISION,
+    STEPS,
+    WARMUP,
+    ConfigError,
+    Settings,
+    setting,
+)
 from beyond_cls.data import SyntheticConfig, ViewDataset, build_dataset, make_synthetic_dataset
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.models import load_encoder
 from beyond_cls.optim import LARS
 from beyond_cls.probe.bank import HeadBank, parse_heads, selection_specs
-from beyond_cls.probe.config import parse_list
+from beyond_cls.probe.config import DECODE, HEADS, LRS, parse_list
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.streams import make_loader
@@ -39,41 +55,34 @@ from beyond_cls.runtime import autocast, resolve_device
 __all__ = ["BenchProbeConfig", "bench_probe"]
 
 
-@dataclass
-class BenchProbeConfig:
+@dataclass(kw_only=True)
+class BenchProbeConfig(Settings):
     """Settings of ``beyond-cls bench probe`` (random weights unless a checkpoint is given)."""
 
-    model: str = "vit_base_patch16_224"
-    checkpoint: str | None = None
-    heads: str = "cls,mean,abmilp,abmilp+cls"
-    lrs: str = "0.1"
-    data: str | None = None
-    dataset: str = "imagefolder"
-    img_size: int = 224
-    batch_size: int = 64
-    num_classes: int = 1000
-    steps: int = 10
-    warmup: int = 3
-    num_workers: int = 8
-    decode: str = "cpu"
-    device: str = "auto"
-    amp: str = "auto"
-    baseline: bool = True
+    model: str = MODEL("vit_base_patch16_224")
+    checkpoint: str | None = CHECKPOINT(shown="random weights")
+    heads: str = HEADS()
+    lrs: str = LRS("0.1")
+    data: str | None = DATA(None, help="dataset root for the loader measurement", shown="the synthetic set")
+    dataset: str = DATASET()
+    img_size: int = IMG_SIZE()
+    batch_size: int = BATCH_SIZE()
+    num_classes: int = setting(1000, help="classes of the heads", group="heads", number=POSITIVE_INT)
+    steps: int = STEPS()
+    warmup: int = WARMUP()
+    num_workers: int = NUM_WORKERS(8, help="loader workers")
+    decode: str = DECODE()
+    device: str = DEVICE()
+    precision: str = PRECISION()
+    baseline: bool = setting(True, help="the baseline runs (a per-head script like the authors')", group="output")
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "batch_size", "steps", "num_classes"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.warmup < 0 or self.num_workers < 0:
-            raise ConfigError("warmup and num_workers must be >= 0")
-        if self.decode not in ("cpu", "gpu"):
-            raise ConfigError(f"decode must be cpu or gpu, got {self.decode!r}")
+        super().__post_init__()
         self.base_lrs()
         fixed = selection_specs(parse_heads(self.heads))
         if fixed and self.baseline:
             raise ConfigError(f"the baseline trains one trainable head per run; {', '.join(fixed)} have none "
                               "(measure them with --no-baseline)")
-
 
     def base_lrs(self) -> list[float]:
         """The bank's learning rates: every head spec trains once per rate (heads × lrs entries)."""
@@ -250,12 +259,12 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     opt = LARS(bank.param_groups(1.0), lr=0.1)
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
-    with autocast(cfg.amp, device):
+    with autocast(cfg.precision, device):
         tokens, selections = source(images)
     tokens = tokens.float()
 
     def heads_step(t: torch.Tensor = tokens, sel: torch.Tensor | None = selections) -> None:
-        with autocast(cfg.amp, device):
+        with autocast(cfg.precision, device):
             logits = bank(t, sel)
             loss = sum(nn.functional.cross_entropy(v.float(), labels) for v in logits.values())
         loss.backward()
@@ -263,7 +272,7 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
 
     def encoder_step() -> tuple[torch.Tensor, torch.Tensor | None]:
-        with autocast(cfg.amp, device):
+        with autocast(cfg.precision, device):
             t, sel = source(images)
         return t.float(), sel
 
@@ -285,7 +294,7 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     rows = [
         (f"loader ({cfg.decode} decode, {cfg.num_workers} workers, {timed} batches after {warmup})",
          result["loader"], ""),
-        (f"encoder (no grad, {cfg.amp} autocast, tokens of {tokens})", result["encoder"], ""),
+        (f"encoder (no grad, {cfg.precision} autocast, tokens of {tokens})", result["encoder"], ""),
         ("head bank (fwd + bwd + LARS step)", result["heads"], ""),
         ("encoder + bank", result["step"], f"  (= {result['step'] * count:.1f} head-images/s)"),
     ]

@@ -8,22 +8,45 @@ by effective batch / 256, 10 warm-up epochs then half-cosine to 0, 90 epochs, ef
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from beyond_cls.config import ConfigError
-from beyond_cls.data.folder import default_num_workers
+from beyond_cls.config import (
+    BATCH_SIZE,
+    BLOCK,
+    DATA,
+    DATASET,
+    DEVICE,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    NUM_WORKERS,
+    OUT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    PRECISION,
+    PROGRESS,
+    ConfigError,
+    EncoderSettings,
+    Setting,
+    setting,
+)
+from beyond_cls.heads.registry import heads_help
 
-__all__ = ["AMP_CHOICES", "DECODE_CHOICES", "OPTIMIZERS", "RESUME_CHOICES", "ProbeConfig", "parse_list"]
+__all__ = ["DECODE_CHOICES", "OPTIMIZERS", "RESUME_CHOICES", "ProbeConfig", "parse_list"]
 
 OPTIMIZERS = ("lars", "sgd")
 DECODE_CHOICES = ("cpu", "gpu")
-AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 RESUME_CHOICES = ("auto", "none")
-DEFAULT_HEADS = "cls,mean,abmilp,abmilp+cls"
-
-
 MAE_WARMUP_EPOCHS, MAE_EPOCHS = 10, 90
+
+# Settings that ``bench probe`` shares.
+HEADS = Setting(
+    "cls,mean,abmilp,abmilp+cls", group="heads",
+    help=heads_help(),  # read off the heads registry
+)
+LRS = Setting(None, help="comma-separated base learning rates; every head is trained with each", group="heads",
+              shown="--blr")
+DECODE = Setting("cpu", help="where JPEGs are decoded and augmented", group="runtime", choices=DECODE_CHOICES)
 
 
 def default_warmup(epochs: int) -> float:
@@ -48,94 +71,84 @@ def parse_list(value: Any, kind: type, name: str) -> list:
     return out
 
 
-@dataclass
-class ProbeConfig:
+@dataclass(kw_only=True)
+class ProbeConfig(EncoderSettings):
     """Settings of one probing run (all seeds); see ``beyond-cls probe --help`` for each field."""
 
-    model: str
-    data: str | None = field(default=None, kw_only=True)  # None only with dataset "synthetic": the default set
-    out: str
-    dataset: str = "imagefolder"
-    checkpoint: str | None = None
-    checkpoint_format: str = "auto"
-    arch: str | None = None
-    source: str | None = None
-    weights_dir: str | None = None
-    img_size: int = 224
-    block: int | None = None
-    blocks: str | None = None  # "5,11" or "all": a layer-wise bank, one encoder pass (replaces block)
-    final_norm: bool | None = None
-    heads: str = DEFAULT_HEADS
-    lrs: str | None = None
-    epochs: int = 90
-    warmup_epochs: float | None = None  # None: MAE's 10 of 90, scaled to 10/90 of runs of 10 epochs or fewer
-    batch_size: int = 256
-    accum_iter: int | None = None
-    effective_batch: int = 16384
-    blr: float = 0.1
-    lr: float | None = None
-    min_lr: float = 0.0
-    optimizer: str = "lars"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    seeds: str = "0"
-    eval_every: int = 0
-    num_workers: int = field(default_factory=default_num_workers)
-    decode: str = "cpu"
-    cache: str | None = None
-    cache_views: int | None = None
-    cache_dtype: str = "bf16"
-    ckpt_minutes: float = 30.0
-    resume: str = "auto"
-    compile: bool = False
-    channels_last: bool = False
-    amp: str = "auto"
-    skip_bad_images: bool = False
-    subset_file: str | None = None
-    mean: str | None = None
-    std: str | None = None
-    device: str = "auto"
-    log_every: int = 20
-    progress: bool = True
+    data: str | None = DATA(None, help=DATA.help + "; required, except for --dataset synthetic (the built-in set)")
+    dataset: str = DATASET()
+    subset_file: str | None = setting(None, help="ImageNet-1% file list (imagenet1pct)", group="data",
+                                      shown="ROOT/1percent.txt")
+    mean: str | None = setting(None, help="input normalization mean, three comma-separated numbers", group="data",
+                               shown="the encoder's")
+    std: str | None = setting(None, help="input normalization std, three comma-separated numbers", group="data",
+                              shown="the encoder's")
+    skip_bad_images: bool = setting(False, help="skip and count unreadable images instead of stopping", group="data")
+    cache_views: int | None = setting(None, help="augmented train views cycled over the epochs", group="data",
+                                      shown="1 with --cache, else a new view every epoch", number=POSITIVE_INT)
+    block: int | None = setting(None, help="take tokens from this block", group="model", number=BLOCK,
+                                shown="the zoo's (SimMIM: 7), else the last")
+    blocks: str | None = setting(
+        None, group="model", help="layer-wise probing: train the heads on each of these blocks (comma-separated, "
+        "0-based, or all) from one encoder pass; one result row per block, aggregation and lr; excludes --block")
+    final_norm: bool | None = setting(None, help="apply the encoder's final norm to the tokens", group="model",
+                                      shown="off: the paper's pre-norm features")
+    heads: str = HEADS()
+    lrs: str | None = LRS()
+    epochs: int = setting(MAE_EPOCHS, help="training epochs (the paper: 90, 50 for ViT-L/H)", group="schedule",
+                          number=POSITIVE_INT)
+    warmup_epochs: float | None = setting(None, help="linear warm-up epochs", group="schedule",
+                                          shown="10, or 10/90 of runs of 10 epochs or fewer", number=NON_NEGATIVE_FLOAT)
+    batch_size: int = BATCH_SIZE(256, help="images per process per micro-batch", group="schedule")
+    accum_iter: int | None = setting(None, help="micro-batches per optimizer step", group="schedule",
+                                     shown="effective batch / (batch size x processes)", number=POSITIVE_INT)
+    effective_batch: int = setting(16384, help="images per optimizer step over all processes", group="schedule",
+                                   number=POSITIVE_INT)
+    blr: float = setting(0.1, help="base learning rate: lr = blr x effective batch / 256", group="schedule",
+                         number=POSITIVE_FLOAT)
+    lr: float | None = setting(None, help="absolute learning rate (overrides --blr)", group="schedule",
+                               number=POSITIVE_FLOAT)
+    min_lr: float = setting(0.0, help="learning rate at the end of the cosine", group="schedule",
+                            number=NON_NEGATIVE_FLOAT)
+    optimizer: str = setting("lars", help="lars (MAE protocol) or sgd (small sets: CUB, ImageNet-1%)",
+                             group="schedule", choices=OPTIMIZERS)
+    momentum: float = setting(0.9, help="optimizer momentum", group="schedule", number=NON_NEGATIVE_FLOAT)
+    weight_decay: float = setting(0.0, help="weight decay", group="schedule", number=NON_NEGATIVE_FLOAT)
+    seeds: str = setting("0", help="comma-separated seeds; results are averaged over them", group="schedule")
+    eval_every: int = setting(0, help="evaluate every N epochs as well as at the end (0: only at the end)",
+                              group="schedule", number=NON_NEGATIVE_INT)
+    num_workers: int = NUM_WORKERS()
+    decode: str = DECODE()
+    cache: str | None = setting(None, help="feature cache folder: extract tokens once, train the heads from disk",
+                                group="runtime")
+    cache_dtype: str = setting("bf16", help="feature cache precision", group="runtime", choices=("bf16", "fp32"))
+    compile: bool = setting(False, help="torch.compile the encoder", group="runtime")
+    channels_last: bool = setting(False, help="channels-last images and encoder", group="runtime")
+    precision: str = PRECISION()
+    device: str = DEVICE()
+    out: str = OUT(help="output folder: results, checkpoints, logs")
+    ckpt_minutes: float = setting(30.0, help="also checkpoint every this many minutes (0: every step)",
+                                  group="output", number=NON_NEGATIVE_FLOAT)
+    resume: str = setting("auto", help="auto (continue OUT's checkpoint), none, or a checkpoint file", group="output")
+    log_every: int = setting(20, help="optimizer steps per log line", group="output", number=POSITIVE_INT)
+    progress: bool = PROGRESS()
 
     def __post_init__(self) -> None:
         if self.data is None and str(self.dataset).lower() != "synthetic":
             raise ConfigError(f"--data is required for --dataset {self.dataset} (only --dataset synthetic, "
                               "the built-in set, is made on demand without it)")
-        for name in ("img_size", "epochs", "batch_size", "effective_batch", "log_every"):
-            _positive(name, getattr(self, name))
-        for name in ("accum_iter", "cache_views"):
-            if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
-        for name in ("eval_every", "num_workers"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.warmup_epochs is None:
+        if self.warmup_epochs is None and POSITIVE_INT.holds(self.epochs):
             self.warmup_epochs = default_warmup(self.epochs)
-        value = self.warmup_epochs
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"warmup_epochs must be a number >= 0, got {value!r}")
+        super().__post_init__()
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
-        for name in ("blr", "min_lr", "momentum", "weight_decay", "ckpt_minutes"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.lr is not None and self.lrs is not None:
             raise ConfigError("give either --lr (one absolute learning rate) or --lrs (base learning rates), not both")
-        if self.block is not None and (not isinstance(self.block, int) or self.block < -1):
-            raise ConfigError(f"block must be a block index >= 0 (or -1 for the last), got {self.block!r}")
         if self.blocks is not None:
             if self.block is not None:
                 raise ConfigError("give either --block (one token block) or --blocks (several), not both")
             listed = self.block_list(None)
             self.blocks = "all" if not listed else ",".join(map(str, listed))  # one spelling: resume compares it
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("decode", self.decode, DECODE_CHOICES)
-        _choice("amp", self.amp, AMP_CHOICES)
-        _choice("cache_dtype", self.cache_dtype, ("bf16", "fp32"))
         if self.resume not in RESUME_CHOICES and not self.resume.endswith((".pt", ".pth")):
             raise ConfigError(f"resume must be auto, none or a checkpoint file (.pt), got {self.resume!r}")
         self.seed_list()
@@ -202,13 +215,3 @@ class ProbeConfig:
                 f"{world_size} process(es) = {per_step}; change --batch-size or set --accum-iter"
             )
         return self.effective_batch // per_step, self.effective_batch
-
-
-def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

@@ -108,7 +108,7 @@ def _extract(
                disable=not (cfg.progress and env.is_main))
     for batch in bar:
         images = batch.images_on(env.device, channels_last=cfg.channels_last)
-        with autocast(cfg.amp, env.device):
+        with autocast(cfg.precision, env.device):
             tokens, selections = source(images)
         for m, writer in enumerate(writers):
             if writer is not None:
@@ -179,13 +179,13 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     token_blocks = blocks or [None]
     shapes = [(info.num_tokens, info.embed_dim)] * len(token_blocks) + [(info.num_patches,)] * len(selections)
-    fingerprint = {
+    fingerprint = {  # "amp": the autocast dtype, under the key existing caches were written with
         "model": cfg.model, "weights": fingerprint_file(info.checkpoint), "format": cfg.checkpoint_format,
         "init_seed": cfg.seed_list()[0] if info.checkpoint is None else None,  # random weights (torch.manual_seed)
         "img_size": cfg.img_size, "block": source_block(tokens_only), "final_norm": info.final_norm,
         "arch": cfg.arch, "source": info.source,
         "dataset": cfg.dataset, "data": str(Path(cfg.data).resolve()), "subset": cfg.subset_file,
-        "mean": view_kwargs["mean"], "std": view_kwargs["std"], "amp": str(autocast_dtype(cfg.amp, env.device)),
+        "mean": view_kwargs["mean"], "std": view_kwargs["std"], "amp": str(autocast_dtype(cfg.precision, env.device)),
         "skip_bad": cfg.skip_bad_images,
     }
     train_targets, val_targets = target_tensor(train_set), target_tensor(val_set)
@@ -220,7 +220,7 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
             )
         else:
             stream = EncoderStream(
-                source, train_views, val_views, sampler, val_sampler, cfg.num_workers, env.device, cfg.amp,
+                source, train_views, val_views, sampler, val_sampler, cfg.num_workers, env.device, cfg.precision,
                 cfg.channels_last,
             )
         bank = HeadBank(

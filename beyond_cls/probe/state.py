@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from beyond_cls.fileio import write_atomic
-from beyond_cls.models.checkpoint import CheckpointError, read_checkpoint
+from beyond_cls.models.checkpoint import read_checkpoint
+from beyond_cls.models.errors import CheckpointError
 
 __all__ = ["STATE_FILE", "STATE_VERSION", "PreemptionWatch", "load_state", "save_atomic"]
 

@@ -69,10 +69,10 @@ class EncoderStream:
         val_sampler: EvalBatchSampler,
         num_workers: int,
         device: torch.device,
-        amp: str,
+        precision: str,
         channels_last: bool = False,
     ) -> None:
-        self.source, self.device, self.amp, self.channels_last = source, device, amp, channels_last
+        self.source, self.device, self.precision, self.channels_last = source, device, precision, channels_last
         self.train_sampler = train_sampler
         self.train_loader = make_loader(train_views, train_sampler, num_workers, device)
         self.val_loader = make_loader(val_views, val_sampler, num_workers, device)
@@ -80,7 +80,7 @@ class EncoderStream:
     def _tokens(self, loader: DataLoader) -> Iterator[MicroBatch]:
         for batch in loader:
             images = batch.images_on(self.device, channels_last=self.channels_last)
-            with autocast(self.amp, self.device):
+            with autocast(self.precision, self.device):
                 tokens, selections = self.source(images)
             yield MicroBatch(tokens.float(), selections, batch.targets.to(self.device, non_blocking=True),
                              batch.skipped)

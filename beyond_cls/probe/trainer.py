@@ -47,7 +47,7 @@ __all__ = ["FAULT_ENV", "RESUME_KEYS", "NonFiniteLoss", "Preempted", "ProbeTrain
 # Test hook: "KILL@7" / "TERM@7" sends that signal to this process after global optimizer step 7.
 FAULT_ENV = "BEYOND_CLS_FAULT"
 # Settings that change what is trained (encoder, data, heads, schedule, views): they must match to resume a
-# checkpoint. The rest only change speed, precision or logging (workers, cache folder, amp, decode...).
+# checkpoint. The rest only change speed, precision or logging (workers, cache folder, --precision, decode...).
 RESUME_KEYS = (
     "model", "checkpoint", "checkpoint_format", "arch", "source", "dataset", "data", "subset_file", "img_size",
     "block", "blocks", "final_norm", "heads", "lrs", "blr", "lr", "min_lr", "epochs", "warmup_epochs", "optimizer",
@@ -177,7 +177,7 @@ class ProbeTrainer:
 
     # ----------------------------------------------------------------------------------- state
     def _amp_dtype(self) -> torch.dtype | None:
-        return autocast_dtype(self.cfg.amp, self.device)
+        return autocast_dtype(self.cfg.precision, self.device)
 
     @property
     def state_path(self) -> Path:
@@ -283,7 +283,7 @@ class ProbeTrainer:
         for m in norms:
             m.eval()
         try:
-            with autocast(self.cfg.amp, self.device):
+            with autocast(self.cfg.precision, self.device):
                 logits = self.model(tokens, selections)
                 target = targets.float() if self.multilabel else targets
                 losses = torch.stack([self.loss_fn(logits[e.key].float(), target) for e in self.bank.entries])
@@ -313,7 +313,8 @@ class ProbeTrainer:
                     if self._good_state is not None else "no checkpoint of this run was saved before it")
             raise NonFiniteLoss(
                 f"non-finite loss in head(s) {heads} at epoch {flags.epoch + 1}, step {flags.step + 1}; "
-                f"training stopped and {kept}. Lower --lrs for these heads, or use --amp bf16/fp32 instead of fp16"
+                f"training stopped and {kept}. Lower --lrs for these heads, or use --precision bf16/fp32 instead "
+                "of fp16"
             )
         return stop, save
 
@@ -434,7 +435,7 @@ class ProbeTrainer:
                 total[1] += skipped
                 if tokens.shape[0] == 0:
                     continue
-                with autocast(self.cfg.amp, self.device):
+                with autocast(self.cfg.precision, self.device):
                     logits, entropy = self.bank.forward_eval(tokens, selections)
                 for h, e in enumerate(heads):
                     out = logits[e.key].float()

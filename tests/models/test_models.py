@@ -1,0 +1,392 @@
+"""Encoder loading: checkpoint layouts, safety, position-table resampling and EncoderInfo."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+
+from beyond_cls.models import (
+    CheckpointError,
+    EncoderInfo,
+    adapt_checkpoint,
+    encoder_info,
+    extract_state_dict,
+    load_encoder,
+    read_checkpoint,
+    resolve_checkpoint_format,
+)
+
+VIT = "vit_tiny_patch16_224"
+TINY = {"depth": 2, "img_size": 64}  # 4x4 patches keep every forward cheap
+
+
+def _timm(name: str = VIT, **kwargs) -> torch.nn.Module:
+    kwargs = {**TINY, **kwargs}
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+
+
+def _randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every parameter non-trivial values so a missed key would change the output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _features(model: torch.nn.Module, size: int | None = None) -> torch.Tensor:
+    size = size or model.patch_embed.img_size[0]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model.forward_features(x)
+
+
+def _assert_frozen_eval(model: torch.nn.Module) -> None:
+    assert not model.training
+    assert all(not m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def vit_src() -> torch.nn.Module:
+    """A randomized tiny ViT, shared read-only by the tests that only need its weights."""
+    torch.manual_seed(0)
+    return _randomize(_timm())
+
+
+# ------------------------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".pth.tar", ".pyth", ".bin"])
+def test_timm_layout_round_trip(vit_src, tmp_path, suffix):
+    src = vit_src
+    path = tmp_path / f"vit{suffix}"
+    torch.save(src.state_dict(), path)
+    enc = load_encoder(VIT, path, **TINY)
+    assert torch.equal(_features(enc), _features(src))
+    _assert_frozen_eval(enc)
+    assert enc.beyond_cls_info.checkpoint == str(path)
+
+
+def test_legacy_serialization_loads(vit_src, tmp_path):
+    src = vit_src
+    path = tmp_path / "legacy.pth"
+    torch.save(src.state_dict(), path, _use_new_zipfile_serialization=False)
+    enc = load_encoder(VIT, path, checkpoint_format="timm", **TINY)
+    assert torch.equal(_features(enc), _features(src))
+
+
+def _mae_file(src: torch.nn.Module) -> dict:
+    d = src.embed_dim
+    sd = dict(src.state_dict())
+    sd |= {
+        "mask_token": torch.zeros(1, 1, d),
+        "decoder_embed.weight": torch.randn(16, d),
+        "decoder_embed.bias": torch.randn(16),
+        "decoder_pos_embed": torch.randn(1, 197, 16),
+        "decoder_blocks.0.attn.qkv.weight": torch.randn(48, 16),
+        "decoder_norm.weight": torch.ones(16),
+        "decoder_pred.weight": torch.randn(768, 16),
+        "head.weight": torch.randn(1000, d),
+        "head.bias": torch.randn(1000),
+    }
+    return {"model": sd, "epoch": 799, "args": argparse.Namespace(lr=1.5e-4, model="mae_vit_tiny")}
+
+
+@pytest.mark.parametrize("fmt", ["auto", "mae"])
+def test_mae_layout_loads(vit_src, tmp_path, fmt):
+    src = vit_src
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save(_mae_file(src), path)
+    enc = load_encoder(VIT, path, checkpoint_format=fmt, **TINY)
+    assert torch.equal(_features(enc), _features(src))
+
+
+def test_auto_detects_mae_and_timm(vit_src):
+    sd = vit_src.state_dict()
+    assert resolve_checkpoint_format(_mae_file(vit_src)).name == "mae"
+    assert resolve_checkpoint_format(dict(sd)).name == "timm"
+    assert resolve_checkpoint_format({"state_dict": dict(sd)}).name == "timm"
+    adapted = adapt_checkpoint(_mae_file(vit_src), "f.pth", "mae")
+    assert set(adapted) == set(sd)
+
+
+def test_mae_leftovers_rejected_as_timm(vit_src, tmp_path):
+    path = tmp_path / "mae.pth"
+    torch.save(_mae_file(vit_src), path)
+    with pytest.raises(CheckpointError) as info:
+        load_encoder(VIT, path, checkpoint_format="timm", **TINY)
+    assert "decoder_embed.weight" in info.value.unexpected
+    assert "mask_token" in str(info.value)
+    assert "head.weight" not in info.value.unexpected  # classifier keys are always dropped
+
+
+def test_safetensors_round_trip(vit_src, tmp_path):
+    src = vit_src
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    enc = load_encoder(VIT, path, **TINY)
+    assert torch.equal(_features(enc), _features(src))
+
+
+def test_module_prefix_stripped(vit_src, tmp_path):
+    src = vit_src
+    path = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+    enc = load_encoder(VIT, path, **TINY)
+    assert torch.equal(_features(enc), _features(src))
+
+
+def test_partial_module_prefix_kept():
+    sd = {"module.a": torch.zeros(1), "b": torch.zeros(1)}
+    assert set(extract_state_dict(sd)) == {"module.a", "b"}
+
+
+def test_explicit_key(vit_src, tmp_path):
+    src = vit_src
+    path = tmp_path / "dino_full.pth"
+    torch.save(
+        {"teacher": src.state_dict(), "student": {k: v + 1 for k, v in src.state_dict().items()}, "epoch": 3},
+        path,
+    )
+    enc = load_encoder(VIT, path, checkpoint_key="teacher", **TINY)
+    assert torch.equal(_features(enc), _features(src))
+    obj = read_checkpoint(path)
+    with pytest.raises(CheckpointError, match="'teacher', 'student', 'epoch'"):
+        adapt_checkpoint(obj, path)  # nothing to pick automatically
+    with pytest.raises(CheckpointError, match="no top-level key 'target_encoder'"):
+        adapt_checkpoint(obj, path, key="target_encoder")
+    with pytest.raises(CheckpointError, match="entry 'epoch' is not a dict of tensors"):
+        adapt_checkpoint(obj, path, key="epoch")
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def test_renamed_and_deleted_keys_listed(vit_src, tmp_path):
+    sd = dict(vit_src.state_dict())
+    sd["blocks.0.attn.qkv.weight_renamed"] = sd.pop("blocks.0.attn.qkv.weight")
+    del sd["norm.bias"]
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as info:
+        load_encoder(VIT, path, **TINY)
+    err = info.value
+    assert set(err.missing) == {"blocks.0.attn.qkv.weight", "norm.bias"}
+    assert err.unexpected == ("blocks.0.attn.qkv.weight_renamed",)
+    msg = str(err)
+    assert "missing keys (2)" in msg and "unexpected keys (1)" in msg
+    assert "blocks.0.attn.qkv.weight_renamed" in msg and "norm.bias" in msg and str(path) in msg
+
+
+def test_shape_mismatch_names_key_and_shapes(vit_src, tmp_path):
+    sd = dict(vit_src.state_dict())
+    sd["blocks.1.mlp.fc1.bias"] = torch.zeros(10)
+    path = tmp_path / "shape.pth"
+    torch.save(sd, path)
+    with pytest.raises(
+        CheckpointError, match=r"blocks\.1\.mlp\.fc1\.bias: checkpoint \(10,\) vs model \(768,\)"
+    ):
+        load_encoder(VIT, path, **TINY)
+
+
+class _Touch:
+    """Unpickling this would create ``path``: stands in for a checkpoint that runs code."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("writer", ["torch_zip", "plain_pickle"])
+def test_malicious_pickle_refused(tmp_path, writer):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    payload = {"model": {"w": torch.zeros(1)}, "x": _Touch(marker)}
+    if writer == "torch_zip":
+        torch.save(payload, path, _use_new_zipfile_serialization=True)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match="refused as unsafe") as info:
+        load_encoder(VIT, path, **TINY)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.pth"
+    with pytest.raises(CheckpointError, match="file not found") as info:
+        load_encoder(VIT, path, **TINY)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("kind", ["truncated_zip", "truncated_legacy", "garbage", "safetensors"])
+def test_corrupt_file(vit_src, tmp_path, kind):
+    sd = vit_src.state_dict()
+    path = tmp_path / ("bad.safetensors" if kind == "safetensors" else "bad.pth")
+    if kind == "garbage":
+        path.write_bytes(b"definitely not a checkpoint" * 20)
+    else:
+        if kind == "safetensors":
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        else:
+            torch.save(sd, path, _use_new_zipfile_serialization=kind == "truncated_zip")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match="expected a dict of tensors, got list"):
+        adapt_checkpoint(read_checkpoint(path), path)
+
+
+def test_unknown_model_and_reserved_kwargs():
+    with pytest.raises(ValueError, match="unknown timm model 'vit_tinyy_patch16_224'.*vit_tiny_patch16_224"):
+        load_encoder("vit_tinyy_patch16_224")
+    with pytest.raises(ValueError, match="pretrained"):
+        load_encoder(VIT, pretrained=True, **TINY)
+
+
+def test_unknown_format(vit_src, tmp_path):
+    path = tmp_path / "vit.pth"
+    torch.save(vit_src.state_dict(), path)
+    with pytest.raises(ValueError, match="unknown checkpoint_format 'dinov3'.*'mae'"):
+        load_encoder(VIT, path, checkpoint_format="dinov3", **TINY)
+
+
+# ------------------------------------------------------------------------ position tables
+
+
+def test_pos_embed_interpolated(tmp_path):
+    src = _randomize(_timm(img_size=224))
+    path = tmp_path / "vit224.pth"
+    torch.save(src.state_dict(), path)
+    enc = load_encoder(VIT, path, img_size=160, depth=2)
+    want = resample_abs_pos_embed(src.pos_embed.detach(), new_size=[10, 10], num_prefix_tokens=1)
+    assert enc.pos_embed.shape == (1, 101, 192)
+    assert torch.equal(enc.pos_embed, want)
+    assert torch.equal(enc.pos_embed[:, :1], src.pos_embed[:, :1])
+    assert torch.equal(enc.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    out = _features(enc, size=160)
+    assert out.shape == (2, 101, 192) and torch.isfinite(out).all()
+    assert enc.beyond_cls_info.grid_size == (10, 10)
+
+
+def test_pos_embed_no_embed_class_registers(tmp_path):
+    name = "vit_small_patch14_reg4_dinov2"
+    src = _randomize(_timm(name, img_size=70))
+    assert src.no_embed_class and src.pos_embed.shape[1] == 25
+    path = tmp_path / "reg.pth"
+    torch.save(src.state_dict(), path)
+    enc = load_encoder(name, path, img_size=56, depth=2)
+    want = resample_abs_pos_embed(src.pos_embed.detach(), new_size=[4, 4], num_prefix_tokens=0)
+    assert torch.equal(enc.pos_embed, want)
+    assert _features(enc, size=56).shape == (2, 5 + 16, 384)
+
+
+def test_pos_embed_not_a_grid(vit_src, tmp_path):
+    sd = dict(vit_src.state_dict())
+    sd["pos_embed"] = torch.zeros(1, 1 + 15, 192)
+    path = tmp_path / "odd.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match="not a square grid"):
+        load_encoder(VIT, path, **TINY)
+
+
+# ------------------------------------------------------------------------ Beit and Eva
+
+
+def test_beit_round_trip_with_relative_position_index(tmp_path):
+    name = "beitv2_base_patch16_224"
+    src = _randomize(_timm(name))
+    sd = dict(src.state_dict())
+    # official BEiT files also store the index buffers, which timm rebuilds (non-persistent)
+    sd |= {f"blocks.{i}.attn.relative_position_index": torch.zeros(17, 17, dtype=torch.long) for i in (0, 1)}
+    path = tmp_path / "beit.pth"
+    torch.save({"model": sd}, path)
+    enc = load_encoder(name, path, checkpoint_format="timm", **TINY)
+    assert torch.equal(_features(enc), _features(src))
+    _assert_frozen_eval(enc)
+
+
+def test_beit_relative_position_table_resized(tmp_path):
+    name, narrow = "beitv2_base_patch16_224", {"embed_dim": 192, "num_heads": 3}
+    src = _randomize(_timm(name, **narrow))
+    path = tmp_path / "beit.pth"
+    torch.save(src.state_dict(), path)
+    enc = load_encoder(name, path, img_size=96, depth=2, **narrow)
+    for i in (0, 1):
+        table = src.blocks[i].attn.relative_position_bias_table.detach()
+        want = resize_rel_pos_bias_table(table, new_window_size=(6, 6), new_bias_shape=(11 * 11 + 3, 3))
+        assert torch.equal(enc.blocks[i].attn.relative_position_bias_table, want)
+    assert torch.equal(enc.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    assert _features(enc).shape == (2, 1 + 36, 192)
+
+
+def test_eva_round_trip(tmp_path):
+    name = "eva02_tiny_patch14_224"
+    src = _randomize(_timm(name, img_size=56))
+    path = tmp_path / "eva.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    enc = load_encoder(name, path, img_size=56, depth=2)
+    assert torch.equal(_features(enc), _features(src))
+    _assert_frozen_eval(enc)
+
+
+# ------------------------------------------------------------------------ EncoderInfo
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "want"),
+    [
+        (VIT, {}, EncoderInfo(VIT, 1, True, 196, (14, 14), 192, 3, 2)),
+        (
+            VIT,
+            {"class_token": False, "global_pool": "avg", "fc_norm": False},
+            EncoderInfo(VIT, 0, False, 196, (14, 14), 192, 3, 2),
+        ),
+        (
+            "vit_small_patch14_reg4_dinov2",
+            {"img_size": 70},
+            EncoderInfo("vit_small_patch14_reg4_dinov2", 5, True, 25, (5, 5), 384, 6, 2),
+        ),
+        (VIT, {"reg_tokens": 4}, EncoderInfo(VIT, 5, True, 196, (14, 14), 192, 3, 2)),
+        (
+            "beitv2_base_patch16_224",
+            {},
+            EncoderInfo("beitv2_base_patch16_224", 1, True, 196, (14, 14), 768, 12, 2),
+        ),
+        (
+            "eva02_tiny_patch14_224",
+            {},
+            EncoderInfo("eva02_tiny_patch14_224", 1, True, 256, (16, 16), 192, 3, 2),
+        ),
+    ],
+)
+def test_encoder_info(name, kwargs, want):
+    enc = load_encoder(name, depth=2, **kwargs)
+    assert enc.beyond_cls_info == want
+    assert encoder_info(enc) == want
+    _assert_frozen_eval(enc)
+    tokens = _features(enc, size=want.grid_size[0] * enc.patch_embed.patch_size[0])
+    assert tokens.shape[1] == want.num_tokens
+    assert want.num_reg_tokens == want.num_prefix_tokens - int(want.has_class_token)
+
+
+def test_encoder_info_rejects_non_vit():
+    with pytest.raises(TypeError, match="not a ViT-style"):
+        encoder_info(torch.nn.Linear(2, 2))

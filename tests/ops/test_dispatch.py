@@ -1,0 +1,92 @@
+"""beyond_cls.ops' layout and backend policy: one custom op per fused kernel, each with one fake, chosen once."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from beyond_cls import _extension, ops
+from beyond_cls.ops import _dispatch
+
+ROOT = Path(__file__).resolve().parents[2]
+CUSTOM_OPS = ("attention_stats", "abmilp_pool", "abmilp_pool_grad", "softmax_pool", "softmax_pool_grad")
+CPP_OPS = ("attention_with_stats", "abmilp_forward", "abmilp_backward", "softmax_pool_forward",
+           "softmax_pool_backward")
+
+
+def _sources() -> dict[Path, str]:
+    files = [*(ROOT / "beyond_cls").rglob("*.py"), *(ROOT / "kernels").glob("*.py")]
+    return {path: path.read_text(encoding="utf-8") for path in files}
+
+
+def test_every_custom_op_has_one_fake_and_the_cpp_ops_none():
+    """Each custom op gets its fake once, in its own module; the C++ ops run only inside the custom ops' kernels
+    and have no fake (no registration is dead)."""
+    defined, fakes = [], []
+    for path, text in _sources().items():
+        defined += [(name, path.parent.name) for name in re.findall(r'custom_op\(\s*"beyond_cls::(\w+)"', text)]
+        fakes += [path.parent.name] * text.count("register_fake")
+    assert sorted(defined) == sorted((name, "ops") for name in CUSTOM_OPS)
+    assert fakes == ["ops"] * len(CUSTOM_OPS)
+    for name in CUSTOM_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"beyond_cls::{name}", "Meta"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"beyond_cls::{name}", "CUDA"), name
+    if _extension.available():
+        for name in CPP_OPS:
+            assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"beyond_cls::{name}", "Meta"), name
+
+
+def test_dispatch_imports_nothing_of_the_package():
+    tree = ast.parse((ROOT / "beyond_cls" / "ops" / "_dispatch.py").read_text(encoding="utf-8"))
+    modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in modules if m.startswith("beyond_cls")], modules
+
+
+def test_only_dispatch_reads_triton_interpret():
+    readers = [p for p, text in _sources().items() if re.search(r"environ.*TRITON_INTERPRET", text)]
+    assert readers == [ROOT / "beyond_cls" / "ops" / "_dispatch.py"]
+
+
+@pytest.mark.parametrize(
+    "op,device,dtype,want",
+    [
+        ("attention_with_stats", "cuda", torch.bfloat16, "triton"),
+        ("attention_with_stats", "cuda", torch.float64, "reference"),  # Triton's attention has no float64
+        ("abmilp_pool", "cuda", torch.float64, "triton"),  # the pooling kernels do (exact tests)
+        ("no_such_op", "cuda", torch.float32, "reference"),
+    ],
+)
+def test_cuda_policy(op, device, dtype, want, monkeypatch):
+    monkeypatch.delenv("BEYOND_CLS_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "TRITON_INSTALLED", True)
+    assert ops.backend_for(op, torch.device(device), dtype) == want
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="BEYOND_CLS_BACKEND=cpp cannot run attention_with_stats: .*CPU"):
+        ops.backend_for("attention_with_stats", torch.device("cuda"))
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", "triton")
+    monkeypatch.setattr(_dispatch, "TRITON_INSTALLED", False)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        ops.backend_for("abmilp_pool", torch.device("cuda"))
+
+
+def test_cpp_backend_needs_the_extension(monkeypatch):
+    """Without the C++ extension CPU tensors fall back to the reference (and forcing cpp says why)."""
+    monkeypatch.delenv("BEYOND_CLS_BACKEND", raising=False)
+    support = _dispatch._SUPPORT["attention_with_stats"]
+    monkeypatch.setitem(_dispatch._SUPPORT, "attention_with_stats",
+                        _dispatch.Support(support.triton_dtypes, support.cpp_dtypes, lambda: "no _C here"))
+    assert ops.backend_for("attention_with_stats", torch.device("cpu")) == "reference"
+    q = torch.randn(1, 2, 9, 8)
+    out, rows = ops.attention_with_stats(q, q, q, 1)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="no _C here"):
+        ops.attention_with_stats(q, q, q, 1)
