@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _modules() -> dict[str, Path]:
+def package_modules() -> dict[str, Path]:
     """Module name -> source file, for ``beyond_cls`` and the Triton kernels installed as ``beyond_cls.kernels``."""
     found = {}
     for path in sorted((ROOT / "beyond_cls").rglob("*.py")):
@@ -88,7 +88,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = _modules()
+    modules = package_modules()
     return {name: _imports(name, path, modules) for name, path in modules.items()}
 
 

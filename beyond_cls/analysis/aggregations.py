@@ -22,7 +22,7 @@ from beyond_cls.analysis.selection_runner import SelectionRunner
 from beyond_cls.config import NON_NEGATIVE_INT, ConfigError, StreamSettings, setting
 from beyond_cls.data import build_dataset, make_loader
 from beyond_cls.data.transforms import unnormalized_eval_transform
-from beyond_cls.numerics import entropy
+from beyond_cls.numerics import entropy, max_entropy
 from beyond_cls.runlock import writes_out
 from beyond_cls.runtime import resolve_device
 from beyond_cls.selection import kl, parse_methods
@@ -102,7 +102,7 @@ def aggregations(cfg: AggregationsConfig) -> dict:
     for n in names:
         mean = ent_sum[n] / count
         std = math.sqrt(max(0.0, ent_sq[n] / count - mean * mean))
-        rows.append({"method": n, "entropy": mean, "entropy_std": std, "max_entropy": math.log(runner.num_patches)})
+        rows.append({"method": n, "entropy": mean, "entropy_std": std, "max_entropy": max_entropy(runner.num_patches)})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {

@@ -30,6 +30,7 @@ from beyond_cls.analysis.analyze import MODELS_FILE, STATS_FILE  # noqa: E402
 from beyond_cls.analysis.plots import BLOCK_LABEL, HEAD_LABEL, PANELS, YLABELS  # noqa: E402
 from beyond_cls.analysis.summary import FIELD_NAMES, FIELDS, AttentionSummary  # noqa: E402
 from beyond_cls.models.zoo import ZOO, ZooEntry, zoo_entry  # noqa: E402
+from beyond_cls.numerics import max_entropy
 from beyond_cls.runlock import claim_output  # noqa: E402
 
 __all__ = ["FAMILIES", "compare", "infer_family", "table3_text"]
@@ -262,8 +263,8 @@ def _draw(ax, metric: str, title: str, figure: str, models: list[_Model], series
                 label=f"{m.name} ({m.family})")
     if metric.endswith("entropy"):
         for patches in sorted({m.summary.num_patches for m in plotted}):
-            ax.axhline(math.log(patches), color="gray", linestyle="-.", linewidth=1,
-                       label=f"max entropy log {patches} = {math.log(patches):.2f}")
+            ax.axhline(max_entropy(patches), color="gray", linestyle="-.", linewidth=1,
+                       label=f"max entropy log {patches} = {max_entropy(patches):.2f}")
     ax.set_title(f"{title} ({figure})")
     ax.set_xlabel(BLOCK_LABEL if x_axis == "block" else "relative depth: block / (depth - 1), block 0-based")
     ax.set_ylabel(YLABELS[metric])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor
 
 from beyond_cls.fileio import write_atomic
+from beyond_cls.numerics import max_entropy
 
 # (field, column header, needs a [cls] token); order of the table and the JSON file.
 FIELDS: tuple[tuple[str, str, bool], ...] = (
@@ -61,7 +61,7 @@ class AttentionSummary:
     @property
     def max_entropy(self) -> float:
         """Entropy of uniform attention over the patches, log |J|."""
-        return math.log(self.num_patches) if self.num_patches > 0 else float("nan")
+        return max_entropy(self.num_patches) if self.num_patches > 0 else float("nan")
 
     def fields(self) -> dict[str, Tensor]:
         """The statistics present for this encoder, by name, in table order."""

@@ -5,38 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 from PIL import Image
+from tiny_probe import trained_probe
 
 from beyond_cls.cli import main
-from beyond_cls.data import SyntheticConfig, load_boxes, make_synthetic_dataset
 
 SIZE = ["--img-size", "32", "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "3"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from beyond_cls.probe import run
-
-    root = tmp_path_factory.mktemp("agg")
-    data = make_synthetic_dataset(root / "data", SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4,
-                                                                 image_size=64, object_size=(12, 20)))
-    out = root / "run"
-    run(dict(model="vit_tiny_patch16_224", img_size=32, data=str(data), out=str(out), heads="abmilp",
-             epochs=2, warmup_epochs=1, batch_size=4, effective_batch=8, num_workers=0, progress=False,
-             device="cpu"))
-    xml = root / "boxes"
-    xml.mkdir()
-    for rel, (x0, y0, x1, y1) in load_boxes(data, "val").items():
-        # the manifest's x1/y1 are exclusive; VOC corners are inclusive
-        (xml / f"{Path(rel).stem}.xml").write_text(
-            f"<annotation><size><width>64</width><height>64</height><depth>3</depth></size><object><name>o</name>"
-            f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1 - 1}</xmax><ymax>{y1 - 1}</ymax></bndbox>"
-            "</object></annotation>"
-        )
-    return data, out, xml
+    return trained_probe(tmp_path_factory.mktemp("agg"), "abmilp", boxes=True)
 
 
 def test_aggregations_end_to_end(setup, tmp_path):

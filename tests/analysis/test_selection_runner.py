@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from selection_checks import MODELS, direct, last_block_attention, make_model, normalize
+from tiny_probe import trained_probe
 
 from beyond_cls.analysis.selection_runner import SelectionRunner
 from beyond_cls.config import ConfigError
-from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
 from beyond_cls.models import load_encoder
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.head_loading import load_probe_head
@@ -51,16 +51,7 @@ def test_methods_needing_cls_reject_models_without_it():
 
 @pytest.fixture(scope="module")
 def probe_run(tmp_path_factory):
-    from beyond_cls.probe import run
-
-    root = tmp_path_factory.mktemp("sel")
-    data = make_synthetic_dataset(root / "data", SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4,
-                                                                 image_size=64, object_size=(12, 20)))
-    out = root / "run"
-    run(dict(model="vit_tiny_patch16_224", img_size=32, data=str(data), out=str(out), heads="abmilp,abmilp+cls-k2",
-             epochs=2, warmup_epochs=1, batch_size=4, effective_batch=8, num_workers=0, progress=False,
-             device="cpu"))
-    return out
+    return trained_probe(tmp_path_factory.mktemp("sel"), "abmilp,abmilp+cls-k2")[1]
 
 
 @pytest.mark.parametrize("head", ["abmilp", "abmilp+cls-k2"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from tiny_probe import trained_probe
 
 from beyond_cls.analysis import AttentionSummary
 from beyond_cls.analysis import compare as compare_module
@@ -20,7 +21,6 @@ from beyond_cls.analysis.plots import information_flow_figure
 from beyond_cls.analysis.selection_runner import SelectionRunner
 from beyond_cls.cli import main
 from beyond_cls.config import ConfigError
-from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
 from beyond_cls.localization import overlay_figure
 from beyond_cls.probe.head_loading import load_probe_head
 from beyond_cls.selection import parse_method
@@ -195,24 +195,8 @@ def test_overlay_figure_title_and_box_legend():
 @pytest.fixture(scope="module")
 def two_head_run(tmp_path_factory):
     """A probe run with two AbMILP heads (two learning rates) and a [cls] head, plus a boxes folder."""
-    from beyond_cls.data import load_boxes
-    from beyond_cls.probe import run
-
-    root = tmp_path_factory.mktemp("heads")
-    data = make_synthetic_dataset(root / "data", SyntheticConfig(num_classes=2, train_per_class=4, val_per_class=3,
-                                                                 image_size=64, object_size=(12, 20)))
-    out = root / "run"
-    run(dict(model="vit_tiny_patch16_224", img_size=32, data=str(data), out=str(out), heads="cls,abmilp",
-             lrs="0.1,0.2", epochs=1, warmup_epochs=0, batch_size=4, effective_batch=4, num_workers=0,
-             progress=False, device="cpu"))
-    xml = root / "boxes"
-    xml.mkdir()
-    for rel, (x0, y0, x1, y1) in load_boxes(data, "val").items():
-        (xml / f"{Path(rel).stem}.xml").write_text(
-            f"<annotation><size><width>64</width><height>64</height><depth>3</depth></size><object><name>o</name>"
-            f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1 - 1}</xmax><ymax>{y1 - 1}</ymax></bndbox>"
-            "</object></annotation>")
-    return data, out, xml
+    return trained_probe(tmp_path_factory.mktemp("heads"), "cls,abmilp", classes=2, train=4, val=3, boxes=True,
+                         lrs="0.1,0.2", epochs=1, warmup_epochs=0, effective_batch=4)
 
 
 def test_head_key_after_hash():
