@@ -19,6 +19,15 @@ class CompareConfig(Settings):
     family: list[str] | None = setting(None, help="family of a model (MIM or JEA)", group="model", repeat=True,
                                        metavar="NAME=FAMILY", shown="inferred from the name")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # a --config file may give one input or family as a plain string, and the names as a list
+        for name in ("inputs", "family"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        if isinstance(self.names, (list, tuple)):
+            self.names = ",".join(map(str, self.names))
+
     def families(self) -> dict[str, str] | None:
         """``family`` as name -> family; None when not given."""
         families = {}

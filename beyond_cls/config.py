@@ -134,6 +134,14 @@ def current_names(cls: type, values: dict[str, Any], where: str) -> dict[str, An
     return out
 
 
+def _command_line_name(f: dataclasses.Field) -> str:
+    """How the command line names a field: its flag (``--map`` for ``maps``), or its name when it is positional."""
+    s = f.metadata.get("setting")
+    if s is not None and s.positional:
+        return f"{f.name} (positional)"
+    return s.flag if s is not None and s.flag else "--" + f.name.replace("_", "-")
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides: Any) -> T:
     """Build ``cls`` from an optional YAML file, then apply non-None ``overrides`` on top."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -155,11 +163,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides
     given = current_names(cls, {k: v for k, v in overrides.items() if v is not None}, "settings")
     values.update({k: v for k, v in given.items() if k in names})
     missing = [
-        f.name for f in dataclasses.fields(cls)
+        f for f in dataclasses.fields(cls)
         if f.name not in values and f.default is MISSING and f.default_factory is MISSING
     ]
     if missing:
-        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        flags = ", ".join(_command_line_name(f) for f in missing)
         raise ConfigError(f"missing required setting(s) {flags} (on the command line or in --config)")
     try:
         return cls(**values)

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from beyond_cls.kernels import GPU_FP32_DOT, fp32_dot_precision
 
+from beyond_cls.numerics import MAX_KEPT_ROWS
 from beyond_cls.ops._dispatch import interpreting
 
 LOG2E = 1.4426950408889634
@@ -375,6 +376,7 @@ __all__ = [
     "LN2",
     "LOG2E",
     "MAX_HEAD_DIM",
+    "MAX_KEPT_ROWS",
     "SUPPORTED_DTYPES",
     "attention_stats_fwd_kernel",
     "attention_with_stats_forward",

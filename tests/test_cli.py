@@ -278,3 +278,36 @@ def test_flags_keep_their_special_forms(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith("argument --block: expected a block index (0-based, -1 = last), got '-2'")
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["localize", "--data", "d", "--out", "o", "--boxes", "b"], "--map"),  # the flag, not the field (maps)
+    (["compare", "--out", "o"], "inputs (positional)"),  # no --inputs flag exists
+    (["probe-report", "--out", "o"], "run (positional)"),
+])
+def test_a_missing_setting_is_named_as_the_command_line_takes_it(argv, named, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"missing required setting(s) {named} (" in err
+
+
+def test_compare_config_files_may_give_lists_and_single_values(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "compare", dataclasses.replace(cli.COMMANDS["compare"], run=seen.append))
+    config = tmp_path / "c.yaml"
+    config.write_text("inputs: a\nout: o\nnames: [x]\nfamily: x=MIM\n")
+    assert main(["compare", "--config", str(config)]) == 0
+    assert seen[0].inputs == ["a"] and seen[0].name_list() == ["x"] and seen[0].families() == {"x": "MIM"}
+
+
+@pytest.mark.parametrize("cls", [ProbeConfig, cli.BENCH["probe"].config])
+def test_heads_may_be_a_yaml_list(cls, tmp_path):
+    from beyond_cls.probe.bank import parse_heads
+
+    config = tmp_path / "c.yaml"
+    required = "model: m\ndata: d\nout: o\n" if cls is ProbeConfig else "baseline: false\n"
+    config.write_text(required + "heads: [cls, ABMILP]\n")
+    assert parse_heads(load_config(cls, config).heads) == ["cls", "abmilp"]
+    with pytest.raises(ConfigError, match="heads: expected a comma-separated list"):
+        parse_heads(5)

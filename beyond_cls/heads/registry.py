@@ -120,8 +120,13 @@ def build_aggregation(spec: str, dim: int, num_prefix_tokens: int, has_class_tok
         raise ConfigError(f"head {spec!r}: {exc}") from None
 
 
-def parse_heads(text: str) -> list[str]:
-    """Split, normalize and validate ``--heads``; each spec must build (checked without a model)."""
+def parse_heads(text: str | list[str]) -> list[str]:
+    """Split, normalize and validate ``--heads`` (or a --config file's list of specs); each spec must build (checked
+    without a model)."""
+    if isinstance(text, (list, tuple)) and all(isinstance(s, str) for s in text):
+        text = ",".join(text)
+    if not isinstance(text, str):
+        raise ConfigError(f"heads: expected a comma-separated list such as cls,mean,abmilp; got {text!r}")
     specs = [find(s).normalize(s.strip()) for s in text.split(",") if s.strip()]
     if not specs:
         raise ConfigError(f"heads: expected a comma-separated list such as cls,mean,abmilp; got {text!r}")

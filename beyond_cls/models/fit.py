@@ -127,7 +127,7 @@ def _timm_name(shape: WeightsShape, sd: Mapping[str, Tensor], model: nn.Module) 
         return None
     word, p = shape.size[1], shape.patch[0]
     arch = architecture_of(model)
-    prefixes = arch.timm_prefixes if arch is not None else ()
+    prefixes = arch.timm_prefixes if arch is not None else ("vit",)  # an unregistered class (timm ViT subclasses)
     suffixes = []
     reg = sd.get("reg_token")
     if isinstance(reg, Tensor) and reg.ndim == 3:

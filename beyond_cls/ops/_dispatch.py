@@ -35,7 +35,9 @@ class Support:
     cpp_error: Callable[[], str | None]
 
 
-_SUPPORT: dict[str, Support] = {}
+# Kept across importlib.reload of this module: the op modules that filled it are not run again, and an empty
+# table would silently send every op to the reference.
+_SUPPORT: dict[str, Support] = globals().get("_SUPPORT", {})
 
 
 def register(op: str, support: Support) -> None:

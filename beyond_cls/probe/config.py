@@ -86,8 +86,8 @@ class ProbeConfig(EncoderSettings):
     skip_bad_images: bool = setting(False, help="skip and count unreadable images instead of stopping", group="data")
     cache_views: int | None = setting(None, help="augmented train views cycled over the epochs", group="data",
                                       shown="1 with --cache, else a new view every epoch", number=POSITIVE_INT)
-    block: int | None = setting(None, help="take tokens from this block", group="model", number=BLOCK,
-                                shown="the zoo's (SimMIM: 7), else the last")
+    block: int | None = setting(None, help="take tokens from this block (0-based, -1 = last)", group="model",
+                                number=BLOCK, shown="the zoo's (SimMIM: 7), else the last")
     blocks: str | None = setting(
         None, group="model", help="layer-wise probing: train the heads on each of these blocks (comma-separated, "
         "0-based, or all) from one encoder pass; one result row per block, aggregation and lr; excludes --block")

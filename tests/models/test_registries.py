@@ -185,3 +185,50 @@ def test_an_architecture_registered_by_one_call_is_built_loaded_and_recorded(tmp
         recorded = _features(enc)
     torch.testing.assert_close(recorded, _features(src), rtol=1e-4, atol=1e-5)
     assert len(rec.modules) == 2 and rec.summary().cls_self.shape == (2, 3)
+
+
+# ------------------------------------------------------------------------------------------ reloads
+
+RELOAD = """
+import importlib, pkgutil, sys
+import timm, torch
+import beyond_cls.models.architectures as architectures
+import beyond_cls.models.formats as formats
+from beyond_cls.analysis import AttentionRecorder
+from beyond_cls.models import ARCHITECTURES, CHECKPOINT_FORMATS, load_encoder
+
+families, layouts = sorted(ARCHITECTURES), sorted(CHECKPOINT_FORMATS)
+shared = ("registry", "common", "attention")
+for package in (architectures, formats):  # a family module again: it re-registers what it registered before
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in shared:
+            importlib.reload(importlib.import_module(f"{package.__name__}.{info.name}"))
+for name in ("beyond_cls.models.architectures.registry", "beyond_cls.models.formats.registry"):
+    importlib.reload(sys.modules[name])  # the registry itself: the family modules do not run again
+from beyond_cls.models.architectures import registry
+from beyond_cls.models.formats import registry as format_registry
+assert registry.ARCHITECTURES is ARCHITECTURES and sorted(ARCHITECTURES) == families, sorted(registry.ARCHITECTURES)
+assert format_registry.CHECKPOINT_FORMATS is CHECKPOINT_FORMATS, sorted(format_registry.CHECKPOINT_FORMATS)
+assert sorted(CHECKPOINT_FORMATS) == layouts, sorted(CHECKPOINT_FORMATS)
+
+src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2, img_size=64)
+path = sys.argv[1]
+torch.save({"model": src.state_dict(), "optimizer": {}, "epoch": 1}, path)  # MAE's layout: detected as 'mae'
+enc = load_encoder("vit_tiny_patch16_224", path, depth=2, img_size=64)
+assert enc.beyond_cls_info.checkpoint_format == "mae", enc.beyond_cls_info.checkpoint_format
+with AttentionRecorder(enc) as rec:
+    enc.forward_features(torch.randn(1, 3, 64, 64))
+assert len(rec.modules) == 2
+print("ok")
+"""
+
+
+def test_reloading_a_registry_or_a_family_module_keeps_every_registration(tmp_path):
+    """importlib.reload of a family module registers it again (no 'already registered' error), and a reload of a
+    registry keeps what the family modules registered (they do not run again). In a fresh interpreter: reloaded
+    classes must not leak into the other tests."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "mae.pth")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

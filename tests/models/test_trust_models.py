@@ -104,6 +104,14 @@ def test_zoo_name_mismatch_suggests_arch_and_zoo_name(tmp_path):
         load_encoder("mae_vit_base_patch16", path, img_size=64)
 
 
+def test_model_of_an_unregistered_class_still_gets_a_timm_vit_name():
+    """A timm ViT subclass no architecture registers (DeiT's distilled ViT) is offered timm's ViT names."""
+    _, sd = _meta_sd("vit_large_patch16_224")
+    deit, _ = _meta_sd("deit_tiny_distilled_patch16_224")
+    hint = size_hint(sd, deit, "deit_tiny_distilled_patch16_224", "timm", {})
+    assert "14x14): try --model vit_large_patch16_224;" in hint
+
+
 def test_vit_large_file_described_from_its_weights():
     _, sd = _meta_sd("vit_large_patch16_224")
     assert str(describe_weights(sd)) == "a ViT-L/16 (width 1024, 24 blocks, patch 16, grid 14x14)"

@@ -90,3 +90,21 @@ def test_cpp_backend_needs_the_extension(monkeypatch):
     monkeypatch.setenv("BEYOND_CLS_BACKEND", "cpp")
     with pytest.raises(RuntimeError, match="no _C here"):
         ops.attention_with_stats(q, q, q, 1)
+
+
+def test_reloading_the_policy_keeps_what_the_op_modules_registered(monkeypatch):
+    """importlib.reload(_dispatch) runs no op module again: the backends each op registered must stay (an emptied
+    table would send every op to the reference, silently)."""
+    import importlib
+
+    monkeypatch.delenv("BEYOND_CLS_BACKEND", raising=False)
+    ops_ = ("attention_with_stats", "abmilp_pool", "softmax_pool")
+    cases = [(op, torch.device(d), dt) for op in ops_ for d in ("cpu", "cuda") for dt in (torch.float32, torch.float64)]
+    saved = dict(_dispatch._SUPPORT)
+    before = [_dispatch.backend_for(*case) for case in cases]
+    try:
+        importlib.reload(_dispatch)
+        assert sorted(_dispatch._SUPPORT) == sorted(saved)
+        assert [_dispatch.backend_for(*case) for case in cases] == before
+    finally:
+        _dispatch._SUPPORT.update(saved)

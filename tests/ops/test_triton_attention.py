@@ -115,7 +115,12 @@ def test_every_triton_config_matches_reference(config, monkeypatch):
 
 
 def test_triton_keep_rows_limits():
+    from beyond_cls.kernels import attention_stats
+
     assert MAX_KEPT_ROWS == 8
+    # the kernel module still names its limit (defined once, in numerics) and every name of its __all__
+    assert attention_stats.MAX_KEPT_ROWS == MAX_KEPT_ROWS
+    assert all(hasattr(attention_stats, name) for name in attention_stats.__all__)
     q = torch.randn(1, 2, 20, 16, device=DEVICE)
     for keep, match in (((0, -20), "twice"), ((20,), "outside"), (tuple(range(9)), "1 to 8")):
         with pytest.raises(ValueError, match=match):

@@ -52,13 +52,23 @@ class Architecture:
     prepare_state_dict: StateDictHook | None = None
 
 
-#: Registered families by name; add one with :func:`register_architecture`.
-ARCHITECTURES: dict[str, Architecture] = {}
+#: Registered families by name; add one with :func:`register_architecture`. Kept across importlib.reload of
+#: this module: the family modules that filled it do not run again.
+ARCHITECTURES: dict[str, Architecture] = globals().get("ARCHITECTURES", {})
+
+
+def _identity(arch: Architecture) -> tuple:
+    """What stays the same when a family's module is reloaded: its classes (module and name) and builder names."""
+    return arch.name, [(c.__module__, c.__qualname__) for c in (*arch.models, *arch.attention)], sorted(arch.builders)
 
 
 def register_architecture(arch: Architecture, *, overwrite: bool = False) -> Architecture:
-    """Add ``arch`` to :data:`ARCHITECTURES`; its classes and builder names must be new unless ``overwrite``."""
-    if not overwrite:
+    """Add ``arch`` to :data:`ARCHITECTURES`; its classes and builder names must be new unless ``overwrite``.
+
+    The same family registered again (its module reloaded: same name, classes and builder names) replaces itself.
+    """
+    old = ARCHITECTURES.get(arch.name)
+    if not overwrite and not (old is not None and _identity(old) == _identity(arch)):
         if arch.name in ARCHITECTURES:
             raise ValueError(f"architecture {arch.name!r} is already registered")
         for other in ARCHITECTURES.values():

@@ -46,7 +46,7 @@ class CheckpointFormat:
     """How one family of checkpoint files maps onto a model's state dict.
 
     Steps, in order: pick the weights (``extract(obj, key, source, path)`` when set, else ``key`` if
-    the file has it, else the automatic choice of :func:`~beyond_cls.models.checkpoint.extract_state_dict`;
+    the file has it, else the automatic choice of :func:`~beyond_cls.models.formats.common.extract_state_dict`;
     ``module.`` is stripped), keep only keys under ``keep_prefix`` (stripped), apply prefix ``rename``
     pairs in order, drop keys matching ``drop`` (fnmatch patterns) and, unless ``keep_head``,
     :data:`CLASSIFIER_KEYS`, then ``convert`` for anything else. Every key left must then match the
@@ -97,15 +97,24 @@ class CheckpointFormat:
         return self.convert(sd) if self.convert is not None else sd
 
 
-#: Registered layouts by name; add an encoder family with :func:`register_checkpoint_format`.
-CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {}
+#: Registered layouts by name; add an encoder family with :func:`register_checkpoint_format`. Kept across
+#: importlib.reload of this module: the format modules that filled it do not run again.
+CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = globals().get("CHECKPOINT_FORMATS", {})
+
+
+def _identity(fmt: CheckpointFormat) -> tuple:
+    """What stays the same when a format's module is reloaded: name, description, hooks (by module and name)."""
+    hooks = (fmt.detect, fmt.convert, fmt.extract, fmt.model_kwargs, fmt.resample_pos_embed)
+    return fmt.name, fmt.description, [(getattr(h, "__module__", ""), getattr(h, "__qualname__", "")) for h in hooks]
 
 
 def register_checkpoint_format(fmt: CheckpointFormat, *, overwrite: bool = False) -> CheckpointFormat:
-    """Add ``fmt`` to :data:`CHECKPOINT_FORMATS` (``"auto"`` is reserved)."""
+    """Add ``fmt`` to :data:`CHECKPOINT_FORMATS` (``"auto"`` is reserved). The same format registered again (its
+    module reloaded: same name, description and hooks) replaces itself; any other needs ``overwrite``."""
     if fmt.name == "auto":
         raise ValueError("'auto' is reserved for format detection")
-    if fmt.name in CHECKPOINT_FORMATS and not overwrite:
+    old = CHECKPOINT_FORMATS.get(fmt.name)
+    if old is not None and not overwrite and _identity(old) != _identity(fmt):
         raise ValueError(f"checkpoint format {fmt.name!r} is already registered")
     CHECKPOINT_FORMATS[fmt.name] = fmt
     return fmt
