@@ -9,6 +9,7 @@ what its fused backends take (:func:`register`); this module imports nothing els
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -96,3 +97,16 @@ def backend_for(op: str, device: torch.device, dtype: torch.dtype = torch.float3
         return forced
     preferred = ("triton", "reference") if device.type == "cuda" else ("cpp", "reference")
     return next(b for b in preferred if unavailable(b, op, device, dtype) is None)
+
+
+def on_input_device(kernel: Callable) -> Callable:
+    """A custom op's CUDA kernel, run with the device of its first tensor argument current: Triton launches on
+    the current device, so tensors on ``cuda:1`` (``--device cuda:1``) would otherwise reach a kernel on cuda:0."""
+
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.cuda.device(device):
+            return kernel(*args, **kwargs)
+
+    return run

@@ -48,6 +48,7 @@ def abmilp_pool_op(
 
 
 @abmilp_pool_op.register_kernel("cuda")
+@_dispatch.on_input_device
 def _(tokens, weight, bias, mask, backend):
     return _kernels().abmilp_forward(tokens, weight, bias, mask)
 
@@ -62,6 +63,7 @@ def abmilp_pool_grad(
 
 
 @abmilp_pool_grad.register_kernel("cuda")
+@_dispatch.on_input_device
 def _(grad_pooled, grad_scores, tokens, weight, scores, pooled, tokens_grad, backend):
     return _kernels().abmilp_backward(grad_pooled, grad_scores, tokens, weight, scores, pooled, tokens_grad)
 
@@ -73,6 +75,7 @@ def softmax_pool_op(tokens: Tensor, logits: Tensor, mask: Tensor | None, backend
 
 
 @softmax_pool_op.register_kernel("cuda")
+@_dispatch.on_input_device
 def _(tokens, logits, mask, backend):
     return _kernels().softmax_pool_forward(tokens, logits, mask)
 
@@ -87,6 +90,7 @@ def softmax_pool_grad(
 
 
 @softmax_pool_grad.register_kernel("cuda")
+@_dispatch.on_input_device
 def _(grad_pooled, grad_scores, tokens, scores, pooled, tokens_grad, backend):
     return _kernels().softmax_pool_backward(grad_pooled, grad_scores, tokens, scores, pooled, tokens_grad)
 

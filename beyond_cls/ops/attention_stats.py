@@ -49,6 +49,7 @@ def attention_stats(
 
 
 @attention_stats.register_kernel("cuda")
+@_dispatch.on_input_device
 def _(q, k, v, num_prefix_tokens, scale, bias, keep_rows, backend):
     return _triton(q, k, v, num_prefix_tokens, scale, bias, keep_rows)
 

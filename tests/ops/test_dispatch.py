@@ -108,3 +108,52 @@ def test_reloading_the_policy_keeps_what_the_op_modules_registered(monkeypatch):
         assert [_dispatch.backend_for(*case) for case in cases] == before
     finally:
         _dispatch._SUPPORT.update(saved)
+
+
+def test_cuda_kernels_run_on_their_inputs_device(monkeypatch):
+    """Each custom op's CUDA kernel makes its first tensor's device current (Triton launches on the current one)."""
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            entered.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    kernel = _dispatch.on_input_device(lambda scale, tokens, mask=None: (scale, tokens.shape, entered[-1]))
+    tokens = torch.empty(2, 3, device="meta")
+    assert kernel(0.5, tokens) == (0.5, (2, 3), tokens.device)
+    assert kernel(0.5, tokens=tokens) == (0.5, (2, 3), tokens.device)
+    sources = {path.name: text for path, text in _sources().items() if path.parent.name == "ops"}
+    for name in ("attention_stats.py", "abmilp.py"):  # every CUDA registration carries the guard
+        text = sources[name]
+        assert text.count('.register_kernel("cuda")\n@_dispatch.on_input_device\n') == text.count(
+            '.register_kernel("cuda")') > 0, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_a_device_that_is_not_the_current_one():
+    from beyond_cls import reference
+
+    torch.cuda.set_device(0)
+    q, k, v = (torch.randn(2, 3, 197, 64, device="cuda:1", dtype=torch.bfloat16) for _ in range(3))
+    out, rows = ops.attention_with_stats(q, k, v)
+    want, want_rows = reference.attention_with_stats(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(rows.patch_entropy.double(), want_rows.patch_entropy, atol=2e-3, rtol=2e-3)
+    tokens = torch.randn(4, 197, 96, device="cuda:1", requires_grad=True)
+    weight = torch.randn(96, device="cuda:1", requires_grad=True)
+    pooled, _ = ops.abmilp_pool(tokens, weight, 0.0)
+    pooled.sum().backward()
+    ref_tokens, ref_weight = tokens.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref_pooled, _ = reference.abmilp_pool(ref_tokens, ref_weight, 0.0)
+    ref_pooled.sum().backward()
+    torch.testing.assert_close(pooled.double(), ref_pooled, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tokens.grad.double(), ref_tokens.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(weight.grad.double(), ref_weight.grad, atol=1e-3, rtol=1e-3)
