@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.beyond-cls-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench kernel-report clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ install: $(STAMP)
 demo: install
 	$(BIN)/beyond-cls demo
 
-test: install
+# aarch64 cross compiler for tests/test_cross_compile.py (GH200 nodes are aarch64): installed as root with apt,
+# else that test says it cannot run
+cross-compiler:
+	@command -v aarch64-linux-gnu-g++ >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		g++-aarch64-linux-gnu >/dev/null 2>&1; } || echo "note: no aarch64-linux-gnu-g++; the aarch64 compile test is skipped"
+
+test: install cross-compiler
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -36,6 +43,11 @@ bench: install
 			--benchmark-save-data --benchmark-json build/bench_$${op}_cpu.json && \
 		$(BIN)/python benchmarks/report.py build/bench_$${op}_cpu.json benchmarks/results/$${op}_cpu || exit 1; \
 	done
+
+# Static report of the Triton kernels as an sm_90 GPU would run them (no GPU needed): registers, spills, shared
+# memory, SASS per element of the main loop, AbMILP bytes per call -> benchmarks/results/static_sm90.{csv,md}
+kernel-report: install
+	nice $(BIN)/python benchmarks/kernel_report.py
 
 clean:
 	rm -rf build dist *.egg-info beyond_cls/_C*.so $(STAMP)

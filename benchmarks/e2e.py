@@ -74,7 +74,8 @@ def measure_probe(args: argparse.Namespace) -> list[dict]:
     cfg = BenchProbeConfig(model=args.model, heads=args.heads, lrs=args.lrs, data=args.data, dataset=args.dataset,
                            batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                            num_workers=args.num_workers, decode=args.decode, device=args.device,
-                           precision=args.precision, baseline=not args.no_baseline)
+                           precision=args.precision, baseline=not args.no_baseline,
+                           compile=False if args.no_compile else None, cuda_graphs=not args.no_cuda_graphs)
     r = bench_probe(cfg)
     heads, tag = r["head_count"], f"{args.decode} decode"
     what = f"{args.model}, batch {args.batch_size}, {heads} heads ({args.heads} × lrs {args.lrs}), {args.precision}"
@@ -87,6 +88,9 @@ def measure_probe(args: argparse.Namespace) -> list[dict]:
              "frozen encoder alone (no grad) vs the full step"),
         _row(f"probe_bank_images_per_s[{tag}]", r["heads"], r["step"], "images/s",
              "head bank alone (fwd + bwd + LARS) vs the full step"),
+        _row("probe_bank_host_ops_per_step", r["host_ops_per_step"], r["host_ops_per_step_eager"], "ops",
+             f"ATen + custom ops one bank step ({heads} heads: fwd, losses, bwd, LARS) dispatches from the host: "
+             f"ours as timed (CUDA graphs {r['bank_graphs']}), baseline the same step eagerly"),
     ]
     if "speedup_per_head" in r:
         rows.append(_row("probe_per_head_vs_baseline", r["step"] * heads, r["baseline_per_head"], "head-images/s",
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     probe.add_argument("--num-workers", type=int, default=16)
     probe.add_argument("--decode", choices=["cpu", "gpu"], default="gpu")
     probe.add_argument("--no-baseline", action="store_true")
+    probe.add_argument("--no-compile", action="store_true", help="eager frozen encoder (compiled on CUDA by default)")
+    probe.add_argument("--no-cuda-graphs", action="store_true", help="eager head bank steps")
     args = parser.parse_args(argv)
     if args.what == "report":
         print(report(args.csv))

@@ -15,7 +15,8 @@ class CompareConfig(Settings):
     inputs: list[str] = setting(help="analyze output folders (a multi-model one stands for each of its models) or "
                                 "attention_stats.json files", group="data", positional=True, repeat=True)
     out: str = OUT()
-    names: str | None = setting(None, help="comma-separated display names, one per input", group="output")
+    names: str | None = setting(None, help="comma-separated display names, one per input", group="output",
+                                items=str)
     family: list[str] | None = setting(None, help="family of a model (MIM or JEA)", group="model", repeat=True,
                                        metavar="NAME=FAMILY", shown="inferred from the name")
 
@@ -67,5 +68,5 @@ class ShardConfig(Settings):
     data: str = DATA(help="ImageFolder root holding train/<class>/ and val/<class>/")
     out: str = OUT(help="output folder for the shards")
     name: str = setting("shards", help="shard file-name prefix", group="output")
-    shard_size: str = setting("1GB", help="per shard: a size such as 500MB or 1GB (decimal; KiB/MiB/GiB binary), or "
-                              "a plain number of samples", group="output")
+    shard_size: str | int = setting("1GB", help="per shard: a size such as 500MB or 1GB (decimal; KiB/MiB/GiB "
+                                    "binary), or a plain number of samples", group="output")

@@ -1,5 +1,11 @@
 """Job configs: dataclasses whose fields carry their own help, group and checks; YAML files and command-line
-overrides fill them (:func:`load_config`), and ``beyond_cls.cli_args`` turns the same fields into flags."""
+overrides fill them (:func:`load_config`), and ``beyond_cls.cli_args`` turns the same fields into flags.
+
+Every value is checked against its field's type (a YAML ``"false"`` is no boolean, ``1.5`` no integer; a path
+object counts as a string) and its setting's choices and range; list settings given as text (``seeds: 0,1``)
+declare the type of their items (:attr:`Setting.items`). Config files are read as UTF-8, with at most
+:data:`MAX_CONFIG_VALUES` values once YAML aliases are expanded.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from beyond_cls.value_types import as_plain, field_types, short, type_problem
+
 T = TypeVar("T")
 
 GROUPS = ("model", "data", "schedule", "heads", "runtime", "output")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MAX_CONFIG_VALUES = 10_000  # values of a config file with its YAML aliases expanded (an alias bomb expands to 10^9)
+MAX_CONFIG_TEXT = 10_000  # characters of one string value
 
 
 class ConfigError(ValueError):
@@ -71,7 +81,9 @@ class Setting:
 
     ``shown``: the default in words where the value says little (None, a factory); ``aliases``: former names,
     accepted as flags and as config keys; ``flag``: the flag when it is not ``--<field name>``; ``repeat``: the
-    flag repeats and its values make a list; ``positional``: an argument without a flag (a list with ``repeat``).
+    flag repeats and its values make a list; ``positional``: an argument without a flag (a list with ``repeat``);
+    ``items``: a list setting held as text (``"0,1"``), which a config file may also give as one value or a list
+    of this type (the field's type is then not checked, the items are).
     """
 
     default: Any = REQUIRED
@@ -86,6 +98,7 @@ class Setting:
     repeat: bool = False
     positional: bool = False
     metavar: str | None = None
+    items: type | None = None
 
     def __call__(self, default: Any = MISSING, **changes: Any) -> Any:
         if default is not MISSING:
@@ -109,17 +122,26 @@ def settings_of(cls: type) -> dict[str, Setting]:
 
 
 def check_settings(cfg: object) -> None:
-    """ConfigError naming the first field whose value is outside its setting's choices or range.
+    """ConfigError naming the first field whose value is of the wrong type or outside its setting's choices or
+    range (values shown cut short). Path objects become strings.
 
     None passes where the field's default is None (unset)."""
+    hints = field_types(type(cfg))
     for f in dataclasses.fields(cfg):
         s, value = f.metadata.get("setting"), getattr(cfg, f.name)
         if s is None or (value is None and f.default is None):
             continue
+        plain = as_plain(value)
+        if plain is not value:
+            setattr(cfg, f.name, plain)
+            value = plain
         if s.choices and value not in s.choices:
-            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, s.choices))}; got {value!r}")
+            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, s.choices))}; got {short(value)}")
         if s.number is not None and not s.number.holds(value):
-            raise ConfigError(f"{f.name} must be {s.number.what}, got {value!r}")
+            raise ConfigError(f"{f.name} must be {s.number.what}, got {short(value)}")
+        problem = type_problem(f.name, value, hints[f.name], s.items) if f.name in hints else None
+        if problem:
+            raise ConfigError(problem)
 
 
 def current_names(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -127,11 +149,61 @@ def current_names(cls: type, values: dict[str, Any], where: str) -> dict[str, An
     former = {alias: name for name, s in settings_of(cls).items() for alias in s.aliases}
     out: dict[str, Any] = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: key {short(key)} is not a setting name")
         name = former.get(key.replace("-", "_"), key.replace("-", "_"))
         if name in out:
-            raise ConfigError(f"{where}: {name} given twice (once as {key})")
+            raise ConfigError(f"{where}: {name} given twice (once as {short(key)})")
         out[name] = value
     return out
+
+
+def _check_size(data: Any, where: str) -> None:
+    """ConfigError when ``data`` holds more than :data:`MAX_CONFIG_VALUES` values (counting each use of a YAML
+    alias) or a string longer than :data:`MAX_CONFIG_TEXT`; stops counting there, so a bomb costs nothing."""
+    stack, count = [data], 0
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_VALUES} values once its YAML aliases are expanded")
+        if isinstance(value, str) and len(value) > MAX_CONFIG_TEXT:
+            raise ConfigError(f"{where}: a value of {len(value)} characters (at most {MAX_CONFIG_TEXT})")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())[:200]
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a YAML config file holds; ConfigError naming the file when it is missing, not UTF-8, not YAML,
+    not a mapping, nested too deeply, or too large once its aliases are expanded."""
+    path = Path(path)
+    where = f"config file {path}"
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_error(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where} must hold a mapping of keys to values")
+    _check_size(loaded, where)
+    return loaded
 
 
 def _command_line_name(f: dataclasses.Field) -> str:
@@ -143,25 +215,21 @@ def _command_line_name(f: dataclasses.Field) -> str:
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides: Any) -> T:
-    """Build ``cls`` from an optional YAML file, then apply non-None ``overrides`` on top."""
+    """Build ``cls`` from an optional YAML file, then apply non-None ``overrides`` on top.
+
+    Unknown keys are refused, in the file and in ``overrides`` (a typo must not leave a default in place)."""
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        values = current_names(cls, loaded, f"config file {path}")
+        values = current_names(cls, read_config_file(path), f"config file {path}")
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ConfigError(f"config file {path}: unknown keys {unknown}; known keys: {sorted(names)}")
-    given = current_names(cls, {k: v for k, v in overrides.items() if v is not None}, "settings")
-    values.update({k: v for k, v in given.items() if k in names})
+            raise ConfigError(f"config file {path}: unknown keys {short(unknown)}; known keys: {sorted(names)}")
+    former = {alias: name for name, s in settings_of(cls).items() for alias in s.aliases}
+    unknown = sorted(k for k in overrides if former.get(k.replace("-", "_"), k.replace("-", "_")) not in names)
+    if unknown:
+        raise ConfigError(f"unknown settings {short(unknown)} of {cls.__name__}; known: {sorted(names)}")
+    values.update(current_names(cls, {k: v for k, v in overrides.items() if v is not None}, "settings"))
     missing = [
         f for f in dataclasses.fields(cls)
         if f.name not in values and f.default is MISSING and f.default_factory is MISSING
@@ -199,7 +267,9 @@ DATA = Setting(help="dataset root folder (ImageFolder: SPLIT/<class>/<images>, o
 DATASET = Setting("imagefolder", help="dataset adapter of --data: imagefolder, imagenet, imagenet1pct, cub, food101, "
                   "cars, pets, coco, nuswide, synthetic, wds (shards)", group="data")
 SPLIT = Setting("val", help="split folder under --data; train or val for other adapters", group="data")
-MAX_IMAGES = Setting(None, help="stop after this many images", group="data", shown="all", number=POSITIVE_INT)
+MAX_IMAGES = Setting(None, help="at most this many images: a random sample drawn with --seed (recorded), not the "
+                     "first ones", group="data", shown="all", number=POSITIVE_INT)
+SEED = Setting(0, help="seed of the --max-images sample", group="data", number=NON_NEGATIVE_INT)
 OUT = Setting(help="output folder", group="output")
 BATCH_SIZE = Setting(64, help="images per batch", group="runtime", number=POSITIVE_INT)
 NUM_WORKERS = Setting(factory=default_num_workers, help="data loading workers (per process)", group="runtime",
@@ -254,4 +324,5 @@ class StreamSettings(EncoderSettings, RunSettings):
     model: str | None = MODEL(None, shown="none: only abmilp:RUN methods, which bring their run's encoder")
     data: str = DATA()
     dataset: str = DATASET()
+    seed: int = SEED()
     out: str = OUT()

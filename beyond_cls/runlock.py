@@ -3,7 +3,12 @@
 :class:`FolderLock` creates ``<folder>/.beyond-cls.lock`` exclusively, holding the holder's host and pid (plus the
 boot id and the pid's start time where ``/proc`` has them). A second process is refused with one line naming
 the holder. A lock left by a process that is gone (same host; pid not alive, reused, or from before a reboot)
-is taken over; on another host the holder cannot be checked, so the line says which file to delete.
+is taken over. A holder on another host (or in another PID namespace) cannot be checked: instead, while it holds
+the lock it touches the file every :data:`HEARTBEAT_S` seconds, and a lock whose heartbeat is
+:data:`STALE_BEATS` beats old (5 minutes) is taken over: a job hard-killed on one node does not block its
+requeued run on another. Ages are read on the file system's own clock (a file written there), so clock skew
+between nodes does not count. Locks written without a heartbeat (earlier versions) are never taken by age: the
+line says which file to delete.
 
 :func:`claim_output` holds the lock of a command's ``--out`` and records the kind of run in ``run.json`` (for
 folders written before it, the kind follows from their result files). Another kind of run in the same folder
@@ -16,6 +21,8 @@ import functools
 import json
 import os
 import socket
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -28,6 +35,8 @@ __all__ = ["KINDS", "LOCK_FILE", "RUN_FILE", "FolderBusy", "FolderLock", "claim_
 
 LOCK_FILE = ".beyond-cls.lock"
 RUN_FILE = "run.json"
+HEARTBEAT_S = 30.0  # a holder touches its lock file this often
+STALE_BEATS = 10  # a lock whose last touch is this many beats old is taken over (holders elsewhere)
 KINDS = {
     "probe": "beyond-cls probe",
     "analyze": "beyond-cls analyze of one model",
@@ -79,15 +88,44 @@ def _pid_namespace() -> str | None:
 def _identity() -> dict[str, Any]:
     pid = os.getpid()
     return {"host": socket.gethostname(), "pid": pid, "pidns": _pid_namespace(), "boot": _boot_id(),
-            "start": _start_time(pid), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "start": _start_time(pid), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "heartbeat": HEARTBEAT_S}
+
+
+def _stale_after(holder: dict[str, Any]) -> float | None:
+    """Seconds after its last heartbeat that ``holder``'s lock is stale; None: it does not beat."""
+    beat = holder.get("heartbeat")
+    if isinstance(beat, bool) or not isinstance(beat, (int, float)) or not 0 < beat < 86400:
+        return None
+    return STALE_BEATS * beat
+
+
+def _file_system_now(folder: Path) -> float:
+    """The current time on ``folder``'s file system clock (the mtime of a file touched there), else this host's."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{LOCK_FILE}.clock.", suffix=".tmp", dir=folder)
+    except OSError:
+        return time.time()
+    try:
+        os.close(fd)
+        os.utime(probe)
+        return os.stat(probe).st_mtime
+    except OSError:
+        return time.time()
+    finally:
+        with suppress(OSError):
+            os.unlink(probe)
+
+
+def _checkable(holder: dict[str, Any]) -> bool:
+    """Whether ``holder``'s pid can be looked up here: same host and PID namespace (containers sharing a
+    hostname through host networking have PID namespaces of their own)."""
+    return (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+            and holder.get("pidns") == _pid_namespace())
 
 
 def _gone(holder: dict[str, Any]) -> bool:
-    """True when ``holder`` certainly no longer runs: same host and PID namespace, and its pid is dead, reused
-    or pre-reboot. Containers sharing a hostname (host networking) have other PID namespaces: not checkable."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    if holder.get("pidns") != _pid_namespace():
+    """True when ``holder`` certainly no longer runs: checkable here, and its pid is dead, reused or pre-reboot."""
+    if not _checkable(holder):
         return False
     if holder.get("boot") and _boot_id() and holder["boot"] != _boot_id():
         return True
@@ -108,6 +146,8 @@ class FolderLock:
         self.folder, self.what = Path(folder), what
         self.path = self.folder / LOCK_FILE
         self._mine: str | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def acquire(self) -> FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -118,8 +158,9 @@ class FolderLock:
             except FileExistsError:
                 seen = self._holder_text()
                 holder = _parse(seen)
-                if seen is not None and (holder is None or not _gone(holder)):
-                    raise FolderBusy(self._busy(holder)) from None
+                age = None if holder is None or _checkable(holder) else self._heartbeat_age()
+                if seen is not None and (holder is None or not (_gone(holder) or self._stale(holder, age))):
+                    raise FolderBusy(self._busy(holder, age)) from None
                 if seen is not None:
                     self._take_over(seen)
                 continue
@@ -130,11 +171,40 @@ class FolderLock:
                 self.path.unlink(missing_ok=True)
                 raise
             self._mine = mine
+            self._stop.clear()
+            self._beat = threading.Thread(target=self._beating, args=(mine,), daemon=True, name="lock heartbeat")
+            self._beat.start()
             return self
         raise FolderBusy(f"{self.what} {self.folder}: could not take {self.path} (other processes keep taking it)")
 
+    def _beating(self, mine: str) -> None:
+        """Touch the lock file every HEARTBEAT_S seconds while it is this process's."""
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                if _read(self.path) != mine:
+                    return
+                os.utime(self.path)
+            except OSError:
+                pass  # a file system hiccup: the next beat tries again
+
+    def _heartbeat_age(self) -> float | None:
+        """Seconds since the lock file was last touched, on the file system's clock; None if it is gone."""
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            return None
+        return max(0.0, _file_system_now(self.folder) - mtime)
+
+    @staticmethod
+    def _stale(holder: dict[str, Any], age: float | None) -> bool:
+        limit = _stale_after(holder)
+        return limit is not None and age is not None and age >= limit
+
     def release(self) -> None:
-        """Remove the lock file if it is still this process's."""
+        """Stop the heartbeat; remove the lock file if it is still this process's."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
         if self._mine is not None and _read(self.path) == self._mine:
             self.path.unlink(missing_ok=True)
         self._mine = None
@@ -166,12 +236,17 @@ class FolderLock:
                 os.link(aside, self.path)
         aside.unlink(missing_ok=True)
 
-    def _busy(self, holder: dict[str, Any] | None) -> str:
+    def _busy(self, holder: dict[str, Any] | None, age: float | None) -> str:
         if holder is None:
             return (f"{self.what} {self.folder} is locked ({self.path} is unreadable); if no process is writing "
                     "there, delete that file")
         who = f"pid {holder.get('pid')} on host {holder.get('host')}"
         since = f" since {holder['since']}" if holder.get("since") else ""
+        limit = _stale_after(holder)
+        if limit is not None and age is not None:
+            return (f"{self.what} {self.folder} is in use by {who}{since} (heartbeat {age:.0f} s ago); wait for it "
+                    f"or use another folder: if that process is gone, its lock is taken over once it is {limit:.0f} "
+                    "s old")
         return (f"{self.what} {self.folder} is in use by {who}{since}; wait for it, use another folder, or delete "
                 f"{self.path} if that process is gone")
 

@@ -188,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor qa = q.to(acc), ka = k.to(acc), va = v.to(acc);
   at::Tensor b4;
   if (bias.has_value()) b4 = bias->to(acc).expand({batch, heads, n, n});
-  at::Tensor out = at::empty({batch, heads, n, d}, q.options().dtype(acc));
+  // stored [B, N, H, d], returned as the [B, H, N, d] view (SDPA's layout): merging heads is a free view
+  at::Tensor out = at::empty({batch, n, heads, d}, q.options().dtype(acc)).transpose(1, 2);
   const auto stat_options = q.options().dtype(at::kFloat);
   std::array<at::Tensor, 4> stats;
   for (auto& t : stats) t = at::empty({batch, heads, n}, stat_options);
@@ -199,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   } else {
     run<float>(qa, ka, va, b4, bias.has_value(), num_prefix_tokens, sc, out, stats, kept_index, kept);
   }
-  return {out.to(v.scalar_type()), stats[0], stats[1], stats[2], stats[3], kept};
+  return {out.to(v.scalar_type()), stats[0], stats[1], stats[2], stats[3], kept};  // .to keeps the strides
 }
 
 TORCH_LIBRARY_IMPL(beyond_cls, CPU, m) {

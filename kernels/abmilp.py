@@ -1,13 +1,31 @@
-"""AbMILP / softmax pooling (Triton), forward and backward, K score branches.
+"""AbMILP / softmax pooling (Triton), forward and backward, K score branches: one read of the tokens each way.
 
-Forward, per batch row: ``logits = z·Wᵀ + b`` ([K, N], one pass over the tokens in tiles), then one
-program per chunk of D pools ``Σ_n softmax_n(logits) z_n`` (a second pass; the small logits tile
-stays in L2). Backward: one pass per token tile computes ``dl = s·(g·z − g·pooled)`` and, only when
-the tokens need a gradient, ``dz = sᵀg + dlᵀW``; the weight gradient ``Σ dl·z`` is a split-K
-reduction over (batch, token) tiles. Accumulation is float32; float32 operands meeting
-low-precision tokens are split into parts (two tensor-core dots for fp16, three for bf16), so
-results stay float32-accurate; dots of fp32 operands run in 3xTF32 on a GPU (float32-accurate; IEEE in the
-interpreter, and for float64 tokens), see ``beyond_cls.kernels.fp32_dot_precision``.
+Forward: each program streams one batch row (or one chunk of its tokens) in tiles of BLOCK_N tokens and runs
+an online softmax: per tile the logits ``z·W[k]`` (the per-branch bias cancels in the softmax and is never
+read), the running max and normalizer, and ``acc[k] = α·acc[k] + Σ_n p[k,n] z_n``. The program's warps split
+the branches (KW = K_PAD / warps each) and each holds its branches' whole row of D columns in registers: no
+cross-warp reduction anywhere, one tile load shared by a warp's branches (the other warps' loads of a tile
+are served by L1 / L2: it leaves HBM once). The row's D columns are two groups of CHUNK_D-wide chunks, GA and
+GB of them (powers of two: 768 = 512 + 256, 1280 = 1024 + 256), so common widths are not padded to a power
+of two. A small batch splits the tokens into chunks (flash-decoding style) whose partial (max, normalizer,
+acc) a combine kernel merges.
+Backward (one persistent program per a fixed set of rows): per tile ``g·z``, ``dl = s·(g·z − g·pooled)
+[+ s·(gs − Σ s·gs)]``, the weight gradient ``Σ dl·z`` kept in registers (one partial per program, summed
+in a fixed order: deterministic) and, only when asked, ``dz = Σ_k s·g + dl·W``.
+
+All arithmetic is float32 FMAs on exactly converted tokens (float64 for float64 tokens): no tensor-core
+splitting, so every token dtype gives float32-accurate results at any magnitude.
+
+Bytes moved per call (B rows, N tokens of s bytes, D features, K branches; float32 outputs) against the minimum:
+  forward   B·N·D·s (the tokens, once) + B·K·N·4 (scores) + B·K·D·4 (pooled) = the minimum, plus B·K·N·8 (raw
+            logits stored, then read back and normalized in place); a split row adds S·K·(D + 2)·8 (partials)
+            and K·N·8 (its raw logits) for S chunks.
+  backward  B·N·D·s (the tokens, once) + B·K·D·4 (grad_pooled; none if it is expanded) + B·K·N·4 (scores)
+            [+ B·K·N·4 grad_scores] [+ B·N·D·s the tokens' gradient] [+ B·K·N·4 grad_logits] + K·D·4 = the minimum,
+            plus B·K·D·4 (pooled, for g·pooled), [B·K·N·4, grad_scores read a second time for Σ s·gs] and
+            P·K·D·8 (the weight gradient's partials, one per program; see BWD_WARPS_PER_SM).
+B = 1024, N = 196, D = 768, bf16 tokens (308 MB), K = 1: the extras are 1.6 MB (0.5 %) forward and 9.4 MB (3 %)
+backward (P = 1024); K = 8: 12.8 MB (4 %) and 50 MB (16 %: pooled, 25 MB, and the partials, P = 512).
 """
 
 from __future__ import annotations
@@ -15,287 +33,432 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from beyond_cls.kernels import GPU_FP32_DOT, fp32_dot_precision
 
 from beyond_cls.numerics import MAX_BRANCHES, accumulation_dtype
 from beyond_cls.ops._dispatch import interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: exact tests
-# Launch configs (BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel. On a GPU each kernel is
-# autotuned over its list, per (N, D, K_PAD, flags, dtypes); CI compiles every one ahead of time for
-# sm_80 and sm_90 (aot_specializations), and each fits their shared memory for bf16 and fp32 tokens
-# (3xTF32 dots: pool at (128, 64, 4, 4) and wgrad at (128, 128, 8, 3) did not fit an A100's, so they
-# have one stage less); for fp64 tokens (exact tests only) at least one per kernel does. The
-# kernels are memory-bound: the configs trade the tile's shape (more tokens or more features per
-# load; N = 196 fills 64-token tiles to 77 %, 32-token ones to 88 %) against bytes in flight per SM
-# (warps × stages). The first config of each list is the former fixed one.
-# No kernel accumulates into its outputs (the weight gradient's split reduction stores one partial
-# per split, summed afterwards), so rerunning a launch while tuning is idempotent: no
-# reset_to_zero / restore_value is needed.
+# Launch configs (BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel; on a GPU each kernel is autotuned over
+# the configs that suit the call (_fits). Row kernels ("fwd", "bwd"): BLOCK_N tokens per tile; the second entry
+# is the chunk width CHUNK_D (one warp's 32 lanes × 16 bytes for 2-byte tokens, register repeats for wider ones;
+# the kernels' BLOCK_D constexpr is the row's width in registers, GA + GB chunks); a warp per KW = K_PAD /
+# num_warps branches; the tiles are plain loads (Triton pipelines only loads feeding dots), so num_stages is 1.
+# "combine" merges the chunks of split rows: BLOCK_D pooled features per program, BLOCK_N scores per step.
+# No kernel accumulates into its outputs, so rerunning a launch while tuning is idempotent.
+ROW_BLOCK_D = 256
 CONFIGS = {
-    "logits": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 64, 8, 4)],
-    "pool": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 64, 4, 3)],
-    "pool_bwd": [(64, 128, 4, 3), (32, 128, 4, 4), (128, 64, 8, 3)],
-    "wgrad": [(64, 128, 4, 3), (32, 256, 4, 3), (128, 128, 8, 2)],
+    "fwd": [(bn, ROW_BLOCK_D, w, 1) for w in (1, 2, 4, 8, 16) for bn in (2, 4, 8) if bn * w < 128],
+    "combine": [(64, 256, 4, 1)],
+    "bwd": [(bn, ROW_BLOCK_D, w, 1) for w in (1, 2, 4, 8, 16) for bn in (1, 2, 4)],
 }
-# Under TRITON_INTERPRET=1 (CPU tests) one small config runs: autotuning would only time numpy.
-INTERPRET_CONFIG = (32, 64, 4, 1)
-WGRAD_SPLITS = 128  # programs along (batch, token tiles) for the weight gradient
-# the weight gradient's splits are sized for the smallest token tile; with larger tiles some store zeros
-_WGRAD_MIN_BLOCK_N = min([cfg[0] for cfg in CONFIGS["wgrad"]] + [INTERPRET_CONFIG[0]])
+# Under TRITON_INTERPRET=1 (CPU tests) one small config runs: autotuning would only time numpy. Its narrow
+# chunks give the small test widths several of them (both column groups); row kernels take min(2, K_PAD) warps.
+INTERPRET_CONFIG = (4, 64, 2, 1)
+# 32-bit registers per thread a row kernel may need by the estimate behind _fits (_row_registers), set so that
+# every kept config compiles without spills for sm_80 and sm_90 (ptxas may give it up to maxnreg: _max_registers;
+# scaled down for 16 warps, whose threads have 128)
+REGISTER_BUDGET = 250
+SPLIT_TOKENS = 16  # token chunks of split rows are multiples of this (and of every BLOCK_N)
+FILL_PROGRAMS_PER_SM = 4  # rows split until the grid has this many programs per SM
+# backward programs: enough for this many warps per SM (a program: a warp per branch, at most 4 assumed), each with
+# the same number of (row, chunk) items; more programs hide more latency, fewer write fewer weight-gradient partials
+BWD_WARPS_PER_SM = 16
+INTERPRET_SMS, NOMINAL_SMS = 1, 132
+NORMALIZE_TOKENS = tl.constexpr(128)  # tokens per step of the row-wide loops over scores (not over tokens)
 
 
 @triton.jit
-def _split_dot(x, t, X_LEFT: tl.constexpr, WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """x @ t (X_LEFT) or t @ x, float32 accumulation, where t holds tokens and x is float32.
-
-    Low-precision tokens: x is split into parts in the tokens' dtype whose tensor-core dots sum to
-    float32-accurate products (the kernels are memory-bound; the extra dots are free): hi + lo for
-    fp16 (11 + 11 significant bits), hi + mid + lo for bf16 (8 + 8 + 8; hi + lo alone leaves 2^-17
-    relative errors, which the weight and bias gradients' sums over tokens turn into ~1e-4).
-    WIDE (fp32 / fp64 tokens): one dot in x's dtype at ``input_precision`` PRECISION ("tf32x3" for
-    fp32 on a GPU, "ieee" in the interpreter and for fp64). UPCAST: the interpreter, which cannot
-    multiply bf16 matrices (PRECISION is "ieee" there)."""
-    if WIDE or UPCAST:
-        if X_LEFT:
-            return tl.dot(x, t.to(x.dtype), input_precision=PRECISION)
-        else:
-            return tl.dot(t.to(x.dtype), x, input_precision=PRECISION)
-    else:
-        hi = x.to(t.dtype)
-        rest = x - hi.to(x.dtype)
-        lo = rest.to(t.dtype)
-        if X_LEFT:
-            acc = tl.dot(hi, t) + tl.dot(lo, t)
-        else:
-            acc = tl.dot(t, hi) + tl.dot(t, lo)
-        if t.dtype == tl.bfloat16:
-            lo2 = (rest - lo.to(x.dtype)).to(t.dtype)
-            if X_LEFT:
-                acc += tl.dot(lo2, t)
-            else:
-                acc += tl.dot(t, lo2)
-        return acc
+def _cols(C0: tl.constexpr, G: tl.constexpr, CHUNK_D: tl.constexpr):
+    """Feature index [1, G, 1, 1, CHUNK_D] of G chunks of CHUNK_D columns from C0."""
+    chunk = tl.arange(0, G)[None, :, None, None, None] * CHUNK_D
+    return C0 + chunk + tl.arange(0, CHUNK_D)[None, None, None, None, :]
 
 
 @triton.jit
-def _abmilp_logits_kernel(
-    Z, W, Bias, Logits,
-    stride_zb, stride_zn, stride_zd, stride_wk, stride_wd, stride_bk,
-    N, D, K,
-    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """logits[b, k, n] = z[b, n]·W[k] + bias[k] for one tile of tokens (all K branches)."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, K_PAD)
-    n_ok = offs_n < N
-    k_ok = offs_k < K
-    acc_t = Logits.dtype.element_ty  # float32 (float64 for float64 tokens)
-    acc = tl.zeros([BLOCK_N, K_PAD], acc_t)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        w_t = tl.load(W + offs_k[None, :] * stride_wk + offs_d[:, None] * stride_wd,
-                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        acc += _split_dot(w_t.to(acc_t), z, False, WIDE, UPCAST, PRECISION)
-    acc += tl.load(Bias + offs_k * stride_bk, mask=k_ok, other=0.0).to(acc_t)[None, :]  # [K] any stride, 0 too
-    tl.store(Logits + b * K * N + offs_k[None, :] * N + offs_n[:, None], acc, mask=n_ok[:, None] & k_ok[None, :])
+def _load_tokens(row, offs_n, n_ok, stride_n, stride_d, D, C0: tl.constexpr, G: tl.constexpr,
+                 WARPS: tl.constexpr, CHUNK_D: tl.constexpr, acc_t: tl.constexpr):
+    """Tokens [BLOCK_N, G, WARPS, 1, CHUNK_D] (one copy per warp: the product with the branches' rows stays
+    in each warp's registers), converted to the accumulation dtype; 0 outside the row."""
+    offs_d = _cols(C0, G, CHUNK_D)
+    warp = tl.arange(0, WARPS)[None, None, :, None, None]
+    ptrs = row + offs_n * stride_n + warp * 0 + offs_d * stride_d
+    return tl.load(ptrs, mask=n_ok & (offs_d < D) & (warp >= 0), other=0.0).to(acc_t)
 
 
 @triton.jit
-def _softmax_stats(Logits, Mask, b, N, stride_mb, stride_mn, offs_k, k_ok,
-                   HAS_MASK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Row max and normalizer of softmax over the N tokens, per branch ([K_PAD] each)."""
-    m = tl.full([K_PAD], float("-inf"), Logits.dtype.element_ty)
-    z = tl.zeros([K_PAD], Logits.dtype.element_ty)
+def _load_rows(ptr, offs_k, k_ok, stride_k, stride_d, D, C0: tl.constexpr, G: tl.constexpr,
+               CHUNK_D: tl.constexpr, acc_t: tl.constexpr):
+    """Per-branch rows [1, G, WARPS, KW, CHUNK_D] of a [K, D] matrix (any strides); 0 outside."""
+    offs_d = _cols(C0, G, CHUNK_D)
+    return tl.load(ptr + offs_k * stride_k + offs_d * stride_d, mask=k_ok & (offs_d < D), other=0.0).to(acc_t)
+
+
+@triton.jit
+def _store_rows(ptr, x, offs_k, k_ok, D, C0: tl.constexpr, G: tl.constexpr, CHUNK_D: tl.constexpr):
+    """Store per-branch rows [1, G, WARPS, KW, CHUNK_D] into a contiguous [K, D] matrix."""
+    offs_d = _cols(C0, G, CHUNK_D)
+    tl.store(ptr + offs_k * D + offs_d, x, mask=k_ok & (offs_d < D))
+
+
+@triton.jit
+def _branches(K, K_PAD: tl.constexpr, WARPS: tl.constexpr):
+    """Branch index [1, 1, WARPS, KW, 1] (warp w holds branches w·KW .. w·KW + KW − 1) and its validity."""
+    KW: tl.constexpr = K_PAD // WARPS
+    offs_k = tl.arange(0, WARPS)[None, None, :, None, None] * KW + tl.arange(0, KW)[None, None, None, :, None]
+    return offs_k, offs_k < K
+
+
+@triton.jit
+def _keep(Mask, b, offs_n, n_ok, stride_mb, stride_mn, HAS_MASK: tl.constexpr):
+    """Tokens that take part: inside the range and, with a mask, kept by it."""
+    keep = n_ok
+    if HAS_MASK:
+        keep = keep & (tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
+    return keep
+
+
+@triton.jit
+def _normalize_scores(Raw, stride_rb, stride_rk, stride_rn, Mask, stride_mb, stride_mn, Scores, b, m_safe, inv,
+                      offs_k, k_ok, N, K, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """scores[b, k, n] = exp(raw − max) / normalizer over the whole row (masked tokens: 0), BLOCK_N tokens a step
+    (spread over the lanes, unlike the tiles of the main loop: each value is computed once)."""
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)[:, None, None, None, None]
         n_ok = offs_n < N
-        keep = n_ok
-        if HAS_MASK:
-            keep = keep & (tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
-        lg = tl.load(Logits + offs_k[:, None] * N + offs_n[None, :],
-                     mask=k_ok[:, None] & n_ok[None, :], other=float("-inf"))
-        lg = tl.where(keep[None, :], lg, float("-inf"))
-        m_new = tl.maximum(m, tl.max(lg, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        z = z * tl.exp(m - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
+        keep = _keep(Mask, b, offs_n, n_ok, stride_mb, stride_mn, HAS_MASK)
+        raw = tl.load(Raw + b * stride_rb + offs_k * stride_rk + offs_n * stride_rn, mask=k_ok & n_ok, other=0.0)
+        raw = tl.where(keep, raw.to(m_safe.dtype), float("-inf"))
+        tl.store(Scores + b * K * N + offs_k * N + offs_n, tl.exp(raw - m_safe) * inv, mask=k_ok & n_ok)
+
+
+@triton.jit
+def _abmilp_fwd_kernel(
+    Z, W, Logits, Mask, Raw, Scores, Pooled, Part, Stats,
+    stride_zb, stride_zn, stride_zd, stride_wk, stride_wd, stride_lb, stride_lk, stride_ln, stride_mb, stride_mn,
+    N, D, K, CHUNK,
+    GIVEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, K_PAD: tl.constexpr, WARPS: tl.constexpr,
+    GA: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Online softmax pooling of tokens [n_start, n_end) of row b, all branches, one read of the tokens.
+
+    Logits: ``z·W[k]`` (AbMILP) or loaded (GIVEN, softmax pooling). Whole rows (not SPLIT) write pooled and the
+    normalized scores (the raw logits go to Raw = Scores first); chunks write the raw logits to Raw and their
+    (max, normalizer, unnormalized acc) to Stats / Part for the combine kernel."""
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    acc_t = Pooled.dtype.element_ty
+    KW: tl.constexpr = K_PAD // WARPS
+    GB: tl.constexpr = BLOCK_D // CHUNK_D - GA  # the row: GA + GB chunks of CHUNK_D columns
+    C1: tl.constexpr = GA * CHUNK_D
+    offs_k, k_ok = _branches(K, K_PAD, WARPS)
+    row = Z + b * stride_zb
+    if not GIVEN:
+        wa = _load_rows(W, offs_k, k_ok, stride_wk, stride_wd, D, 0, GA, CHUNK_D, acc_t)
+        if GB > 0:
+            wb = _load_rows(W, offs_k, k_ok, stride_wk, stride_wd, D, C1, GB, CHUNK_D, acc_t)
+    acc_a = tl.zeros([1, GA, WARPS, KW, CHUNK_D], acc_t)
+    if GB > 0:
+        acc_b = tl.zeros([1, GB, WARPS, KW, CHUNK_D], acc_t)
+    m = tl.full([1, 1, WARPS, KW, 1], float("-inf"), acc_t)
+    norm = tl.zeros([1, 1, WARPS, KW, 1], acc_t)
+    n_start = split * CHUNK
+    n_end = tl.minimum(N, n_start + CHUNK)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)[:, None, None, None, None]
+        n_ok = offs_n < n_end
+        za = _load_tokens(row, offs_n, n_ok, stride_zn, stride_zd, D, 0, GA, WARPS, CHUNK_D, acc_t)
+        if GB > 0:
+            zb = _load_tokens(row, offs_n, n_ok, stride_zn, stride_zd, D, C1, GB, WARPS, CHUNK_D, acc_t)
+        if GIVEN:
+            lg = tl.load(Logits + b * stride_lb + offs_k * stride_lk + offs_n * stride_ln, mask=k_ok & n_ok,
+                         other=0.0).to(acc_t)
+        else:
+            part = tl.sum(za * wa, 1, keep_dims=True)  # chunks first: an FMA chain per column
+            if GB > 0:
+                part += tl.sum(zb * wb, 1, keep_dims=True)
+            lg = tl.sum(part, 4, keep_dims=True)  # [BLOCK_N, 1, WARPS, KW, 1]
+            tl.store(Raw + b * K * N + offs_k * N + offs_n, lg, mask=k_ok & n_ok)
+        keep = _keep(Mask, b, offs_n, n_ok, stride_mb, stride_mn, HAS_MASK)
+        lg = tl.where(keep, lg, float("-inf"))
+        m_new = tl.maximum(m, tl.max(lg, 0, keep_dims=True))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no token yet: exp(-inf − 0) = 0, not NaN
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(lg - m_safe)
+        norm = norm * alpha + tl.sum(p, 0, keep_dims=True)
+        acc_a = acc_a * alpha + tl.sum(p * za, 0, keep_dims=True)
+        if GB > 0:
+            acc_b = acc_b * alpha + tl.sum(p * zb, 0, keep_dims=True)
         m = m_new
-    return m, z
+    if SPLIT:
+        chunk = b * tl.num_programs(0) + split
+        _store_rows(Part + chunk * K * D, acc_a, offs_k, k_ok, D, 0, GA, CHUNK_D)
+        if GB > 0:
+            _store_rows(Part + chunk * K * D, acc_b, offs_k, k_ok, D, C1, GB, CHUNK_D)
+        tl.store(Stats + chunk * 2 * K + offs_k, m, mask=k_ok)
+        tl.store(Stats + chunk * 2 * K + K + offs_k, norm, mask=k_ok)
+    else:
+        inv = 1.0 / norm  # a row with every token masked: 1/0, and NaN below, like softmax over all -inf
+        _store_rows(Pooled + b * K * D, acc_a * inv, offs_k, k_ok, D, 0, GA, CHUNK_D)
+        if GB > 0:
+            _store_rows(Pooled + b * K * D, acc_b * inv, offs_k, k_ok, D, C1, GB, CHUNK_D)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        tl.debug_barrier()  # the raw logits other threads stored are read back below
+        if GIVEN:
+            _normalize_scores(Logits, stride_lb, stride_lk, stride_ln, Mask, stride_mb, stride_mn, Scores, b, m_safe,
+                              inv, offs_k, k_ok, N, K, HAS_MASK, NORMALIZE_TOKENS)
+        else:
+            _normalize_scores(Raw, K * N, N, 1, Mask, stride_mb, stride_mn, Scores, b, m_safe, inv, offs_k, k_ok, N, K,
+                              HAS_MASK, NORMALIZE_TOKENS)
 
 
 @triton.jit
-def _softmax_pool_fwd_kernel(
-    Z, Logits, Mask, Pooled, Scores,
-    stride_zb, stride_zn, stride_zd, stride_mb, stride_mn,
-    N, D, K,
+def _abmilp_combine_kernel(
+    Part, Stats, Raw, Mask, Scores, Pooled,
+    stride_rb, stride_rk, stride_rn, stride_mb, stride_mn,
+    N, D, K, SPLITS,
     HAS_MASK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """pooled[b, :, chunk] = Σ_n softmax(logits[b])[:, n] z[b, n, chunk]; chunk 0 also writes scores."""
+    """Merge the SPLITS chunks of row b: pooled[b, :, chunk] from the chunks' (max, normalizer, acc); the first
+    feature chunk's program also writes the row's normalized scores from its raw logits."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    acc_t = Pooled.dtype.element_ty
     offs_k = tl.arange(0, K_PAD)
     k_ok = offs_k < K
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    row_logits = Logits + b * K * N
-    m, norm = _softmax_stats(row_logits, Mask, b, N, stride_mb, stride_mn, offs_k, k_ok, HAS_MASK, K_PAD, BLOCK_N)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    inv_norm = tl.where(k_ok, 1.0 / norm, 0.0)  # padding branches stay 0, not 0·inf
-    acc = tl.zeros([K_PAD, BLOCK_D], Scores.dtype.element_ty)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        keep = n_ok
-        if HAS_MASK:
-            keep = keep & (tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
-        lg = tl.load(row_logits + offs_k[:, None] * N + offs_n[None, :],
-                     mask=k_ok[:, None] & n_ok[None, :], other=float("-inf"))
-        lg = tl.where(keep[None, :], lg, float("-inf"))
-        s = tl.exp(lg - m_safe[:, None]) * inv_norm[:, None]
-        if pid_d == 0:
-            tl.store(Scores + b * K * N + offs_k[:, None] * N + offs_n[None, :], s,
-                     mask=k_ok[:, None] & n_ok[None, :])
-        z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += _split_dot(s, z, True, WIDE, UPCAST, PRECISION)
-    tl.store(Pooled + b * K * D + offs_k[:, None] * D + offs_d[None, :], acc.to(Pooled.dtype.element_ty),
+    stats = Stats + b * SPLITS * 2 * K
+    big_m = tl.full([K_PAD], float("-inf"), acc_t)
+    for s in range(0, SPLITS):
+        big_m = tl.maximum(big_m, tl.load(stats + s * 2 * K + offs_k, mask=k_ok, other=float("-inf")))
+    m_safe = tl.where(big_m == float("-inf"), 0.0, big_m)
+    norm = tl.zeros([K_PAD], acc_t)
+    acc = tl.zeros([K_PAD, BLOCK_D], acc_t)
+    for s in range(0, SPLITS):
+        scale = tl.exp(tl.load(stats + s * 2 * K + offs_k, mask=k_ok, other=float("-inf")) - m_safe)
+        norm += scale * tl.load(stats + s * 2 * K + K + offs_k, mask=k_ok, other=0.0)
+        part = tl.load(Part + (b * SPLITS + s) * K * D + offs_k[:, None] * D + offs_d[None, :],
+                       mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += scale[:, None] * part
+    inv = 1.0 / tl.where(k_ok, norm, 1.0)  # padding branches have no chunks
+    tl.store(Pooled + b * K * D + offs_k[:, None] * D + offs_d[None, :], acc * inv[:, None],
              mask=k_ok[:, None] & d_ok[None, :])
+    if pid_d == 0:
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            keep = n_ok
+            if HAS_MASK:
+                keep = keep & (tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
+            raw = tl.load(Raw + b * stride_rb + offs_k[:, None] * stride_rk + offs_n[None, :] * stride_rn,
+                          mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(acc_t)
+            raw = tl.where(keep[None, :], raw, float("-inf"))
+            tl.store(Scores + b * K * N + offs_k[:, None] * N + offs_n[None, :],
+                     tl.exp(raw - m_safe[:, None]) * inv[:, None], mask=k_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _softmax_pool_bwd_kernel(
-    Z, G, Scores, GP, GS, GSum, W, DLogits, DZ,
-    stride_zb, stride_zn, stride_zd, stride_wk, stride_wd,
-    N, D, K,
-    HAS_GS: tl.constexpr, HAS_WEIGHT: tl.constexpr, TOKENS_GRAD: tl.constexpr,
-    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _abmilp_bwd_kernel(
+    Z, W, G, Pooled, Scores, GS, DLogits, DZ, DW,
+    stride_zb, stride_zn, stride_zd, stride_wk, stride_wd, stride_gb, stride_gk, stride_gd,
+    stride_sb, stride_sk, stride_sn,
+    B, N, D, K, CHUNK, SPLITS,
+    HAS_GS: tl.constexpr, HAS_WEIGHT: tl.constexpr, TOKENS_GRAD: tl.constexpr, K_PAD: tl.constexpr,
+    WARPS: tl.constexpr, GA: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dl = s·(g·z − g·pooled) [+ s·(gs − Σ s·gs)] for one token tile; dz = sᵀg [+ dlᵀW] if needed."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, K_PAD)
-    n_ok = offs_n < N
-    k_ok = offs_k < K
-    g_row = G + b * K * D
-    gz = tl.zeros([BLOCK_N, K_PAD], Scores.dtype.element_ty)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        g_t = tl.load(g_row + offs_k[None, :] * D + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        gz += _split_dot(g_t, z, False, WIDE, UPCAST, PRECISION)
-    tile = b * K * N + offs_k[None, :] * N + offs_n[:, None]  # [BLOCK_N, K_PAD] view of [B, K, N]
-    tile_ok = n_ok[:, None] & k_ok[None, :]
-    s = tl.load(Scores + tile, mask=tile_ok, other=0.0)
-    gp = tl.load(GP + b * K + offs_k, mask=k_ok, other=0.0)
-    dl = s * (gz - gp[None, :])
-    if HAS_GS:
-        gs = tl.load(GS + tile, mask=tile_ok, other=0.0)
-        gsum = tl.load(GSum + b * K + offs_k, mask=k_ok, other=0.0)
-        dl += s * (gs - gsum[None, :])
-    tl.store(DLogits + tile, dl, mask=tile_ok)
-    if TOKENS_GRAD:
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < D
-            g = tl.load(g_row + offs_k[:, None] * D + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            dz = tl.dot(s, g, input_precision=PRECISION)
+    """Backward of both poolings over this program's (row, token chunk) items, one read of the tokens.
+
+    dl = s·(g·z − g·pooled) [+ s·(gs − Σ s·gs)]; AbMILP (HAS_WEIGHT) accumulates its weight gradient Σ dl·z
+    into this program's partial DW[program], softmax pooling stores dl as the logits' gradient; the tokens'
+    gradient Σ_k s·g [+ dl·W] only with TOKENS_GRAD."""
+    pid = tl.program_id(0)
+    acc_t = DW.dtype.element_ty
+    KW: tl.constexpr = K_PAD // WARPS
+    GB: tl.constexpr = BLOCK_D // CHUNK_D - GA  # the row: GA + GB chunks of CHUNK_D columns
+    C1: tl.constexpr = GA * CHUNK_D
+    offs_k, k_ok = _branches(K, K_PAD, WARPS)
+    if HAS_WEIGHT and TOKENS_GRAD:
+        wa = _load_rows(W, offs_k, k_ok, stride_wk, stride_wd, D, 0, GA, CHUNK_D, acc_t)
+        if GB > 0:
+            wb = _load_rows(W, offs_k, k_ok, stride_wk, stride_wd, D, C1, GB, CHUNK_D, acc_t)
+    dw_a = tl.zeros([1, GA, WARPS, KW, CHUNK_D], acc_t)
+    if GB > 0:
+        dw_b = tl.zeros([1, GB, WARPS, KW, CHUNK_D], acc_t)
+    for item in range(pid, B * SPLITS, tl.num_programs(0)):
+        b = (item // SPLITS).to(tl.int64)
+        n_start = (item % SPLITS) * CHUNK
+        n_end = tl.minimum(N, n_start + CHUNK)
+        row = Z + b * stride_zb
+        ga = _load_rows(G + b * stride_gb, offs_k, k_ok, stride_gk, stride_gd, D, 0, GA, CHUNK_D, acc_t)
+        gp = tl.sum(ga * _load_rows(Pooled + b * K * D, offs_k, k_ok, D, 1, D, 0, GA, CHUNK_D, acc_t), 1,
+                    keep_dims=True)
+        if GB > 0:
+            gb = _load_rows(G + b * stride_gb, offs_k, k_ok, stride_gk, stride_gd, D, C1, GB, CHUNK_D, acc_t)
+            gp += tl.sum(gb * _load_rows(Pooled + b * K * D, offs_k, k_ok, D, 1, D, C1, GB, CHUNK_D, acc_t), 1,
+                         keep_dims=True)
+        gp = tl.sum(gp, 4, keep_dims=True)  # g·pooled [1, 1, WARPS, KW, 1]
+        if HAS_GS:
+            gsum = tl.zeros([1, 1, WARPS, KW, 1], acc_t)  # Σ_n s·gs over the whole row
+            for n0 in range(0, N, NORMALIZE_TOKENS):
+                offs_n = n0 + tl.arange(0, NORMALIZE_TOKENS)[:, None, None, None, None]
+                ok = k_ok & (offs_n < N)
+                s = tl.load(Scores + b * K * N + offs_k * N + offs_n, mask=ok, other=0.0)
+                gs = tl.load(GS + b * stride_sb + offs_k * stride_sk + offs_n * stride_sn, mask=ok, other=0.0)
+                gsum += tl.sum(s * gs.to(acc_t), 0, keep_dims=True)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)[:, None, None, None, None]
+            n_ok = offs_n < n_end
+            za = _load_tokens(row, offs_n, n_ok, stride_zn, stride_zd, D, 0, GA, WARPS, CHUNK_D, acc_t)
+            part = tl.sum(za * ga, 1, keep_dims=True)
+            if GB > 0:
+                zb = _load_tokens(row, offs_n, n_ok, stride_zn, stride_zd, D, C1, GB, WARPS, CHUNK_D, acc_t)
+                part += tl.sum(zb * gb, 1, keep_dims=True)
+            gz = tl.sum(part, 4, keep_dims=True)  # [BLOCK_N, 1, WARPS, KW, 1]
+            ok = k_ok & n_ok
+            s = tl.load(Scores + b * K * N + offs_k * N + offs_n, mask=ok, other=0.0)
+            dl = s * (gz - gp)
+            if HAS_GS:
+                gs = tl.load(GS + b * stride_sb + offs_k * stride_sk + offs_n * stride_sn, mask=ok, other=0.0)
+                dl += s * (gs.to(acc_t) - gsum)
             if HAS_WEIGHT:
-                w = tl.load(W + offs_k[:, None] * stride_wk + offs_d[None, :] * stride_wd,
-                            mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                dz += tl.dot(dl, w.to(dl.dtype), input_precision=PRECISION)
-            tl.store(DZ + b * N * D + offs_n[:, None] * D + offs_d[None, :], dz.to(DZ.dtype.element_ty),
-                     mask=n_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _weight_grad_kernel(
-    Z, DLogits, Partial,
-    stride_zb, stride_zn, stride_zd,
-    B, N, D, K, SPLITS,
-    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WIDE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """partial[split, k, chunk] = Σ over this split's (b, token tile) pairs of dlᵀ·z (0 if it has none)."""
-    pid_d = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_k = tl.arange(0, K_PAD)
-    k_ok = offs_k < K
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    acc = tl.zeros([K_PAD, BLOCK_D], Partial.dtype.element_ty)
-    tiles_per_row = tl.cdiv(N, BLOCK_N)
-    for t in range(split, B * tiles_per_row, SPLITS):
-        b = (t // tiles_per_row).to(tl.int64)
-        offs_n = (t % tiles_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        dl = tl.load(DLogits + b * K * N + offs_k[:, None] * N + offs_n[None, :],
-                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        z = tl.load(Z + b * stride_zb + offs_n[:, None] * stride_zn + offs_d[None, :] * stride_zd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += _split_dot(dl, z, True, WIDE, UPCAST, PRECISION)
-    tl.store(Partial + split * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=k_ok[:, None] & d_ok[None, :])
+                dw_a += tl.sum(dl * za, 0, keep_dims=True)
+                if GB > 0:
+                    dw_b += tl.sum(dl * zb, 0, keep_dims=True)
+            else:
+                tl.store(DLogits + b * K * N + offs_k * N + offs_n, dl, mask=ok)
+            if TOKENS_GRAD:
+                dz_rows = DZ + b * N * D + offs_n * D
+                dz = s * ga
+                if HAS_WEIGHT:
+                    dz += dl * wa
+                dz = tl.sum(tl.sum(dz, 3, keep_dims=True), 2, keep_dims=True)  # over the branches
+                offs_d = _cols(0, GA, CHUNK_D)
+                tl.store(dz_rows + offs_d, dz.to(DZ.dtype.element_ty), mask=n_ok & (offs_d < D))
+                if GB > 0:
+                    dz = s * gb
+                    if HAS_WEIGHT:
+                        dz += dl * wb
+                    dz = tl.sum(tl.sum(dz, 3, keep_dims=True), 2, keep_dims=True)
+                    offs_d = _cols(C1, GB, CHUNK_D)
+                    tl.store(dz_rows + offs_d, dz.to(DZ.dtype.element_ty), mask=n_ok & (offs_d < D))
+    if HAS_WEIGHT:
+        _store_rows(DW + pid * K * D, dw_a, offs_k, k_ok, D, 0, GA, CHUNK_D)
+        if GB > 0:
+            _store_rows(DW + pid * K * D, dw_b, offs_k, k_ok, D, C1, GB, CHUNK_D)
 
 
 def _k_pad(k: int) -> int:
-    return max(16, triton.next_power_of_2(k))
+    return triton.next_power_of_2(k)
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    """WIDE: fp32/fp64 tokens (one dot in the accumulation dtype); UPCAST: bf16 in the interpreter;
-    PRECISION: ``input_precision`` of dots on fp32 operands (fp64 ones are always IEEE)."""
-    precision = "ieee" if dtype == torch.float64 else fp32_dot_precision()
-    return dict(WIDE=dtype in (torch.float32, torch.float64), UPCAST=interpreting() and dtype == torch.bfloat16,
-                PRECISION=precision)
+def _groups(d: int, chunk_d: int) -> tuple[int, int]:
+    """(GA, GB): a row of d features as GA + GB chunks of chunk_d columns, both powers of two (GB may be 0)."""
+    chunks = triton.cdiv(d, chunk_d)
+    ga = 1 << (chunks.bit_length() - 1)
+    return ga, 0 if chunks == ga else triton.next_power_of_2(chunks - ga)
+
+
+def _row_registers(name: str, config: tuple, d: int, k_pad: int, itemsize: int, meta: dict) -> float:
+    """Estimated 32-bit registers per thread of a row kernel at ``config``: its per-thread rows and products, each
+    branch's scalars and a base (fitted to ptxas for sm_90 over D = 64 to 1536, K = 1 to 16, both passes)."""
+    block_n, chunk_d, warps, _ = config
+    cols = sum(_groups(d, chunk_d)) * chunk_d / 32  # features per thread
+    words = 2 if itemsize == 8 else 1  # float64 tokens accumulate in float64
+    kw = k_pad // warps
+    if name == "fwd":
+        rows = kw * (1 if meta.get("GIVEN") else 2)  # accumulators (and weight rows)
+        tiles = block_n
+    else:
+        rows = kw * (2 + (1 if meta.get("HAS_WEIGHT") and meta.get("TOKENS_GRAD") else 0))  # g, dW (and W)
+        tiles = block_n * (2 if meta.get("TOKENS_GRAD") else 1)  # tokens (and the tokens' gradient)
+    products = block_n * kw * cols / 4  # the share of the tile x branch products the compiler keeps live
+    return ((rows + tiles) * cols + products) * words + 20 * kw + 40
+
+
+def _fits(name: str, config: tuple, d: int, k_pad: int, itemsize: int, meta: dict) -> bool:
+    """Whether ``config`` suits a call: row kernels take at most K_PAD warps and their arrays fit REGISTER_BUDGET."""
+    if name not in ROW_KERNELS:
+        return True
+    budget = REGISTER_BUDGET * _max_registers(name, config[2]) / 255  # 16 warps: 128 registers a thread at most
+    return config[2] <= k_pad and _row_registers(name, config, d, k_pad, itemsize, meta) <= budget
+
+
+def _candidates(name: str, d: int, k_pad: int, itemsize: int, meta: dict) -> list[tuple]:
+    """The configs of CONFIGS[name] that suit a call; when none does, the runnable one with the fewest registers."""
+    configs = CONFIGS[name]
+    kept = [c for c in configs if _fits(name, c, d, k_pad, itemsize, meta)]
+    if kept:
+        return kept
+    runnable = [c for c in configs if name not in ROW_KERNELS or c[2] <= k_pad]
+    return [min(runnable, key=lambda c: _row_registers(name, c, d, k_pad, itemsize, meta))]
 
 
 # kernel name -> jit kernel; CONFIGS[name] holds its launch configs
 KERNELS = {
-    "logits": _abmilp_logits_kernel,
-    "pool": _softmax_pool_fwd_kernel,
-    "pool_bwd": _softmax_pool_bwd_kernel,
-    "wgrad": _weight_grad_kernel,
+    "fwd": _abmilp_fwd_kernel,
+    "combine": _abmilp_combine_kernel,
+    "bwd": _abmilp_bwd_kernel,
 }
+ROW_KERNELS = ("fwd", "bwd")
 # autotune keys; the autotuner adds the tensor arguments' dtypes itself
-_FLAGS = ["WIDE", "UPCAST", "PRECISION"]
 _AUTOTUNE_KEYS = {
-    "logits": ["N", "D", "K_PAD", *_FLAGS],
-    "pool": ["N", "D", "K_PAD", "HAS_MASK", *_FLAGS],
-    "pool_bwd": ["N", "D", "K_PAD", "HAS_GS", "HAS_WEIGHT", "TOKENS_GRAD", *_FLAGS],
-    "wgrad": ["N", "D", "K_PAD", *_FLAGS],
+    "fwd": ["N", "D", "K_PAD", "GIVEN", "HAS_MASK", "SPLIT"],
+    "combine": ["N", "D", "K_PAD", "HAS_MASK"],
+    "bwd": ["N", "D", "K_PAD", "HAS_GS", "HAS_WEIGHT", "TOKENS_GRAD"],
 }
-_AUTOTUNED = {
-    name: triton.autotune(
-        configs=[triton.Config({"BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=st)
-                 for n, d, w, st in CONFIGS[name]],
-        key=_AUTOTUNE_KEYS[name],
-    )(kernel)
-    for name, kernel in KERNELS.items()
-}
+
+
+def _config_meta(name: str, config: tuple, d: int) -> dict:
+    """The constexprs a config sets. Row kernels: BLOCK_N, the chunk width CHUNK_D, WARPS and the row's column
+    groups (GA chunks, then BLOCK_D // CHUNK_D − GA): BLOCK_D is the row width in registers, so a tile holds
+    BLOCK_N x BLOCK_D token elements."""
+    block_n, block_d, warps, _ = config
+    if name not in ROW_KERNELS:
+        return dict(BLOCK_N=block_n, BLOCK_D=block_d)
+    ga, gb = _groups(d, block_d)
+    return dict(BLOCK_N=block_n, BLOCK_D=(ga + gb) * block_d, CHUNK_D=block_d, WARPS=warps, GA=ga)
+
+
+def _max_registers(name: str, warps: int) -> int | None:
+    """``maxnreg`` of a row kernel: all a thread may have at ``warps`` warps (without it ptxas for sm_90 spills some
+    configs at 64 to 168 registers to keep more blocks resident)."""
+    return min(255, 65536 // (32 * warps)) if name in ROW_KERNELS else None
+
+
+def _autotuner(name: str, d: int, itemsize: int, meta: dict):
+    """An autotuner over the configs that suit the call, one per (kernel, D, token size, constexprs)."""
+    key = (name, d, itemsize, tuple(sorted(meta.items())))
+    if key not in _TUNERS:
+        configs = [triton.Config(_config_meta(name, c, d), num_warps=c[2], num_stages=c[3],
+                                 maxnreg=_max_registers(name, c[2]))
+                   for c in _candidates(name, d, meta["K_PAD"], itemsize, meta)]
+        _TUNERS[key] = triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[name])(KERNELS[name])
+    return _TUNERS[key]
+
+
+_TUNERS: dict = {}
 
 
 def launch(name: str, grid, *args, config: tuple[int, int, int, int] | None = None, **meta) -> None:
-    """Run kernel ``name`` over ``grid(blocks)`` at ``config`` (BLOCK_N, BLOCK_D, num_warps, num_stages) when
-    given; else at INTERPRET_CONFIG in the interpreter (where tuning would run every config and time numpy),
-    autotuned over CONFIGS[name] on a GPU."""
+    """Run kernel ``name`` over ``grid(config constexprs)`` at ``config`` (BLOCK_N, BLOCK_D — CHUNK_D for row
+    kernels —, num_warps, num_stages) when given; else at INTERPRET_CONFIG in the interpreter (row kernels with at
+    most K_PAD warps: tuning would run every config and time numpy), autotuned on a GPU over the configs of
+    CONFIGS[name] that suit the call (``_fits``). A row kernel cannot take more warps than K_PAD (ValueError)."""
+    named = dict(zip(KERNELS[name].arg_names, args))
+    d, itemsize = named["D"], named["Z"].element_size() if "Z" in named else 4
     if config is None and interpreting():
-        config = INTERPRET_CONFIG
+        block_n, block_d, warps, stages = INTERPRET_CONFIG
+        config = (block_n, block_d, min(warps, meta["K_PAD"]) if name in ROW_KERNELS else warps, stages)
     if config is None:
-        _AUTOTUNED[name][grid](*args, **meta)
+        _autotuner(name, d, itemsize, meta)[grid](*args, **meta)
         return
-    block_n, block_d, warps, stages = config
-    blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d)
-    KERNELS[name][grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
+    if name in ROW_KERNELS and config[2] > meta["K_PAD"]:
+        raise ValueError(f"{name}: {config[2]} warps for {meta['K_PAD']} (padded) branches; at most one warp each")
+    blocks = _config_meta(name, config, d)
+    options = dict(num_warps=config[2], num_stages=config[3])
+    if _max_registers(name, config[2]) and not interpreting():
+        options.update(maxnreg=_max_registers(name, config[2]))
+    KERNELS[name][grid(blocks)](*args, **meta, **blocks, **options)
 
 
 def check_tokens(tokens: torch.Tensor, k: int, mask: torch.Tensor | None) -> None:
@@ -311,93 +474,101 @@ def check_tokens(tokens: torch.Tensor, k: int, mask: torch.Tensor | None) -> Non
                          f"got {mask.dtype} {tuple(mask.shape)}")
 
 
-def _pool(tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None):
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``. CPU tensors: INTERPRET_SMS in the interpreter (test batches of a
+    few rows split them), else NOMINAL_SMS (host calls captured to compile for a GPU plan as on an H100)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRET_SMS if interpreting() else NOMINAL_SMS
+
+
+def _split(b: int, n: int, device: torch.device) -> tuple[int, int]:
+    """(chunks per row, tokens per chunk): rows are split into chunks of a multiple of SPLIT_TOKENS tokens until
+    the grid has FILL_PROGRAMS_PER_SM programs per SM (or every chunk is one multiple); big batches are not split."""
+    programs = FILL_PROGRAMS_PER_SM * _sm_count(device)
+    splits = max(1, min(triton.cdiv(programs, b), triton.cdiv(n, SPLIT_TOKENS)))
+    if splits == 1:
+        return 1, n
+    chunk = triton.cdiv(triton.cdiv(n, splits), SPLIT_TOKENS) * SPLIT_TOKENS
+    return triton.cdiv(n, chunk), chunk
+
+
+def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
+    return t.stride() if t is not None else (0,) * dims
+
+
+def _forward(tokens: torch.Tensor, weight: torch.Tensor | None, logits: torch.Tensor | None,
+             mask: torch.Tensor | None):
+    """(pooled [B, K, D], scores [B, K, N]) of AbMILP (weight [K, D]) or softmax pooling (logits [B, K, N])."""
+    given = logits is not None
+    k = logits.shape[1] if given else weight.shape[0]
+    check_tokens(tokens, k, mask)
     b, n, d = tokens.shape
-    k = logits.shape[1]
     acc = accumulation_dtype(tokens.dtype)
-    # float32 like the scores: exact for the probe's head and for g·pooled in the backward
     pooled = torch.empty((b, k, d), dtype=acc, device=tokens.device)
     scores = torch.empty((b, k, n), dtype=acc, device=tokens.device)
-    if mask is not None and tokens.dtype == torch.float64:
-        # an 8-bit mask feeding the float64 scores makes Triton (3.6 to 3.8) pick a dot-operand layout
-        # its float64 MMA cannot lower ("fp64 don't support largeK MMA"); an int32 mask does not
-        mask = mask.to(torch.int32)
+    splits, chunk = _split(b, n, tokens.device)
+    raw = scores if splits == 1 or given else torch.empty((b, k, n), dtype=acc, device=tokens.device)
+    part = torch.empty((b * splits, k, d), dtype=acc, device=tokens.device) if splits > 1 else pooled
+    stats = torch.empty((b * splits, 2, k), dtype=acc, device=tokens.device) if splits > 1 else pooled
     mask_arg = mask if mask is not None else tokens
-    mask_strides = mask.stride() if mask is not None else (0, 0)
+    flags = dict(HAS_MASK=mask is not None, K_PAD=_k_pad(k))
     launch(
-        "pool", lambda cfg: (triton.cdiv(d, cfg["BLOCK_D"]), b),
-        tokens, logits, mask_arg, pooled, scores, *tokens.stride(), *mask_strides, n, d, k,
-        HAS_MASK=mask is not None, K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
+        "fwd", lambda cfg: (splits, b),
+        tokens, weight if weight is not None else tokens, logits if given else tokens, mask_arg, raw, scores, pooled,
+        part, stats, *tokens.stride(), *_strides(weight, 2), *_strides(logits, 3), *_strides(mask, 2), n, d, k, chunk,
+        GIVEN=given, SPLIT=splits > 1, **flags,
     )
+    if splits > 1:
+        source = logits if given else raw
+        launch(
+            "combine", lambda cfg: (triton.cdiv(d, cfg["BLOCK_D"]), b),
+            part, stats, source, mask_arg, scores, pooled, *source.stride(), *_strides(mask, 2), n, d, k, splits,
+            **flags,
+        )
     return pooled, scores
 
 
 def abmilp_forward(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None = None):
-    """(pooled [B, K, D], scores [B, K, N]), both float32, of AbMILP with weight [K, D], bias [K]."""
-    check_tokens(tokens, weight.shape[0], mask)
-    b, n, d = tokens.shape
-    k = weight.shape[0]
-    logits = torch.empty((b, k, n), dtype=accumulation_dtype(tokens.dtype), device=tokens.device)
-    launch(
-        "logits", lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), b),
-        tokens, weight, bias, logits, *tokens.stride(), *weight.stride(), bias.stride(0), n, d, k,
-        K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
-    )
-    return _pool(tokens, logits, mask)
+    """(pooled [B, K, D], scores [B, K, N]), both float32, of AbMILP with weight [K, D]. The bias [K] is not read:
+    a per-branch constant cancels in the softmax over tokens (outputs and gradients do not depend on it)."""
+    del bias
+    return _forward(tokens, weight, None, mask)
 
 
 def softmax_pool_forward(tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None):
-    """(pooled [B, K, D], scores [B, K, N]), both float32, of softmax pooling with logits [B, K, N]."""
-    check_tokens(tokens, logits.shape[1], mask)
-    return _pool(tokens, logits.to(accumulation_dtype(tokens.dtype)).contiguous(), mask)
+    """(pooled [B, K, D], scores [B, K, N]), both float32, of softmax pooling with logits [B, K, N] (any strides)."""
+    return _forward(tokens, None, logits, mask)
 
 
-def pool_backward(
-    grad_pooled: torch.Tensor,
-    grad_scores: torch.Tensor | None,
-    tokens: torch.Tensor,
-    scores: torch.Tensor,
-    pooled: torch.Tensor,
-    weight: torch.Tensor | None,
-    tokens_grad: bool,
-):
-    """(grad_tokens or an empty tensor, grad_logits [B, K, N] float32) of either pooling.
+def _programs(items: int, k_pad: int, device: torch.device) -> int:
+    """Persistent backward programs: about BWD_WARPS_PER_SM warps per SM, each program with as many items."""
+    per_program = max(1, triton.cdiv(items, BWD_WARPS_PER_SM * _sm_count(device) // min(k_pad, 4)))
+    return max(1, triton.cdiv(items, per_program))
 
-    With ``weight`` the tokens' gradient includes the scorer path ``dlᵀW`` (AbMILP).
-    """
+
+def _backward(grad_pooled: torch.Tensor, grad_scores: torch.Tensor | None, tokens: torch.Tensor,
+              scores: torch.Tensor, pooled: torch.Tensor, weight: torch.Tensor | None, tokens_grad: bool):
+    """(grad_tokens or an empty tensor, grad_weight [K, D] (AbMILP) or grad_logits [B, K, N]), float32."""
     b, n, d = tokens.shape
     k = scores.shape[1]
     acc = accumulation_dtype(tokens.dtype)
-    g = grad_pooled.to(acc).contiguous()
-    gp = (g * pooled.to(acc)).sum(-1).contiguous()
-    has_gs = grad_scores is not None
-    gs = grad_scores.to(acc).contiguous() if has_gs else g
-    gsum = (scores * gs).sum(-1).contiguous() if has_gs else gp
-    dlogits = torch.empty((b, k, n), dtype=acc, device=tokens.device)
+    grad_pooled = grad_pooled.to(acc)  # any strides (an expanded gradient stays a view)
+    scores, pooled = scores.to(acc).contiguous(), pooled.to(acc).contiguous()
+    splits, chunk = _split(b, n, tokens.device)
+    programs = _programs(b * splits, _k_pad(k), tokens.device)
     dz = torch.empty((b, n, d) if tokens_grad else (0,), dtype=tokens.dtype, device=tokens.device)
-    w = weight if weight is not None else g
+    dlogits = torch.empty((b, k, n), dtype=acc, device=tokens.device) if weight is None else scores
+    dw = torch.empty((programs, k, d), dtype=acc, device=tokens.device) if weight is not None else pooled
     launch(
-        "pool_bwd", lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), b),
-        tokens, g, scores, gp, gs, gsum, w, dlogits, dz,
-        *tokens.stride(), *(w.stride() if weight is not None else (0, 0)), n, d, k,
-        HAS_GS=has_gs, HAS_WEIGHT=weight is not None, TOKENS_GRAD=tokens_grad,
-        K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
+        "bwd", lambda cfg: (programs,),
+        tokens, weight if weight is not None else tokens, grad_pooled, pooled, scores,
+        grad_scores if grad_scores is not None else scores, dlogits, dz, dw,
+        *tokens.stride(), *_strides(weight, 2), *grad_pooled.stride(), *_strides(grad_scores, 3), b, n, d, k, chunk,
+        splits, HAS_GS=grad_scores is not None, HAS_WEIGHT=weight is not None, TOKENS_GRAD=tokens_grad,
+        K_PAD=_k_pad(k),
     )
-    return dz, dlogits
-
-
-def weight_grad(tokens: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
-    """Σ_{b,n} dlogits[b, k, n] tokens[b, n, :] as [K, D] float32 (split over token tiles, then summed)."""
-    b, n, d = tokens.shape
-    k = dlogits.shape[1]
-    splits = max(1, min(WGRAD_SPLITS, b * triton.cdiv(n, _WGRAD_MIN_BLOCK_N)))  # the same for every config
-    partial = torch.empty((splits, k, d), dtype=dlogits.dtype, device=tokens.device)
-    launch(
-        "wgrad", lambda cfg: (triton.cdiv(d, cfg["BLOCK_D"]), splits),
-        tokens, dlogits, partial, *tokens.stride(), b, n, d, k, splits,
-        K_PAD=_k_pad(k), **_dot_flags(tokens.dtype),
-    )
-    return partial.sum(0)
+    return dz, (dw.sum(0) if weight is not None else dlogits)  # the partials summed in a fixed order
 
 
 def softmax_pool_backward(
@@ -408,8 +579,8 @@ def softmax_pool_backward(
     pooled: torch.Tensor,
     tokens_grad: bool,
 ):
-    """(grad_tokens or an empty tensor, grad_logits [B, K, N]) of :func:`softmax_pool_forward`."""
-    return pool_backward(grad_pooled, grad_scores, tokens, scores, pooled, None, tokens_grad)
+    """(grad_tokens or an empty tensor, grad_logits [B, K, N] float32) of :func:`softmax_pool_forward`."""
+    return _backward(grad_pooled, grad_scores, tokens, scores, pooled, None, tokens_grad)
 
 
 def abmilp_backward(
@@ -421,42 +592,7 @@ def abmilp_backward(
     pooled: torch.Tensor,
     tokens_grad: bool,
 ):
-    """(grad_tokens or an empty tensor, grad_weight [K, D], grad_bias [K]) in the inputs' dtypes."""
-    dz, dlogits = pool_backward(grad_pooled, grad_scores, tokens, scores, pooled, weight, tokens_grad)
-    grad_weight = weight_grad(tokens, dlogits).to(weight.dtype)
-    return dz, grad_weight, dlogits.sum((0, 2))
-
-
-def aot_specializations():
-    """Every kernel at every config of CONFIGS, for bf16 (split dots), fp32 (3xTF32 dots) and fp64 (IEEE dots:
-    the exact tests on a GPU) tokens, K ≤ 16, with the argument types and constexprs a GPU launch passes."""
-    from beyond_cls.kernels.aot import Specialization, pointer
-
-    for dtype in (torch.bfloat16, torch.float32, torch.float64):
-        tok, acc = pointer(dtype), "*fp64" if dtype == torch.float64 else "*fp32"
-        # _dot_flags outside the interpreter (fp32_dot_precision() gives GPU_FP32_DOT there)
-        precision = "ieee" if dtype == torch.float64 else GPU_FP32_DOT
-        flags = dict(WIDE=dtype != torch.bfloat16, UPCAST=False, PRECISION=precision, K_PAD=16)
-        name = str(dtype).removeprefix("torch.")
-        mask = "*i32" if dtype == torch.float64 else "*i1"  # see _pool
-        pointers = {
-            "logits": {"Z": tok, "W": acc, "Bias": acc, "Logits": acc},
-            "pool": {"Z": tok, "Logits": acc, "Mask": mask, "Pooled": acc, "Scores": acc},
-            "pool_bwd": {"Z": tok, "G": acc, "Scores": acc, "GP": acc, "GS": acc, "GSum": acc, "W": acc,
-                         "DLogits": acc, "DZ": tok},
-            "wgrad": {"Z": tok, "DLogits": acc, "Partial": acc},
-        }
-        # the widest variant of each kernel: mask, grad_scores, scorer weight and tokens' gradient on
-        variants = {"pool": dict(HAS_MASK=True), "pool_bwd": dict(HAS_GS=True, HAS_WEIGHT=True, TOKENS_GRAD=True)}
-        for kernel_name, kernel in KERNELS.items():
-            for block_n, block_d, warps, stages in CONFIGS[kernel_name]:
-                yield kernel, Specialization(
-                    pointers[kernel_name] | _ints(kernel),
-                    dict(flags, **variants.get(kernel_name, {}), BLOCK_N=block_n, BLOCK_D=block_d), warps, stages,
-                    f"{kernel_name}-{name}-N{block_n}-D{block_d}-w{warps}-s{stages}")
-
-
-def _ints(kernel) -> dict[str, str]:
-    """i32 for every scalar argument of ``kernel``: strides and sizes."""
-    sizes = ("N", "D", "K", "B", "SPLITS")
-    return {a: "i32" for a in kernel.arg_names if a.startswith("stride_") or a in sizes}
+    """(grad_tokens or an empty tensor, grad_weight [K, D], grad_bias [K]) in the inputs' dtypes. The bias's
+    gradient is exactly 0: the outputs do not depend on it (its reference, Σ_n dlogits, is 0 up to rounding)."""
+    dz, grad_weight = _backward(grad_pooled, grad_scores, tokens, scores, pooled, weight, tokens_grad)
+    return dz, grad_weight.to(weight.dtype), torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)

@@ -27,7 +27,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    if any(item.nodeid.startswith(AOT_TEST) for item in session.items) and not session.config.option.collectonly:
+    needed = any(item.nodeid.startswith(AOT_TEST) and "rows" in getattr(item, "fixturenames", ())
+                 for item in session.items)  # the tests reading the compiled rows
+    if needed and not session.config.option.collectonly:
         from test_triton_aot import start_background_compile
 
         start_background_compile(tempfile.mkdtemp(prefix="beyond_cls_aot_"))

@@ -184,3 +184,40 @@ def test_adjust_learning_rate_lr_scale():
 def test_scaled_lr():
     assert scaled_lr(0.1, 16384) == 6.4
     assert scaled_lr(0.1, 256) == pytest.approx(0.1)
+
+
+def test_lars_float32_equals_the_reference_bit_for_bit():
+    """One multi-tensor update over all groups, with the lrs as a tensor, rounds like the per-parameter reference."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(7, 5), (7,), (3, 3, 2), (1,), (4, 6)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in ref]
+    groups = [[0, 1], [2], [3, 4]]
+    opt = LARS([{"params": [params[i] for i in g], "lr": 0.1 * (k + 1)} for k, g in enumerate(groups)],
+               weight_decay=0.01)
+    for step in range(4):
+        for k, group in enumerate(opt.param_groups):
+            group["lr"] = 0.1 * (k + 1) / (step + 1)  # changing lrs reach the staged tensor
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        for k, g in enumerate(groups):
+            reference.lars_step([ref[i] for i in g], [params[i].grad for i in g], [bufs[i] for i in g],
+                                lr=opt.param_groups[k]["lr"], weight_decay=0.01)
+        opt.step()
+        for p, want in zip(params, ref):
+            torch.testing.assert_close(p.detach(), want, rtol=0, atol=0)
+
+
+def test_lars_update_ops_do_not_grow_with_the_groups():
+    from beyond_cls.probe.bench import count_host_ops
+
+    def ops(groups: int) -> int:
+        params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(groups)] + [torch.nn.Parameter(torch.randn(3))]
+        opt = LARS([{"params": [p], "lr": 0.1 * (i + 1)} for i, p in enumerate(params)])
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # momentum buffers, staged lrs
+        return count_host_ops(opt.step)
+
+    assert ops(2) == ops(12) <= 20

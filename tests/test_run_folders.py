@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,52 @@ def test_a_holder_on_another_host_is_refused_with_the_file_to_delete(tmp_path):
         FolderLock(tmp_path).acquire()
 
 
+def _age(path: Path, seconds: float) -> None:
+    """Make the lock's last heartbeat ``seconds`` old (by the clock of its file system: a file written now)."""
+    probe = path.with_name("clock")
+    probe.write_text("")
+    now = probe.stat().st_mtime
+    probe.unlink()
+    os.utime(path, (now - seconds, now - seconds))
+
+
+def test_a_lock_from_another_host_is_taken_over_once_its_heartbeat_stops(tmp_path):
+    """A job hard-killed on another node leaves its lock; the requeued job takes it once the heartbeat is old."""
+    path = _write_lock(tmp_path, host="some-other-node", pid=1234, heartbeat=30)
+    _age(path, 100)
+    with pytest.raises(FolderBusy, match=r"on host some-other-node .*heartbeat 10\d s ago.*taken over once it is "
+                                         r"300 s old"):
+        FolderLock(tmp_path).acquire()
+    _age(path, 301)
+    lock = FolderLock(tmp_path).acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid() and json.loads(path.read_text())["heartbeat"] > 0
+    lock.release()
+    assert not path.exists()
+
+
+def test_a_lock_without_heartbeat_is_never_taken_by_age(tmp_path):
+    """Locks of earlier versions do not beat: their age says nothing about their holder."""
+    path = _write_lock(tmp_path, host="some-other-node", pid=1234)
+    _age(path, 10**6)
+    with pytest.raises(FolderBusy, match=f"delete {path}"):
+        FolderLock(tmp_path).acquire()
+
+
+def test_a_held_lock_beats_and_stops_beating_when_released(tmp_path, monkeypatch):
+    import beyond_cls.runlock as runlock
+
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    lock = FolderLock(tmp_path).acquire()
+    _age(lock.path, 1000)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and time.time() - lock.path.stat().st_mtime > 100:
+        time.sleep(0.02)
+    assert time.time() - lock.path.stat().st_mtime < 100  # beaten again
+    thread = lock._beat
+    lock.release()
+    assert not lock.path.exists() and thread is not None and not thread.is_alive()
+
+
 def test_release_leaves_a_successors_lock_alone(tmp_path):
     lock = FolderLock(tmp_path).acquire()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
@@ -188,7 +235,7 @@ def test_every_probe_setting_is_classified():
     """A new ProbeConfig field must be added to RESUME_KEYS or, if it only changes speed or logging, here."""
     speed_only = {"out", "weights_dir", "batch_size", "accum_iter", "effective_batch", "seeds", "eval_every",
                   "num_workers", "decode", "cache", "cache_views", "cache_dtype", "ckpt_minutes", "resume", "compile",
-                  "channels_last", "precision", "skip_bad_images", "device", "log_every", "progress"}
+                  "cuda_graphs", "channels_last", "precision", "skip_bad_images", "device", "log_every", "progress"}
     fields = {f.name for f in dataclasses.fields(ProbeConfig)}
     assert fields - set(RESUME_KEYS) == speed_only  # cache, cache_views: through "views"; effective batch, seeds:
     assert set(RESUME_KEYS) - fields == {"views"}   # checked apart

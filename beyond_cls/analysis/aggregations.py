@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from torch.utils.data import Subset
 from tqdm import tqdm
 
 from beyond_cls.analysis.selection_runner import SelectionRunner
 from beyond_cls.config import NON_NEGATIVE_INT, ConfigError, StreamSettings, setting
 from beyond_cls.data import build_dataset, make_loader
+from beyond_cls.data.sample import sample_images
 from beyond_cls.data.transforms import unnormalized_eval_transform
 from beyond_cls.numerics import entropy, max_entropy
 from beyond_cls.runlock import writes_out
@@ -39,7 +39,7 @@ class AggregationsConfig(StreamSettings):
 
     methods: str = setting(help="comma-separated: attn-mean, attn-minent, attn-center, guide:MODEL[@CHECKPOINT], "
                            "abmilp:RUN[#KEY] (RUN: a beyond-cls probe --out folder, KEY: one of its heads)",
-                           group="heads")
+                           group="heads", items=str)
     examples: int = setting(4, help="images in examples.png", group="output", number=NON_NEGATIVE_INT)
 
     def __post_init__(self) -> None:
@@ -56,10 +56,10 @@ def _runner(cfg, device: torch.device) -> SelectionRunner:
 
 
 def _dataset(cfg, crop: bool):
+    """The split and the images taken from it (at most ``max_images``: a sample seeded by ``seed``)."""
     dataset = build_dataset(cfg.dataset, cfg.data, cfg.split, transform=unnormalized_eval_transform(cfg.img_size, crop))
-    if cfg.max_images is not None and cfg.max_images < len(dataset):
-        return dataset, Subset(dataset, range(cfg.max_images))
-    return dataset, dataset
+    taken, _, sample = sample_images(dataset, cfg.max_images, cfg.seed, f"{cfg.data} split {cfg.split}")
+    return dataset, taken, sample
 
 
 @writes_out("aggregations")
@@ -71,7 +71,7 @@ def aggregations(cfg: AggregationsConfig) -> dict:
     heads = runner.heads_used()
     for name, head in heads.items():
         print(f"{name}: head {head['head']} (seed {head['seed']})")
-    _, dataset = _dataset(cfg, crop=True)
+    _, dataset, sample = _dataset(cfg, crop=True)
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
     names = [m.name for m in runner.methods]
     ent_sum = {n: 0.0 for n in names}
@@ -107,7 +107,8 @@ def aggregations(cfg: AggregationsConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {
         "methods": rows, "kl": {p: {q: float(kl_mean[i, j]) for j, q in enumerate(names)} for i, p in enumerate(names)},
-        "num_images": count, "num_patches": runner.num_patches, "grid_size": list(runner.grid_size),
+        "num_images": count, "sample": sample.as_dict(), "num_patches": runner.num_patches,
+        "grid_size": list(runner.grid_size),
         "heads": heads, "config": asdict(cfg),
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
@@ -125,7 +126,8 @@ def aggregations(cfg: AggregationsConfig) -> dict:
         plot_examples(example_images, example_maps, out / "examples.png")
     for r in rows:
         print(f"{r['method']:<40} entropy {r['entropy']:.4f} (max {r['max_entropy']:.4f})")
-    print(f"{count} images; wrote {out / RESULTS_FILE}, kl.csv, kl.png" + (", examples.png" if example_images else ""))
+    print(f"{count} images ({sample}); wrote {out / RESULTS_FILE}, kl.csv, kl.png"
+          + (", examples.png" if example_images else ""))
     return results
 
 

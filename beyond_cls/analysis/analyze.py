@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Subset
 from tqdm import tqdm
 
 from beyond_cls.analysis.plots import plot_information_flow
 from beyond_cls.analysis.recorder import AttentionRecorder
 from beyond_cls.analysis.summary import AttentionSummary
-from beyond_cls.config import ARCH, CHECKPOINT, CHECKPOINT_FORMAT, MODEL, SOURCE, ConfigError, StreamSettings
+from beyond_cls.config import ARCH, CHECKPOINT, CHECKPOINT_FORMAT, MODEL, SEED, SOURCE, ConfigError, StreamSettings
 from beyond_cls.data import ImageFolderDataset, build_dataset, make_loader
+from beyond_cls.data.sample import sample_images
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
 from beyond_cls.models import load_encoder
 from beyond_cls.runlock import writes_out
@@ -61,6 +61,7 @@ class AnalyzeConfig(StreamSettings):
     checkpoint_format: PerModel = CHECKPOINT_FORMAT()
     arch: PerModel = ARCH()
     source: PerModel = SOURCE()
+    seed: int = SEED(help=SEED.help + " and of random encoder weights (no --checkpoint), as probe's first seed does")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,9 +191,10 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
         dataset = ImageFolderDataset(cfg.data, cfg.split, transform=transform)
     else:
         dataset = build_dataset(cfg.dataset, cfg.data, cfg.split, transform=transform)
-    if cfg.max_images is not None and cfg.max_images < len(dataset):
-        dataset = Subset(dataset, range(cfg.max_images))
-    encoders = _load_encoders(cfg, device)  # all of them before the first image is read
+    dataset, _, sample = sample_images(dataset, cfg.max_images, cfg.seed, f"{cfg.data} split {cfg.split}")
+    with torch.random.fork_rng(devices=[]):  # random weights from --seed; the caller's RNG state is kept
+        torch.manual_seed(cfg.seed)
+        encoders = _load_encoders(cfg, device)  # all of them before the first image is read
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
 
     desc = f"analyze {cfg.model}" if len(encoders) == 1 else f"analyze {len(encoders)} models"
@@ -213,10 +215,12 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
     out = Path(cfg.out)
     if len(encoders) == 1:
         enc = encoders[0]
-        _write_run(out, summaries[enc.label], {**asdict(cfg), "encoder": asdict(enc.model.beyond_cls_info)})
+        _write_run(out, summaries[enc.label], {**asdict(cfg), "sample": sample.as_dict(),
+                                               "encoder": asdict(enc.model.beyond_cls_info)})
     else:
         for enc in encoders:
-            resolved = {**cfg.for_encoder(enc.spec), "label": enc.label, "encoder": asdict(enc.model.beyond_cls_info)}
+            resolved = {**cfg.for_encoder(enc.spec), "label": enc.label, "sample": sample.as_dict(),
+                        "encoder": asdict(enc.model.beyond_cls_info)}
             _write_run(out / enc.label, summaries[enc.label], resolved)
         plot_information_flow(summaries, out / PLOT_FILE)
         models = {e.label: {"model": e.spec.model, "checkpoint": e.spec.checkpoint, "subfolder": e.label}
@@ -225,6 +229,7 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
     for summary in summaries.values():
         print(summary)
     images = next(iter(summaries.values())).num_images
+    print(f"images: {sample}")
     if len(encoders) == 1:
         print(f"{images} images in {seconds:.1f} s ({images / seconds:.1f} images/s) "
               f"on {device}; wrote {out / STATS_FILE} and {out / PLOT_FILE}")

@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 from tqdm import tqdm
 
 from beyond_cls.analysis.selection_runner import SelectionRunner
 from beyond_cls.config import NON_NEGATIVE_INT, ConfigError, StreamSettings, setting
 from beyond_cls.data import DataError, build_dataset, make_loader
+from beyond_cls.data.sample import sample_images
 from beyond_cls.data.transforms import unnormalized_eval_transform
 from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, load_voc_boxes, overlay_figure
 from beyond_cls.runlock import writes_out
@@ -88,11 +88,11 @@ def localize(cfg: LocalizeConfig) -> dict:
     for name, head in heads.items():
         print(f"{name}: head {head['head']} (seed {head['seed']})")
     full = build_dataset(cfg.dataset, cfg.data, cfg.split, transform=unnormalized_eval_transform(cfg.img_size, False))
-    count = len(full) if cfg.max_images is None else min(cfg.max_images, len(full))
-    paths = [str(p) for p in list(full.paths)[:count]]
+    taken, indices, sample = sample_images(full, cfg.max_images, cfg.seed, f"{cfg.data} split {cfg.split}")
+    paths = [str(full.paths[i]) for i in indices]
     size = (cfg.img_size, cfg.img_size)
     gt = load_voc_boxes(cfg.boxes, paths, to_size=size)  # every annotation checked before the model runs
-    loader = make_loader(Subset(full, range(count)), cfg.batch_size, num_workers=cfg.num_workers)
+    loader = make_loader(taken, cfg.batch_size, num_workers=cfg.num_workers)
     accs = {m: MaxBoxAccV2Accumulator(image_size=size) for m in cfg.maps}
     kept_images, kept_maps = [], {m: [] for m in cfg.maps}
     start = 0
@@ -115,14 +115,15 @@ def localize(cfg: LocalizeConfig) -> dict:
         "maps": {name: {**s, "maxboxacc": {str(d): v for d, v in s["maxboxacc"].items()},
                         "best_threshold": {str(d): v for d, v in s["best_threshold"].items()}}
                  for name, s in scores.items()},
-        "images": paths, "num_images": start, "image_size": list(size), "grid_size": list(runner.grid_size),
+        "images": paths, "num_images": start, "sample": sample.as_dict(), "image_size": list(size),
+        "grid_size": list(runner.grid_size),
         "overlays": files, "heads": heads, "config": asdict(cfg),
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
     for name, s in scores.items():
         per = ", ".join(f"@{d:g}: {100 * v:.1f}" for d, v in s["maxboxacc"].items())
         print(f"{name:<40} MaxBoxAccV2 {100 * s['maxboxacc_v2']:.1f} ({per})")
-    print(f"{start} images; wrote {out / RESULTS_FILE}" + (f" and {len(files)} overlays" if files else ""))
+    print(f"{start} images ({sample}); wrote {out / RESULTS_FILE}" + (f" and {len(files)} overlays" if files else ""))
     return results
 
 

@@ -3,8 +3,12 @@
 Samples keep ImageFolder order (classes sorted, files sorted): ``<key>.<ext>`` (the file's bytes, unchanged;
 the key is the file's stem when the split's stems are distinct and dot-free, else ``<split>_<index>``),
 ``<key>.cls`` (the class index) and ``<key>.json`` (the file's path under the split folder). Each shard is
-written under a temporary name and renamed when complete, so a killed run leaves no ``.tar`` that looks whole;
-``classes.txt`` (one class name per line) is written last.
+written under a temporary name and renamed when complete, so a killed run leaves no ``.tar`` that looks whole.
+
+The run holds the output folder's lock, writes into a folder holding no other shards (one set per folder), and
+keeps the manifest (:data:`~beyond_cls.data.wds.MANIFEST_FILE`) up to date: written first as incomplete, last as
+complete with the classes and each shard's file, size and sample count, after ``classes.txt`` (one class name
+per line). Readers refuse a folder whose manifest is incomplete.
 """
 
 from __future__ import annotations
@@ -18,10 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from beyond_cls.data.folder import DataError, ImageFolderDataset
-from beyond_cls.data.wds import CLASSES_FILE, SPLIT_TAGS, WDS_IMAGE_EXTENSIONS, write_text_atomic
+from beyond_cls.data.wds import (
+    CLASSES_FILE,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    SPLIT_TAGS,
+    WDS_IMAGE_EXTENSIONS,
+    write_text_atomic,
+)
 from beyond_cls.fileio import match_umask
+from beyond_cls.runlock import FolderLock
 
-__all__ = ["ShardSize", "parse_shard_size", "write_shards"]
+__all__ = ["ShardSize", "check_name", "parse_shard_size", "write_shards"]
 
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 _TAR_BLOCK = 512
@@ -99,16 +111,58 @@ def _write_shard(path: Path, samples: list[tuple[str, str, int, str]]) -> None:
         raise
 
 
+def check_name(name: str) -> None:
+    """DataError unless ``name`` is a plain file-name prefix whose shards no reader can take for the other split."""
+    if not name or "/" in name or name.startswith("."):
+        raise DataError(f"shard name {name!r}: expected a plain file-name prefix such as imagenet1k")
+    for split, tag in SPLIT_TAGS.items():
+        example = f"{name}{tag}0.tar"
+        for other, other_tag in SPLIT_TAGS.items():
+            if other != split and other_tag in example:
+                raise DataError(f"shard name {name!r}: its {split} shards ({example}) would also read as {other} "
+                                f"shards ({other_tag}); choose a name without -train or -validation")
+
+
+def _check_classes(classes: list[str], split_dir: Path) -> None:
+    """classes.txt holds one name per line: no name may hold a line break or edge white space."""
+    for name in classes:
+        if name != name.strip() or len(name.splitlines()) != 1:
+            raise DataError(f"class folder {name!r} in {split_dir}: a class name with a line break or leading or "
+                            f"trailing white space cannot be listed in {CLASSES_FILE} (one name per line); "
+                            "rename the folder")
+
+
+def _check_empty(out: Path) -> None:
+    """A reader takes every shard of a folder: new shards beside any others (or a killed run's) would mix sets."""
+    held = sorted((p.name for p in out.iterdir() if p.name == MANIFEST_FILE or p.name.endswith(".tar.partial")
+                   or (p.name.endswith(".tar") and any(tag in p.name for tag in SPLIT_TAGS.values()))),
+                  key=lambda name: (not name.endswith(".tar"), name))  # shards named first
+    if held:
+        more = f", … {len(held)} files in all" if len(held) > 1 else ""
+        raise DataError(f"{out} already holds shards ({held[0]}{more}): one set per folder; write into an empty "
+                        "folder or remove them first")
+
+
+def _manifest(name: str, classes: list[str] | None, shards: dict[str, list[dict]] | None) -> str:
+    complete = shards is not None
+    data = {"format": MANIFEST_FORMAT, "name": name, "complete": complete}
+    if complete:
+        data["classes"] = classes
+        data["splits"] = {split: {"samples": sum(s["samples"] for s in files), "shards": files}
+                          for split, files in shards.items()}
+    return json.dumps(data, indent=1)
+
+
 def write_shards(
     data: str | os.PathLike, out: str | os.PathLike, name: str = "shards", shard_size: str | int = "1GB"
 ) -> dict[str, list[str]]:
     """Shard ``data/{train,val}`` into ``out/NAME-train-NNNN.tar`` / ``NAME-validation-NN.tar``; split -> files."""
     limit = parse_shard_size(shard_size)
-    if not name or "/" in name or name.startswith("."):
-        raise DataError(f"shard name {name!r}: expected a plain file-name prefix such as imagenet1k")
+    check_name(name)
     root = Path(data).expanduser()
     splits = {s: ImageFolderDataset(root, s) for s in ("train", "val") if s == "train" or (root / s).is_dir()}
     classes = splits["train"].classes
+    _check_classes(classes, root / "train")
     for split, ds in splits.items():
         if ds.classes != classes:
             raise DataError(f"class folders of {root / 'train'} and {root / split} differ; labels would not agree")
@@ -116,25 +170,26 @@ def write_shards(
         if bad:
             raise DataError(f"{bad[0]}: extension not one of {', '.join(WDS_IMAGE_EXTENSIONS)}")
     out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    stale = sorted(p.name for tag in SPLIT_TAGS.values() for p in out.glob(f"{name}{tag}*.tar"))
-    if stale:  # a reader takes every matching shard: new shards beside old ones would mix two sets
-        raise DataError(f"{out} already holds shards named {name} ({stale[0]}, … {len(stale)} in all): "
-                        "write into an empty folder or remove them first")
-    written: dict[str, list[str]] = {}
-    for split, ds in splits.items():
-        plan = _plan(ds.samples, limit)
-        digits = max(_DIGITS[split], len(str(len(plan) - 1)))
-        tag = SPLIT_TAGS[split]
-        keys = _keys(split, [file for file, _ in ds.samples])
-        written[split] = []
-        for n, indices in enumerate(plan):
-            path = out / f"{name}{tag}{n:0{digits}d}.tar"
-            samples = []
-            for i in indices:
-                file, label = ds.samples[i]
-                samples.append((keys[i], file, label, os.path.relpath(file, root / split)))
-            _write_shard(path, samples)
-            written[split].append(str(path))
-    write_text_atomic(out / CLASSES_FILE, "".join(f"{c}\n" for c in classes))
+    with FolderLock(out, "shard folder"):
+        _check_empty(out)
+        write_text_atomic(out / MANIFEST_FILE, _manifest(name, None, None))
+        written: dict[str, list[str]] = {}
+        recorded: dict[str, list[dict]] = {}
+        for split, ds in splits.items():
+            plan = _plan(ds.samples, limit)
+            digits = max(_DIGITS[split], len(str(len(plan) - 1)))
+            tag = SPLIT_TAGS[split]
+            keys = _keys(split, [file for file, _ in ds.samples])
+            written[split], recorded[split] = [], []
+            for n, indices in enumerate(plan):
+                path = out / f"{name}{tag}{n:0{digits}d}.tar"
+                samples = []
+                for i in indices:
+                    file, label = ds.samples[i]
+                    samples.append((keys[i], file, label, os.path.relpath(file, root / split)))
+                _write_shard(path, samples)
+                written[split].append(str(path))
+                recorded[split].append({"file": path.name, "samples": len(samples), "bytes": path.stat().st_size})
+        write_text_atomic(out / CLASSES_FILE, "".join(f"{c}\n" for c in classes))
+        write_text_atomic(out / MANIFEST_FILE, _manifest(name, classes, recorded))
     return written

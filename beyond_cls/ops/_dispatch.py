@@ -9,10 +9,11 @@ what its fused backends take (:func:`register`); this module imports nothing els
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,18 @@ def register(op: str, support: Support) -> None:
 def interpreting() -> bool:
     """Whether Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def as_if_compiled() -> Iterator[None]:
+    """Within: :func:`interpreting` is False even under ``TRITON_INTERPRET=1`` (restored after), so host code picks
+    the flags of a GPU launch; ``beyond_cls.kernels.aot`` captures launches this way."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def forced_backend() -> str | None:

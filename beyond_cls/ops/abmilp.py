@@ -5,7 +5,9 @@
 Triton kernels on CUDA tensors; each is one graph node under ``torch.compile``. The backend is
 chosen once per call by :func:`abmilp_pool` / :func:`softmax_pool`, passed to the forward op and
 kept on ``ctx`` for the backward. The tokens' gradient is computed only when the tokens require
-one (frozen encoders skip it).
+one (frozen encoders skip it). A per-branch bias cancels in the softmax over tokens: the Triton
+kernels never read it and return its gradient as exactly 0 (the C++ kernels and the reference
+return Σ_n dlogits, which is 0 up to rounding).
 """
 
 from __future__ import annotations
@@ -133,9 +135,14 @@ def _setup_abmilp(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused scores output costs nothing in the backward
 
 
+def _no_gradient(pooled: Tensor) -> Tensor:
+    """The gradient of an unused pooled output: a zero read in place (stride 0), not a [B, K, D] tensor."""
+    return pooled.new_zeros(()).expand(pooled.shape)
+
+
 def _backward_abmilp(ctx, grad_pooled, grad_scores):
     tokens, weight, scores, pooled = ctx.saved_tensors
-    grad_pooled = torch.zeros_like(pooled) if grad_pooled is None else grad_pooled
+    grad_pooled = _no_gradient(pooled) if grad_pooled is None else grad_pooled
     tokens_grad = ctx.needs_input_grad[0]
     grad_tokens, grad_weight, grad_bias = abmilp_pool_grad(
         grad_pooled, grad_scores, tokens, weight, scores, pooled, tokens_grad, ctx.backend
@@ -153,7 +160,7 @@ def _setup_softmax(ctx, inputs, output):
 
 def _backward_softmax(ctx, grad_pooled, grad_scores):
     tokens, scores, pooled = ctx.saved_tensors
-    grad_pooled = torch.zeros_like(pooled) if grad_pooled is None else grad_pooled
+    grad_pooled = _no_gradient(pooled) if grad_pooled is None else grad_pooled
     tokens_grad = ctx.needs_input_grad[0]
     grad_tokens, grad_logits = softmax_pool_grad(
         grad_pooled, grad_scores, tokens, scores, pooled, tokens_grad, ctx.backend

@@ -25,6 +25,13 @@ _dispatch.register("attention_with_stats", _dispatch.Support(
 ))
 
 
+def _output_like(v: Tensor) -> Tensor:
+    """Every backend's ``out``: [B, H, N, d] stored [B, N, H, d], as SDPA's, so merging the heads
+    (``out.transpose(1, 2).reshape(B, N, H·d)``) is a view."""
+    b, h, n, d = v.shape
+    return v.new_empty((b, n, h, d)).transpose(1, 2)
+
+
 def _triton(q: Tensor, k: Tensor, v: Tensor, num_prefix_tokens: int, scale: float | None, bias: Tensor | None,
             keep_rows: list[int] | None) -> tuple[Tensor, ...]:
     from beyond_cls.kernels.attention_stats import attention_with_stats_forward
@@ -59,8 +66,7 @@ def _(q, k, v, num_prefix_tokens, scale, bias, keep_rows, backend):
     b, h, n, _ = q.shape
     stat = q.new_empty((b, h, n), dtype=torch.float32)
     kept = q.new_empty((b, h, len(keep_rows) if keep_rows else 0, n), dtype=torch.float32)
-    out = v.new_empty(v.shape)  # contiguous, like the kernels' output (empty_like would keep v's strides)
-    return out, stat, stat.clone(), stat.clone(), stat.clone(), kept
+    return _output_like(v), stat, stat.clone(), stat.clone(), stat.clone(), kept
 
 
 def attention_with_stats(
@@ -74,7 +80,8 @@ def attention_with_stats(
 ) -> tuple[Tensor, AttentionRows] | tuple[Tensor, AttentionRows, Tensor]:
     """Softmax attention of q, k, v [B, H, N, d] and the row statistics of every query.
 
-    ``out`` matches ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)``;
+    ``out`` matches ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)``, in its layout
+    too (stored [B, N, H, d]: ``out.transpose(1, 2).reshape(B, N, H·d)`` is a view, for every backend);
     the statistics are [B, H, N] float32 (float64 from the reference on float64 inputs).
     ``keep_rows``: up to 8 distinct query indices (negative from the end, e.g. ``(0, -1)``); then the
     result is ``(out, rows, kept)`` with ``kept`` [B, H, R, N] the full softmax rows a_i of those
@@ -82,7 +89,8 @@ def attention_with_stats(
     """
     backend = _dispatch.backend_for("attention_with_stats", q.device, q.dtype)
     if backend == "reference":
-        return reference.attention_with_stats(q, k, v, num_prefix_tokens, scale, bias, keep_rows)
+        out, *rest = reference.attention_with_stats(q, k, v, num_prefix_tokens, scale, bias, keep_rows)
+        return (_output_like(out).copy_(out), *rest)
     kept_index = None if keep_rows is None else list(reference.keep_row_indices(keep_rows, q.shape[-2]))
     out, self_attn, cls_attn, mass, ent, kept = attention_stats(
         q, k, v, num_prefix_tokens, scale, bias, kept_index, backend

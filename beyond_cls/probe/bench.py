@@ -1,8 +1,10 @@
 """``beyond-cls bench probe``: images/s of the probe's parts, and of a baseline like the authors' script.
 
 Ours: the loader (decode + augment + copy to the device, CPU workers or GPU decoding), the frozen
-encoder (no grad, autocast), the head bank (forward + backward + LARS step on fixed tokens), and the
-full step (encoder + bank) on a device batch. Baseline: what a per-head linear-probe script does —
+encoder (no grad, autocast; compiled on CUDA, as ``probe`` runs it), the head bank (forward + backward +
+LARS step on fixed tokens, as ``probe`` runs it: CUDA graphs on CUDA), and the full step (encoder + bank)
+on a device batch; and the ATen + custom ops one bank step dispatches from the host
+(:class:`HostOpCounter`), eagerly and as timed. Baseline: what a per-head linear-probe script does —
 timm ViT with its unfused eager attention, one head per run (eager aggregation), fp16 autocast with a
 gradient scaler, the whole model in DDP with ``find_unused_parameters=True``. Per head, the baseline
 pays a whole run for every head; the bank pays one encoder pass for all of them.
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from beyond_cls.config import (
     BATCH_SIZE,
@@ -46,13 +49,14 @@ from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.models import load_encoder
 from beyond_cls.optim import LARS
 from beyond_cls.probe.bank import HeadBank, parse_heads, selection_specs
-from beyond_cls.probe.config import DECODE, HEADS, LRS, parse_list
+from beyond_cls.probe.config import DECODE, HEADS, LRS, on_cuda, parse_list
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.selections import SelectionSource
+from beyond_cls.probe.step import BankStep
 from beyond_cls.probe.streams import make_loader
-from beyond_cls.runtime import autocast, resolve_device
+from beyond_cls.runtime import autocast, autocast_dtype, resolve_device
 
-__all__ = ["BenchProbeConfig", "bench_probe"]
+__all__ = ["BenchProbeConfig", "HostOpCounter", "bench_probe", "count_host_ops"]
 
 
 @dataclass(kw_only=True)
@@ -74,9 +78,15 @@ class BenchProbeConfig(Settings):
     decode: str = DECODE()
     device: str = DEVICE()
     precision: str = PRECISION()
+    compile: bool | None = setting(None, help="torch.compile the frozen encoder, as probe does", group="runtime",
+                                   shown="on on CUDA, off on the CPU")
+    cuda_graphs: bool = setting(True, help="replay the head bank's steps as CUDA graphs, as probe does (CUDA)",
+                                group="runtime")
     baseline: bool = setting(True, help="the baseline runs (a per-head script like the authors')", group="output")
 
     def __post_init__(self) -> None:
+        if self.compile is None:
+            self.compile = on_cuda(self.device)
         super().__post_init__()
         self.base_lrs()
         fixed = selection_specs(parse_heads(self.heads))
@@ -90,6 +100,31 @@ class BenchProbeConfig(Settings):
         if not values or any(not v > 0 for v in values) or len(set(values)) != len(values):
             raise ConfigError(f"lrs must be distinct positive numbers, got {self.lrs!r}")
         return values
+
+
+class HostOpCounter(TorchDispatchMode):
+    """Counts the ops dispatched from the host while active: ATen and custom ops, forward and backward
+    (autograd's threads inherit the mode), by name in :attr:`ops`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def count(self) -> int:
+        return sum(self.ops.values())
+
+
+def count_host_ops(fn: Callable[[], Any]) -> int:
+    """The ops ``fn`` dispatches from the host (:class:`HostOpCounter`)."""
+    with HostOpCounter() as counter:
+        fn()
+    return counter.count
 
 
 def _rate(fn: Callable[[], Any], images: int, steps: int, warmup: int, device: torch.device) -> float:
@@ -252,24 +287,24 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     encoder = _frozen_encoder(cfg)
     info = encoder.beyond_cls_info
     tokens_only = TokenSource(encoder, len(encoder.blocks) - 1, info.final_norm).to(device)
+    if cfg.compile:
+        tokens_only = torch.compile(tokens_only)
     source = SelectionSource(tokens_only, selection_specs(specs), info.mean or IMAGENET_MEAN,
                              info.std or IMAGENET_STD, img_size=cfg.img_size, device=device)
     bank = HeadBank(specs, cfg.base_lrs(), info.embed_dim, cfg.num_classes, info.num_prefix_tokens,
                     info.has_class_token).to(device)
     opt = LARS(bank.param_groups(1.0), lr=0.1)
+    amp = autocast_dtype(cfg.precision, device)
+    steps = BankStep(bank, opt, amp_dtype=amp, graphs="auto" if cfg.cuda_graphs else "off", say=print)
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
     with autocast(cfg.precision, device):
         tokens, selections = source(images)
     tokens = tokens.float()
 
-    def heads_step(t: torch.Tensor = tokens, sel: torch.Tensor | None = selections) -> None:
-        with autocast(cfg.precision, device):
-            logits = bank(t, sel)
-            loss = sum(nn.functional.cross_entropy(v.float(), labels) for v in logits.values())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def heads_step(t: torch.Tensor = tokens, sel: torch.Tensor | None = selections, run: BankStep = steps) -> None:
+        run.micro(t, sel, labels)
+        run.update()
 
     def encoder_step() -> tuple[torch.Tensor, torch.Tensor | None]:
         with autocast(cfg.precision, device):
@@ -288,6 +323,11 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     result["encoder"] = _rate(encoder_step, n, s, w, device)
     result["heads"] = _rate(heads_step, n, s, w, device)
     result["step"] = _rate(lambda: heads_step(*encoder_step()), n, s, w, device)
+    result["host_ops_per_step"] = count_host_ops(heads_step)  # as timed: with CUDA graphs, copies and replays
+    result["bank_graphs"] = steps.status
+    eager = BankStep(bank, opt, amp_dtype=amp, graphs="off")
+    heads_step(run=eager)  # warm-up: lazily made tensors
+    result["host_ops_per_step_eager"] = count_host_ops(lambda: heads_step(run=eager))
     depth = len(encoder.blocks)
     tokens = f"block {depth - 1}, {'final norm' if info.final_norm else 'pre-norm'}"
     warmup, timed = loader_batches(cfg)
@@ -314,5 +354,7 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     lines += [f"  {label:<{width}}  {rate:10.1f} images/s{note}" for label, rate, note in rows]
     if summary:
         lines.append(summary)
+    lines.append(f"  head bank step: {result['host_ops_per_step_eager']} ops dispatched from the host eagerly, "
+                 f"{result['host_ops_per_step']} as timed (CUDA graphs {result['bank_graphs']})")
     print("\n".join(lines))
     return result

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from beyond_cls.config import (
     BATCH_SIZE,
     BLOCK,
@@ -41,12 +43,19 @@ MAE_WARMUP_EPOCHS, MAE_EPOCHS = 10, 90
 
 # Settings that ``bench probe`` shares.
 HEADS = Setting(
-    "cls,mean,abmilp,abmilp+cls", group="heads",
+    "cls,mean,abmilp,abmilp+cls", group="heads", items=str,
     help=heads_help(),  # read off the heads registry
 )
 LRS = Setting(None, help="comma-separated base learning rates; every head is trained with each", group="heads",
-              shown="--blr")
+              shown="--blr", items=float)
 DECODE = Setting("cpu", help="where JPEGs are decoded and augmented", group="runtime", choices=DECODE_CHOICES)
+
+
+def on_cuda(device: str) -> bool:
+    """Whether a ``--device`` value means a CUDA device here (``auto``: when one is available)."""
+    if str(device) == "auto":
+        return torch.cuda.is_available()
+    return str(device).startswith("cuda")
 
 
 def default_warmup(epochs: int) -> float:
@@ -80,9 +89,9 @@ class ProbeConfig(EncoderSettings):
     subset_file: str | None = setting(None, help="ImageNet-1% file list (imagenet1pct)", group="data",
                                       shown="ROOT/1percent.txt")
     mean: str | None = setting(None, help="input normalization mean, three comma-separated numbers", group="data",
-                               shown="the encoder's")
+                               shown="the encoder's", items=float)
     std: str | None = setting(None, help="input normalization std, three comma-separated numbers", group="data",
-                              shown="the encoder's")
+                              shown="the encoder's", items=float)
     skip_bad_images: bool = setting(False, help="skip and count unreadable images instead of stopping", group="data")
     cache_views: int | None = setting(None, help="augmented train views cycled over the epochs", group="data",
                                       shown="1 with --cache, else a new view every epoch", number=POSITIVE_INT)
@@ -90,7 +99,8 @@ class ProbeConfig(EncoderSettings):
                                 number=BLOCK, shown="the zoo's (SimMIM: 7), else the last")
     blocks: str | None = setting(
         None, group="model", help="layer-wise probing: train the heads on each of these blocks (comma-separated, "
-        "0-based, or all) from one encoder pass; one result row per block, aggregation and lr; excludes --block")
+        "0-based, or all) from one encoder pass; one result row per block, aggregation and lr; excludes --block",
+        items=int)
     final_norm: bool | None = setting(None, help="apply the encoder's final norm to the tokens", group="model",
                                       shown="off: the paper's pre-norm features")
     heads: str = HEADS()
@@ -114,7 +124,8 @@ class ProbeConfig(EncoderSettings):
                              group="schedule", choices=OPTIMIZERS)
     momentum: float = setting(0.9, help="optimizer momentum", group="schedule", number=NON_NEGATIVE_FLOAT)
     weight_decay: float = setting(0.0, help="weight decay", group="schedule", number=NON_NEGATIVE_FLOAT)
-    seeds: str = setting("0", help="comma-separated seeds; results are averaged over them", group="schedule")
+    seeds: str = setting("0", help="comma-separated seeds; results are averaged over them", group="schedule",
+                         items=int)
     eval_every: int = setting(0, help="evaluate every N epochs as well as at the end (0: only at the end)",
                               group="schedule", number=NON_NEGATIVE_INT)
     num_workers: int = NUM_WORKERS()
@@ -122,7 +133,10 @@ class ProbeConfig(EncoderSettings):
     cache: str | None = setting(None, help="feature cache folder: extract tokens once, train the heads from disk",
                                 group="runtime")
     cache_dtype: str = setting("bf16", help="feature cache precision", group="runtime", choices=("bf16", "fp32"))
-    compile: bool = setting(False, help="torch.compile the encoder", group="runtime")
+    compile: bool | None = setting(None, help="torch.compile the frozen encoder", group="runtime",
+                                   shown="on on CUDA, off on the CPU")
+    cuda_graphs: bool = setting(True, help="replay the head bank's micro-batch and LARS update as captured CUDA "
+                                "graphs (CUDA; fp16 loss scaling and SGD updates run eagerly)", group="runtime")
     channels_last: bool = setting(False, help="channels-last images and encoder", group="runtime")
     precision: str = PRECISION()
     device: str = DEVICE()
@@ -139,6 +153,8 @@ class ProbeConfig(EncoderSettings):
                               "the built-in set, is made on demand without it)")
         if self.warmup_epochs is None and POSITIVE_INT.holds(self.epochs):
             self.warmup_epochs = default_warmup(self.epochs)
+        if self.compile is None:  # on by default where it pays: CUDA
+            self.compile = on_cuda(self.device)
         super().__post_init__()
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")

@@ -1,9 +1,17 @@
-"""Training-state files: atomic writes, safe reads, and the preemption signals that trigger them."""
+"""Training-state files: atomic writes, safe reads, and the preemption signals that trigger them.
+
+Slurm (at the end of a job's time or on preemption), ``timeout`` and torchrun's agent send SIGTERM to every
+process of the job, DataLoader workers included. The main process notes the signal (:class:`PreemptionWatch`),
+saves at the next optimizer-step boundary and exits 143; its loader workers must keep serving batches until then,
+so they leave such signals to it (:func:`ignore_job_signals`, their ``worker_init_fn``). A signal from the
+worker's own main process (torch stopping a worker that did not quit) still ends the worker.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -14,11 +22,32 @@ from beyond_cls.fileio import write_atomic
 from beyond_cls.models.checkpoint import read_checkpoint
 from beyond_cls.models.errors import CheckpointError
 
-__all__ = ["STATE_FILE", "STATE_VERSION", "PreemptionWatch", "load_state", "save_atomic"]
+__all__ = ["STATE_FILE", "STATE_VERSION", "PreemptionWatch", "ignore_job_signals", "load_state", "save_atomic"]
 
 STATE_FILE = "checkpoint.pt"
 STATE_VERSION = 1
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+WORKER_SIGNALS = (*PREEMPTION_SIGNALS, "SIGINT")  # Ctrl-C reaches the terminal's whole process group too
+
+
+def ignore_job_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: SIGTERM, SIGUSR1 and SIGINT from anyone but the worker's main process are
+    ignored (the main process handles them; torch's default would end the worker and fail the main process's next
+    batch). A thread takes them with ``sigwaitinfo`` to see the sender: one from the main process (torch ending
+    a worker at shutdown) ends the worker as before. Where ``sigwaitinfo`` is missing (macOS), nothing changes."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signums = {getattr(signal, name) for name in WORKER_SIGNALS if hasattr(signal, name)}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)  # threads started later inherit the mask
+    threading.Thread(target=_sort_signals, args=(signums, os.getppid()), daemon=True,
+                     name="job signals").start()
+
+
+def _sort_signals(signums: set[int], parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(signums)
+        if info.si_pid == parent:
+            os._exit(128 + info.si_signo)  # as the signal's default action would (no cleanup: none is due)
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:

@@ -20,6 +20,7 @@ from beyond_cls.data.views import ViewDataset, collate_views
 from beyond_cls.probe.cache import FeatureCache
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
 from beyond_cls.probe.selections import SelectionSource
+from beyond_cls.probe.state import ignore_job_signals
 from beyond_cls.runtime import autocast
 
 __all__ = ["CachedStream", "EncoderStream", "MicroBatch", "make_loader", "target_tensor"]
@@ -45,11 +46,13 @@ def target_tensor(dataset: Any) -> Tensor:
 
 
 def make_loader(views: ViewDataset, batch_sampler: Any, num_workers: int, device: torch.device) -> DataLoader:
-    """The tuned loader: workers, pinned memory on CUDA, persistent workers, 4 batches prefetched each."""
+    """The tuned loader: workers (which leave SIGTERM to the main process), pinned memory on CUDA, persistent
+    workers, 4 batches prefetched each."""
     return DataLoader(
         views,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
+        worker_init_fn=ignore_job_signals if num_workers > 0 else None,
         collate_fn=collate_views,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,

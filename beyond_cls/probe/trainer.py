@@ -1,10 +1,11 @@
 """Training and evaluation of one head bank (one seed): the MAE linear-probe loop, resumable.
 
 Per optimizer step: ``accum_iter`` micro-batches, each one encoder pass shared by every head; the
-bank's summed loss (each head's loss depends only on its own parameters) is backpropagated with
-DDP's ``no_sync`` on all but the last micro-batch. The learning rate follows the MAE schedule per
-step. At step boundaries three flags decide what happens: a non-finite loss (stop, keep the last good
-checkpoint), a preemption signal (save, exit), a checkpoint due.
+bank's summed loss (each head's loss depends only on its own parameters) is backpropagated into the
+bank's flat gradient, which is averaged over processes once per step (:class:`~beyond_cls.probe.step.BankStep`,
+CUDA-graph-captured on CUDA). The learning rate follows the MAE schedule per step. At step boundaries
+three flags decide what happens: a non-finite loss (stop, keep the last good checkpoint), a preemption
+signal (save, exit), a checkpoint due.
 
 No step waits for the device to decide them (see :class:`_StepFlags`). The non-finite flags of step k
 are copied to the host without blocking and read at the end of step k + 1, by then normally already
@@ -17,7 +18,6 @@ update in memory, never on disk: the run stops with :class:`NonFiniteLoss` eithe
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from tqdm import tqdm
 
 from beyond_cls.config import ConfigError
@@ -40,6 +39,7 @@ from beyond_cls.probe.distributed import DistEnv, all_gather_objects, all_reduce
 from beyond_cls.probe.logs import MetricLog
 from beyond_cls.probe.metrics import mean_average_precision, topk_correct
 from beyond_cls.probe.state import STATE_FILE, STATE_VERSION, PreemptionWatch, load_state, save_atomic
+from beyond_cls.probe.step import BankStep
 from beyond_cls.runtime import autocast, autocast_dtype
 
 __all__ = ["FAULT_ENV", "RESUME_KEYS", "NonFiniteLoss", "Preempted", "ProbeTrainer", "check_resumable"]
@@ -148,11 +148,6 @@ class ProbeTrainer:
         self.effective_batch, self.accum_iter, self.multilabel = effective_batch, accum_iter, multilabel
         self.device = env.device
         self.bank = bank.to(self.device)
-        self.model: nn.Module = (
-            DistributedDataParallel(self.bank, device_ids=[self.device] if self.device.type == "cuda" else None)
-            if env.distributed
-            else self.bank
-        )
         groups = self.bank.param_groups(effective_batch / 256)
         if cfg.lr is not None:
             for group in groups:
@@ -162,7 +157,9 @@ class ProbeTrainer:
         else:
             self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self._amp_dtype() == torch.float16)
-        self.loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+        self.steps = BankStep(self.bank, self.optimizer, accum_iter=accum_iter, amp_dtype=self._amp_dtype(),
+                              multilabel=multilabel, scaler=self.scaler, distributed=env.distributed,
+                              graphs="auto" if cfg.cuda_graphs else "off", say=print if env.is_main else None)
         self.log = MetricLog(out, enabled=env.is_main)
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.history: list[dict[str, Any]] = []
@@ -266,32 +263,6 @@ class ProbeTrainer:
             factor = group["lr"] / group["base_lr"]
         return factor
 
-    def _losses(self, tokens: Tensor, selections: Tensor | None, targets: Tensor) -> Tensor:
-        """Per-head losses [H] of one micro-batch.
-
-        A micro-batch left with fewer than two images (bad images skipped) cannot give BatchNorm batch
-        statistics: it runs with the running statistics instead, and an empty one contributes zero
-        loss through a dummy row, so every process still takes part in DDP's gradient reduction.
-        """
-        small = tokens.shape[0] < 2
-        weight = 1.0
-        if tokens.shape[0] == 0:
-            tokens, weight = tokens.new_zeros(1, *tokens.shape[1:]), 0.0
-            targets = targets.new_zeros(1, *targets.shape[1:])
-            selections = None if selections is None else selections.new_zeros(1, *selections.shape[1:])
-        norms = [m for m in self.bank.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if small else []
-        for m in norms:
-            m.eval()
-        try:
-            with autocast(self.cfg.precision, self.device):
-                logits = self.model(tokens, selections)
-                target = targets.float() if self.multilabel else targets
-                losses = torch.stack([self.loss_fn(logits[e.key].float(), target) for e in self.bank.entries])
-        finally:
-            for m in norms:
-                m.train()
-        return losses * weight
-
     def _launch_flags(self, step_loss: Tensor, preempt: PreemptionWatch) -> _StepFlags:
         """The flags of the step just accumulated, started on their way to the host (no wait on the device)."""
         save_due = time.monotonic() - self._last_save >= self.cfg.ckpt_minutes * 60
@@ -335,11 +306,8 @@ class ProbeTrainer:
             a = micro % accum
             if a == 0:
                 lr_factor = self._set_lr(self.epoch + self.step / self.steps_per_epoch)
-            sync = self.model.no_sync() if self.env.distributed and a < accum - 1 else contextlib.nullcontext()
-            with sync:
-                losses = self._losses(tokens, selections, targets)
-                self.scaler.scale(losses.sum() / accum).backward()
-            step_loss += losses.detach().double() / accum
+            losses = self.steps.micro(tokens, selections, targets)
+            step_loss += losses.double() / accum
             window_images += tokens.shape[0]
             self.images_trained += tokens.shape[0] * self.env.world_size
             self._skipped_here += skipped
@@ -355,9 +323,7 @@ class ProbeTrainer:
                 stop, save_due = stop or now[0], save_due or now[1]
             else:
                 self._pending = flags
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.steps.update()
             self.step += 1
             self.global_step += 1
             window_loss += step_loss

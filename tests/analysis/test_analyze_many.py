@@ -24,6 +24,7 @@ from beyond_cls.data import (
     eval_transform,
     make_synthetic_dataset,
 )
+from beyond_cls.data.sample import sample_images
 from beyond_cls.models import load_encoder
 
 VIT = "vit_tiny_patch16_224"
@@ -87,8 +88,8 @@ def _max_diff(a: AttentionSummary, b: AttentionSummary) -> float:
 def _recorded(checkpoint, dataset, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> AttentionSummary:
     """The pre-multi-model path: CPU ToTensor + Normalize, then the recorder."""
     model = load_encoder(VIT, checkpoint, img_size=SIZE)
-    images = Subset(ImageFolderDataset(dataset, "val", transform=eval_transform(SIZE, mean=mean, std=std)),
-                    range(IMAGES))
+    split = ImageFolderDataset(dataset, "val", transform=eval_transform(SIZE, mean=mean, std=std))
+    images = Subset(split, sample_images(split, IMAGES, 0, "val")[1])  # the images analyze --max-images takes
     with AttentionRecorder(model) as rec, torch.inference_mode():
         for x, _ in DataLoader(images, batch_size=2):
             model.forward_features(x)

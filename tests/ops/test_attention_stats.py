@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
 from attention_checks import DTYPES, check_against_reference, check_kept_rows, kept_bias, poison_heap, qkv_inputs
 
 from beyond_cls import _extension, ops, reference
+from beyond_cls.models.architectures.attention import finish
 from beyond_cls.numerics import MAX_KEPT_ROWS
 from beyond_cls.ops._dispatch import unavailable
 
@@ -73,11 +76,12 @@ def test_custom_op_is_registered_and_traceable(backend):
     q, k, v = qkv_inputs(1, 2, 17, 8, torch.float32)
     bias = torch.randn(17, 17)
     torch.library.opcheck(OP.default, (q, k, v, 1, None, bias, None, backend))
-    # q, k, v as timm makes them: strided views of one fused qkv (the fake's out must still be contiguous)
+    # q, k, v as timm makes them: strided views of one fused qkv (the fake's out has the kernels' layout regardless)
     strided = torch.randn(2, 17, 3 * 2 * 8).reshape(2, 17, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
     torch.library.opcheck(OP.default, (*strided, 1, None, None, [0], backend))
     fake = OP(q.to("meta"), k.to("meta"), v.to("meta"), 1, None, None, None, backend)
     assert fake[0].shape == q.shape and fake[1].shape == (1, 2, 17) and fake[1].dtype == torch.float32
+    assert fake[0].stride() == OP(q, k, v, 1, None, None, None, backend)[0].stride() == (17 * 2 * 8, 8, 2 * 8, 1)
     assert fake[5].shape == (1, 2, 0, 17)
     # CUDA tensors reach the Triton kernel through the same operator
     assert torch._C._dispatch_has_kernel_for_dispatch_key("beyond_cls::attention_stats", "CUDA")
@@ -107,6 +111,32 @@ def test_public_function_is_one_graph_node(backend, monkeypatch):
     assert all(target is OP.default or "getitem" in str(target) for target in calls), calls
     for g, w in zip(got, f(q, k, v)):
         assert torch.equal(g, w)
+
+
+LAYOUT_BACKENDS = ["reference", *[pytest.param(b, marks=needs_cpp) if b == "cpp" else b for b in CUSTOM_OP_BACKENDS]]
+
+
+@pytest.mark.parametrize("backend", LAYOUT_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_is_stored_as_sdpa_s(backend, dtype, monkeypatch):
+    """Every backend's out [B, H, N, d] is stored [B, N, H, d], as SDPA's: the attention module's ``finish`` merges
+    the heads without a copy, kept rows or not, and under torch.compile the op's fake has the real strides."""
+    monkeypatch.setenv("BEYOND_CLS_BACKEND", backend)
+    b, h, n, d = 2, 3, 17, 8
+    q, k, v = qkv_inputs(b, h, n, d, dtype, contiguous=False)
+    identity = types.SimpleNamespace(proj=lambda x: x)  # no norm, gate or dropout: finish returns the merged heads
+    for keep_rows in (None, (0, -1)):
+        out = ops.attention_with_stats(q, k, v, 1, keep_rows=keep_rows)[0]
+        assert out.dtype == dtype and out.shape == (b, h, n, d) and out.stride() == (n * h * d, d, h * d, 1)
+        merged = finish(identity, out, None)
+        assert merged.shape == (b, n, h * d) and merged.data_ptr() == out.data_ptr()
+        assert merged.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()  # a view, not a copy
+    if backend != "reference":
+        fake = OP(q.to("meta"), k.to("meta"), v.to("meta"), 1, None, None, [0], backend)[0]
+        assert fake.stride() == out.stride() and fake.dtype == out.dtype
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda *t: ops.attention_with_stats(*t, 1)[0], backend="aot_eager", fullgraph=True)
+        assert compiled(q, k, v).stride() == out.stride()
 
 
 @needs_cpp

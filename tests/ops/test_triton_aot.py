@@ -1,4 +1,11 @@
-"""Every autotune config of every Triton kernel compiles to a cubin for sm_80 and sm_90, without a GPU."""
+"""Every launch config of every Triton kernel compiles for sm_80 and sm_90, without a GPU, at the specializations a
+GPU run launches: the host functions' launches are captured on CPU tensors in the layouts the package passes and
+specialized by Triton's own binder (``beyond_cls.kernels.aot``). The bf16 configs the autotuner may pick neither
+spill registers nor exceed shared memory.
+
+The compiles run in a fresh interpreter (this file as a script: kernels must be decorated without
+TRITON_INTERPRET to compile), started in the background after collection (see tests/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -8,37 +15,71 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-SCRIPT = """
-import json
-import multiprocessing
-import os
+# (label, tokens dtype, launches builder of aot, shape, options): bf16 / fp32 attention with and without bias and
+# kept rows; AbMILP with bf16, fp32 and fp64 (exact tests) tokens, K = 1 to 16, mask, grad_scores, the tokens'
+# gradient, softmax pooling, and a small batch whose rows are split (every launch config is kept by some case). The
+# batch is part of the specialization (host decisions such as split counts follow it): the probe's 1024 where it
+# matters. Tensors are allocated, never touched, and released after the capture.
+CASES = {
+    "attention bf16 d64 (ViT-B)": ("bfloat16", "attention_launches", (2, 12, 197, 64, 1), {}),
+    "attention bf16 d80 bias keep2 (ViT-H)": ("bfloat16", "attention_launches", (2, 16, 257, 80, 1),
+                                              {"bias": True, "keep_rows": (0, 128)}),
+    "attention fp32 d64 prefix5": ("float32", "attention_launches", (2, 12, 261, 64, 5), {}),
+    "abmilp bf16 K1 frozen": ("bfloat16", "abmilp_launches", (1024, 196, 768, 1), {}),
+    "abmilp bf16 K1 D1024 N256 frozen (ViT-L/14)": ("bfloat16", "abmilp_launches", (1024, 256, 1024, 1), {}),
+    "abmilp bf16 K8 mask grads": ("bfloat16", "abmilp_launches", (1024, 196, 768, 8),
+                                  {"mask": True, "grad_scores": True, "tokens_grad": True}),
+    "abmilp bf16 K16 D64 split rows": ("bfloat16", "abmilp_launches", (2, 196, 64, 16), {}),
+    "abmilp bf16 K1 D384 (ViT-S)": ("bfloat16", "abmilp_launches", (1024, 196, 384, 1), {}),
+    "abmilp bf16 K1 D64": ("bfloat16", "abmilp_launches", (1024, 196, 64, 1), {}),
+    "abmilp bf16 K3 D64": ("bfloat16", "abmilp_launches", (1024, 196, 64, 3), {}),
+    "softmax_pool bf16 K1": ("bfloat16", "abmilp_launches", (1024, 196, 768, 1),
+                             {"scorer": False, "tokens_grad": True}),
+    "abmilp fp32 K8 mask grads": ("float32", "abmilp_launches", (1024, 256, 1024, 8),
+                                  {"mask": True, "grad_scores": True, "tokens_grad": True}),
+    "abmilp fp64 K3 mask": ("float64", "abmilp_launches", (4, 196, 80, 3), {"mask": True, "tokens_grad": True}),
+}
 
-from beyond_cls.kernels import abmilp, attention_stats
-from beyond_cls.kernels.aot import ARCHS, SHARED_MEMORY_BYTES, compile_for
 
-specs = [(attention_stats.attention_stats_fwd_kernel, s) for s in attention_stats.aot_specializations()]
-specs += [(kernel, s) for kernel, s in abmilp.aot_specializations()]
-jobs = [(i, arch) for i in range(len(specs)) for arch in ARCHS]
+def _calls():
+    """[(case label, JitCall)] of every case's launches at every config of their kernels."""
+    from beyond_cls.kernels import aot
 
-
-def compile_one(job):
-    i, arch = job
-    kernel, spec = specs[i]
-    compiled = compile_for(kernel, spec, arch)
-    assert compiled.asm["cubin"] and f"sm_{arch}" in compiled.asm["ptx"], (spec.label, arch)
-    return [spec.label, arch, compiled.metadata.shared, SHARED_MEMORY_BYTES[arch]]
+    calls = []
+    for label, (dtype, builder, shape, options) in CASES.items():
+        for launch in getattr(aot, builder)(*shape, getattr(torch, dtype), **options):
+            calls += [(label, call) for call in aot.jit_calls(launch)]
+    return calls
 
 
-# compiles are independent and single-threaded: one process per core (forked: the workers share specs)
-workers = min(len(jobs), os.cpu_count() or 1, 8)
-if workers > 1:
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        rows = pool.map(compile_one, jobs, chunksize=1)
-else:
-    rows = [compile_one(job) for job in jobs]
-print(json.dumps(rows))
-"""
+def _inspect(call, arch: int) -> dict:
+    from beyond_cls.kernels import aot
+
+    compiled = aot.compile_call(call, arch)
+    assert compiled.asm["cubin"] and f"sm_{arch}" in compiled.asm["ptx"], (call.name, arch)
+    return dict(aot.cubin_usage(compiled), shared=compiled.metadata.shared)
+
+
+def main() -> None:
+    """Compile every case (one process per core) and print one JSON row per (case, launch config, arch)."""
+    from beyond_cls.kernels import aot
+
+    calls = _calls()
+    jobs, index = aot.unique_jobs([call for _, call in calls])
+    results = aot.map_compiles(_inspect, jobs, workers=min(os.cpu_count() or 1, 8))
+    rows, i = [], 0
+    for label, call in calls:
+        spec, _ = aot.specialization(call, aot.ARCHS[0])
+        unaligned = [name for name, (ty, value) in zip(call.kernel.arg_names, spec)
+                     if ty.startswith("*") and value != "D"]
+        for arch in aot.ARCHS:
+            rows.append(dict(results[index[i]], case=label, dtype=CASES[label][0], kernel=call.launch_name,
+                             config=list(call.config), arch=arch, limit=aot.SHARED_MEMORY_BYTES[arch],
+                             unaligned=unaligned, specialization=aot.describe(call, arch)))
+            i += 1
+    print(json.dumps(rows))
 
 
 _background: dict[str, object] = {}
@@ -51,11 +92,10 @@ def _lower_priority() -> None:
 def start_background_compile(directory: str) -> None:
     """Start the compiles now, at low priority, so they overlap the rest of the session (called by conftest after
     collection when this test is selected; it runs last and collects the result)."""
-    # a fresh interpreter: the kernels must be decorated without TRITON_INTERPRET to compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out, err = os.path.join(directory, "aot.out"), os.path.join(directory, "aot.err")
     with open(out, "w") as stdout, open(err, "w") as stderr:  # the child keeps its own handles
-        proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=stdout, stderr=stderr, env=env,
+        proc = subprocess.Popen([sys.executable, __file__], stdout=stdout, stderr=stderr, env=env,
                                 preexec_fn=_lower_priority)
     _background.update(proc=proc, out=out, err=err)
 
@@ -67,9 +107,10 @@ def stop_background_compile() -> None:
         proc.wait()
 
 
-def _compile_rows(tmp_path) -> list:
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
     if "proc" not in _background:
-        start_background_compile(str(tmp_path))
+        start_background_compile(str(tmp_path_factory.mktemp("aot")))
     proc, out, err = _background["proc"], _background["out"], _background["err"]
     returncode = proc.wait(timeout=1200)
     with open(err) as f:
@@ -78,91 +119,73 @@ def _compile_rows(tmp_path) -> list:
         return json.loads(f.read().splitlines()[-1])
 
 
+def _fits(row: dict) -> bool:
+    return row["shared"] <= row["limit"]
+
+
+def _spills(row: dict) -> bool:
+    return row["stack"] > 0 or row["local"] > 0
+
+
 @pytest.mark.slow
-def test_kernels_compile_for_sm80_and_sm90(tmp_path):
-    rows = _compile_rows(tmp_path)
-    from beyond_cls.kernels import abmilp
-    from beyond_cls.kernels.attention_stats import CONFIGS
+def test_every_config_of_every_kernel_compiles_for_sm80_and_sm90(rows):
+    """Each case's launches compile at every config their autotuner keeps, and every config of every kernel is kept
+    by some case (a config no call can use would be dead weight in the autotuner's list)."""
+    from beyond_cls.kernels import abmilp, attention_stats
 
-    pooling_configs = sum(len(configs) for configs in abmilp.CONFIGS.values())
-    # attention: bf16, fp32 and bf16 with kept rows per config; pooling: bf16, fp32 and fp64 tokens per config
-    assert len(rows) == (len(CONFIGS) * 3 + pooling_configs * 3) * 2
-    # bf16 (the production path) fits shared memory in every config; fp32 in at least one per arch,
-    # which the autotuner keeps (configs that do not fit are pruned at launch)
-    assert all(shared <= limit for label, _, shared, limit in rows if label.startswith("bfloat16")), rows
-    # every pooling config fits everywhere for bf16 and fp32 tokens; for fp64 (exact tests only) at least
-    # one config per kernel and arch, which the autotuner keeps
-    pooling = [row for row in rows if row[0].split("-")[0] in abmilp.CONFIGS]
-    assert len(pooling) == pooling_configs * 3 * 2
-    assert all(shared <= limit for label, _, shared, limit in pooling if "-float64-" not in label), pooling
-    for kernel in abmilp.CONFIGS:
-        for arch in (80, 90):
-            assert any(shared <= limit for label, a, shared, limit in pooling
-                       if label.startswith(f"{kernel}-float64-") and a == arch), (kernel, arch)
+    wanted = {("attention_stats", tuple(c)) for c in attention_stats.CONFIGS}
+    wanted |= {(name, tuple(c)) for name, configs in abmilp.CONFIGS.items() for c in configs}
     for arch in (80, 90):
-        assert any(shared <= limit for label, a, shared, limit in rows if label.startswith("float32") and a == arch)
+        compiled = {(r["kernel"], tuple(r["config"])) for r in rows if r["arch"] == arch}
+        assert wanted <= compiled, sorted(wanted - compiled)
+    assert {r["case"] for r in rows} == set(CASES)
+    assert all(r["config"] for r in rows), [r for r in rows if not r["config"]]  # each maps to a CONFIGS entry
+    # the capture keeps the layouts' alignment: every pointer is specialized as 16-byte aligned, as on a GPU
+    assert not [r for r in rows if r["unaligned"]], [(r["case"], r["unaligned"]) for r in rows if r["unaligned"]]
 
 
-def _gpu_launches(monkeypatch):
-    """(kernel name, pointer types, constexprs) of every launch the host wrappers make on a GPU, for bf16 and
-    fp32 inputs in the variants the ahead-of-time specializations cover (recorded on CPU tensors: nothing runs)."""
-    import torch
-    from beyond_cls.kernels import abmilp, attention_stats
-    from beyond_cls.kernels.aot import pointer
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the wrappers now choose what a GPU launch passes
-    launches = []
-
-    def record(name, kernel, args, meta):
-        pointers = {arg_name: pointer(arg.dtype) for arg_name, arg in zip(kernel.arg_names, args)
-                    if isinstance(arg, torch.Tensor)}
-        launches.append((name, pointers, meta))
-
-    monkeypatch.setattr(attention_stats, "launch", lambda grid, *args, **meta: record(
-        "attention", attention_stats.attention_stats_fwd_kernel, args, meta))
-    monkeypatch.setattr(abmilp, "launch", lambda name, grid, *args, **meta: record(
-        name, abmilp.KERNELS[name], args, meta))
-    for dtype, d, bias, keep in ((torch.bfloat16, 80, True, None), (torch.float32, 64, False, None),
-                                 (torch.bfloat16, 80, True, (0, 5))):
-        q = torch.zeros(1, 2, 40, d, dtype=dtype)
-        attention_stats.attention_with_stats_forward(q, q, q, 1, None, torch.zeros(40, 40) if bias else None, keep)
-    for dtype in (torch.bfloat16, torch.float32, torch.float64):
-        weight = torch.zeros(3, 48, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        tokens = torch.zeros(2, 40, 48, dtype=dtype)
-        mask = torch.ones(2, 40, dtype=torch.bool)
-        pooled, scores = abmilp.abmilp_forward(tokens, weight, torch.zeros(3, dtype=weight.dtype), mask)
-        abmilp.abmilp_backward(pooled, scores, tokens, weight, scores, pooled, True)
-    return launches
+@pytest.mark.slow
+def test_default_bf16_configs_neither_spill_nor_exceed_shared_memory(rows):
+    """CI's static performance guard: a bf16 config the autotuner may pick must not spill (no stack frame or local
+    memory in the cubin) or need more shared memory than an A100 / H100 block has."""
+    bad = [f"{r['case']} {r['kernel']} {tuple(r['config'])} sm_{r['arch']}: regs {r['regs']}, stack {r['stack']}, "
+           f"local {r['local']}, shared {r['shared']}/{r['limit']}"
+           for r in rows if r["dtype"] == "bfloat16" and (_spills(r) or not _fits(r))]
+    assert not bad, "\n".join(bad)
 
 
-def test_aot_specializations_are_what_a_gpu_launches(monkeypatch):
-    """The ahead-of-time compiles use the pointer types and constexprs a GPU launch passes (block sizes come
-    from the configs), float32 dots in 3xTF32 among them: CI compiles what an sm_80 / sm_90 GPU would run."""
-    from beyond_cls.kernels import abmilp, attention_stats
+@pytest.mark.slow
+def test_wide_tokens_keep_a_config_per_kernel(rows):
+    """fp32 tokens fit shared memory at one config at least per kernel and arch (the autotuner prunes configs that
+    do not fit), and so do fp64 ones (exact tests only)."""
+    for dtype in ("float32", "float64"):
+        for arch in (80, 90):
+            by_kernel: dict[str, list[bool]] = {}
+            for r in rows:
+                if r["dtype"] == dtype and r["arch"] == arch:
+                    by_kernel.setdefault(r["kernel"], []).append(_fits(r))
+            assert by_kernel and all(any(fits) for fits in by_kernel.values()), (dtype, arch, by_kernel)
 
-    launches = _gpu_launches(monkeypatch)
-    assert len(launches) == 3 + 3 * 4  # attention: three variants; pooling: logits, pool, pool_bwd, wgrad
-    names = {kernel: name for name, kernel in abmilp.KERNELS.items()}
-    specs = [("attention", s) for s in attention_stats.aot_specializations()]
-    specs += [(names[kernel], s) for kernel, s in abmilp.aot_specializations()]
-    blocks = {"BLOCK_M", "BLOCK_N", "BLOCK_D"}
 
-    def key(name, pointers, constexprs):
-        # placeholders for pointers a variant never reads (the launch passes q there) are left out
-        unused = set()
-        if name == "attention":
-            unused |= set() if constexprs["KEEP_ROWS"] else {"KeepRows", "Kept"}
-            unused |= set() if constexprs["HAS_BIAS"] else {"Bias"}
-        return (name, tuple(sorted((k, t) for k, t in pointers.items() if k not in unused)),
-                tuple(sorted((k, v) for k, v in constexprs.items() if k not in blocks)))
+def test_fp32_launches_use_gpu_dot_precision(monkeypatch):
+    """Captured as on a GPU (TRITON_INTERPRET hidden meanwhile): float32 attention asks for 3xTF32 dots
+    (float32-accurate, not TF32), no float32 launch for the interpreter's IEEE dots, no float64 one for TF32, and
+    none for the interpreter's exact upcast."""
+    from beyond_cls.kernels import GPU_FP32_DOT, aot
 
-    compiled = {key(name, {k: t for k, t in s.signature.items() if t.startswith("*")}, s.constexprs)
-                for name, s in specs}
-    for name, pointers, meta in launches:
-        assert key(name, pointers, meta) in compiled, (name, pointers, meta)
-    # float32 dots: 3xTF32 on a GPU (not IEEE); float64 ones stay IEEE
-    for name, pointers, meta in launches:
-        tokens = pointers.get("Q", pointers.get("Z"))
-        fp32_dots = meta["FP32_DOT"] if name == "attention" else meta["PRECISION"]
-        want = {"*fp64": "ieee", "*fp32": "tf32x3"}.get(tokens, "" if name == "attention" else "tf32x3")
-        assert fp32_dots == want, (name, pointers, meta)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for label, (dtype, builder, shape, options) in CASES.items():
+        metas = [launch.meta for launch in getattr(aot, builder)(*shape, getattr(torch, dtype), **options)]
+        values = {v for meta in metas for v in meta.values() if isinstance(v, str) and v}
+        if dtype == "float32":
+            assert "ieee" not in values, (label, metas)
+            assert GPU_FP32_DOT in values or not label.startswith("attention"), (label, metas)
+        elif dtype == "float64":
+            assert not any("tf32" in v for v in values), (label, metas)
+        upcasts = {k: v for meta in metas for k, v in meta.items() if ("UPCAST" in k or "INTERPRET" in k) and v}
+        assert not upcasts, (label, upcasts)
+    assert os.environ["TRITON_INTERPRET"] == "1"  # restored after each capture
+
+
+if __name__ == "__main__":
+    main()

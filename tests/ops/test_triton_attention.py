@@ -6,6 +6,8 @@ with small shapes; with CUDA the same tests run compiled, plus real model shapes
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from attention_checks import (
@@ -16,7 +18,7 @@ from attention_checks import (
     poison_heap,
     qkv_inputs,
 )
-from beyond_cls.kernels.attention_stats import CONFIGS, attention_with_stats_forward
+from beyond_cls.kernels.attention_stats import CONFIGS, attention_with_stats_forward, head_dim_split
 
 from beyond_cls import ops
 from beyond_cls.numerics import MAX_KEPT_ROWS
@@ -50,14 +52,103 @@ def test_triton_matches_reference(dtype, n, prefix):
         check(*qkv_inputs(1, 2, n, 64, dtype, logit_scale, contiguous=False), prefix)
 
 
-@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("d", [8, 32, 48, 64, 80, 96, 112, 128])
 def test_triton_head_dims(d):
+    """Head dims as two power-of-two chunks: 80 = 64 + 16 (ViT-H) and 96 = 64 + 32 unpadded, 112 = 64 + 64 and 8
+    (one chunk of 16) padded with masked loads."""
     check(*qkv_inputs(1, 2, 77, d, torch.bfloat16, 4.0), 1)
+
+
+def test_head_dim_split():
+    assert [head_dim_split(d) for d in (8, 16, 32, 48, 64, 80, 96, 112, 128)] == [
+        (16, 0), (16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (64, 64), (128, 0)]
+
+
+def with_config(monkeypatch, config):
+    """Make every launch of the kernel module run at ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    from beyond_cls.kernels import attention_stats
+
+    launch = attention_stats.launch
+    monkeypatch.setattr(attention_stats, "launch", lambda grid, *a, **meta: launch(grid, *a, config=config, **meta))
+
+
+# N − P patch keys: fewer than one block (masked block only), exactly one or two blocks (the masked block full,
+# then none or one loop iteration), and one key more (a masked block of one key after the loop's)
+TAIL_CASES = [(block_n, patches) for block_n in sorted({c[1] for c in CONFIGS})
+              for patches in (block_n // 2 + 3, block_n, 2 * block_n, 2 * block_n + 1)]
+
+
+@pytest.mark.parametrize("block_n,patches", TAIL_CASES)
+def test_triton_last_block_masking(block_n, patches, monkeypatch):
+    """Only the last block of patch keys is masked: N − P a multiple of BLOCK_N or not, shorter than a block."""
+    with_config(monkeypatch, next(c for c in CONFIGS if c[1] == block_n))
+    prefix = 1
+    n = prefix + patches
+    check(*qkv_inputs(1, 2, n, 64, torch.float32, 4.0, contiguous=False), prefix)
+    bias = kept_bias("cls200_masked", 1, 2, n, prefix)  # -inf keys fall in the masked block and in full ones
+    check(*qkv_inputs(1, 2, n, 64, torch.float32, 4.0), prefix, None, bias)
+
+
+@pytest.mark.parametrize("prefix", [0, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_prefix_extremes(prefix, dtype):
+    """No prefix token (no cls) and a full prefix block of 16 (registers), with masked keys and a prefix logit 200
+    above the patches (the patch statistics stay exact while the prefix takes all of the attention)."""
+    n = 100
+    check(*qkv_inputs(1, 2, n, 64, dtype, 4.0, contiguous=False), prefix)
+    bias = torch.zeros(n, n)
+    bias[:, prefix + 10 : prefix + 40] = float("-inf")
+    if prefix:
+        bias[:, prefix - 1] = 200.0
+    rows = check(*qkv_inputs(1, 2, n, 64, dtype, 4.0, contiguous=False), prefix, None, bias)
+    if prefix:
+        assert (rows.patch_mass < 1e-30).all() and torch.isfinite(rows.patch_entropy).all()
+
+
+def integer_qkv(n, logit, sign=1.0):
+    """fp32 q, k, v [1, 2, n, 64] with integer q, k: q·k = ±A² + Σ (small integers) is exact in float32, and with
+    scale 1/16 the logits are ≈ ±``logit`` plus a few units, exactly representable like their float32 softmax
+    inputs: PyTorch's float32 error is only its exp's, and any rounding at the logits' magnitude shows."""
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(-3, 4, (1, 2, n, 64), generator=g).float()
+    k = torch.randint(-3, 4, (1, 2, n, 64), generator=g).float()
+    q[..., 0] = k[..., 0] = round((logit * 16) ** 0.5)
+    k[..., 0] *= sign
+    return q, k, torch.randn(1, 2, n, 64, generator=g)
+
+
+@pytest.mark.parametrize("logit,sign", [(1e3, 1.0), (1e4, 1.0), (1e4, -1.0)])
+def test_triton_large_logits(logit, sign):
+    """Logits of magnitude 1e3..1e4 that differ by a few units keep float32 accuracy. Base-2 logits rounded at
+    their magnitude before the max is subtracted would be off by up to 1e-3 (up to 1e-4 in the probabilities)."""
+    scale = 1 / 16
+    n = 97
+    q, k, v = integer_qkv(n, logit, sign)
+    logits = q.double() @ k.double().transpose(-1, -2) * scale
+    assert logits.abs().min() > 0.9 * logit and torch.equal(logits.float().double(), logits)  # exact in float32
+    assert (logits.amax(-1) - logits.amin(-1)).min() > 5  # rows are neither uniform nor one-hot
+    rows = check(q, k, v, 1, scale)
+    exact = logits.softmax(-1)
+    naive = logits.float() * math.log2(math.e)  # base-2 logits rounded at their magnitude, then the max subtracted
+    naive = torch.exp2(naive - naive.amax(-1, keepdim=True))
+    assert ((naive / naive.sum(-1, keepdim=True)).double() - exact).abs().max() > 1e-5  # sharp enough to tell
+    assert (rows.self_attn.cpu().double() - exact.diagonal(dim1=-2, dim2=-1)).abs().max() < 2e-6
+    assert (rows.cls_attn.cpu().double() - exact[..., 0]).abs().max() < 2e-6
+    bias = (torch.randint(-32, 33, (n, n)) / 16).float()  # |bias| <= 2, exact; logits stay exact in float32
+    check(q, k, v, 1, scale, bias)
 
 
 @pytest.mark.parametrize("bias_shape", [(1, 2, 97, 97), (97, 97), (2, 1, 97, 97), (97,)])
 def test_triton_bias_and_scale(bias_shape):
     check(*qkv_inputs(2, 2, 97, 64, torch.float32), 1, 0.3, torch.randn(bias_shape) * 3)
+
+
+def test_triton_negative_and_zero_scale():
+    """The kernel takes row maxima of q·k before scaling: a negative scale runs on −q, a zero one is uniform."""
+    q, k, v = qkv_inputs(1, 2, 70, 64, torch.float32, 4.0, contiguous=False)
+    check(q, k, v, 1, -0.2)
+    rows = check(q, k, v, 1, 0.0)
+    torch.testing.assert_close(rows.self_attn, torch.full_like(rows.self_attn, 1 / 70))
 
 
 def test_triton_masked_keys_and_dominant_prefix():
@@ -102,8 +193,7 @@ def test_every_triton_config_matches_reference(config, monkeypatch):
     with registers, a bias, and kept rows on both sides of a query-block edge."""
     from beyond_cls.kernels import attention_stats
 
-    launch = attention_stats.launch
-    monkeypatch.setattr(attention_stats, "launch", lambda grid, *a, **meta: launch(grid, *a, config=config, **meta))
+    with_config(monkeypatch, config)
     n, prefix, keep = 150, 5, (0, 63, 64, 129, -1)  # N spans several 32- and 64-token tiles, not one 256
     q, k, v = (t.to(DEVICE) for t in qkv_inputs(1, 2, n, 64, torch.float32, 4.0, contiguous=False))
     bias = kept_bias("cls200_masked", 1, 2, n, prefix).to(DEVICE)

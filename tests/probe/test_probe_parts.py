@@ -31,6 +31,19 @@ def test_config_defaults_are_the_paper_protocol():
     assert cfg.accumulation(world_size=64) == (1, 16384)
 
 
+def test_encoder_compiles_by_default_on_cuda_only():
+    from beyond_cls.cli import build_parser
+
+    assert ProbeConfig(**BASE, device="cpu").compile is False
+    assert ProbeConfig(**BASE, device="cuda:1").compile is True
+    assert ProbeConfig(**BASE, device="auto").compile is torch.cuda.is_available()
+    assert ProbeConfig(**BASE, device="cuda", compile=False).compile is False
+    assert ProbeConfig(**BASE).cuda_graphs is True
+    args = build_parser().parse_args(["probe", "--no-compile", "--no-cuda-graphs"])
+    assert (args.compile, args.cuda_graphs) == (False, False)
+    assert build_parser().parse_args(["probe"]).compile is None  # unset: the config decides by device
+
+
 def test_short_runs_scale_the_default_warmup():
     """Fewer epochs than MAE's 10 warm-up epochs and none given: 10/90 of the run; explicit ones stay checked."""
     assert ProbeConfig(**BASE, epochs=9).warmup_epochs == pytest.approx(1.0)
