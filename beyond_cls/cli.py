@@ -136,7 +136,8 @@ COMMANDS = {
         ShardConfig, _shard, "write an ImageFolder's train/ and val/ as WebDataset shards (read with --dataset wds)",
         "Write DATA/train and DATA/val in ImageFolder order (classes sorted, files sorted) as "
         "OUT/NAME-train-NNNN.tar and OUT/NAME-validation-NN.tar (<key>.jpg + <key>.cls + <key>.json) plus "
-        "OUT/classes.txt. Each shard is renamed into place only when complete.",
+        "OUT/classes.txt. Each shard is renamed into place only when complete; OUT/beyond_cls_shards.json (classes, "
+        "each shard's size and sample count) is written complete last; readers refuse a folder it marks incomplete.",
     ),
 }
 BENCH = {
