@@ -58,7 +58,6 @@ setup(
         "beyond_cls.probe",
         "beyond_cls.kernels",
     ],
-    package_dir={"beyond_cls.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from beyond_cls.kernels.attention_stats import flops
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from beyond_cls import _extension, reference
+from beyond_cls.kernels.attention_stats import flops
 
 CPU_SHAPES = {"vit_s16": (8, 6, 197, 64, 1)}
 GPU_SHAPES = {

@@ -126,7 +126,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 copy_source() {  # a clean copy of the sources: builds never write into the checkout
   mkdir -p "$1"
-  cp -r setup.py pyproject.toml README.md csrc kernels beyond_cls "$1/"
+  cp -r setup.py pyproject.toml README.md csrc beyond_cls "$1/"
   find "$1" \( -name '__pycache__' -o -name '*.so' \) -prune -exec rm -rf {} +
 }
 # The one install command, offline: no index, no dependencies, the node's own torch for the build.

@@ -244,6 +244,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def markdown(rows: list[dict], traffic: list[dict], arch: int, specializations: dict[str, str]) -> str:
     import triton
+
     from beyond_cls.kernels import aot
 
     limit = aot.SHARED_MEMORY_BYTES[arch]

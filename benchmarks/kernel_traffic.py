@@ -127,9 +127,10 @@ def _capture(module, inputs: dict, pick=None, host_bytes: bool = False, counter:
     config, argument sizes and programs. With ``counter`` the kernels run in the interpreter at ``pick(launch)``, and
     their touched bytes per argument and token elements per trip are recorded; else nothing runs (grids are read at
     ``pick(launch)``, the host ops run on the given tensors). Also the outputs and host-op bytes per pass."""
-    from beyond_cls.kernels import aot
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+
+    from beyond_cls.kernels import aot
 
     phase, out = ["fwd"], {"launches": {"fwd": [], "bwd": []}, "outputs": {}, "host": Counter()}
     if counter is not None:

@@ -133,10 +133,10 @@ def _configs(launch) -> list[tuple[tuple | None, str]]:
 def attention_tasks(name: str, shape: tuple, device: str, keep: bool) -> Iterator[Task]:
     """SDPA (flash on CUDA) and eager attention + statistics, then every launch config of the fused kernel."""
     import torch.nn.functional as F
-    from beyond_cls.kernels import aot, attention_stats
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from beyond_cls import reference
+    from beyond_cls.kernels import aot, attention_stats
 
     b, h, n, d, prefix = shape
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -178,9 +178,8 @@ def _record_and_run(module, launches: list, best: dict | None = None):
 def abmilp_tasks(name: str, shape: tuple, k: int, device: str, compiled: bool, rows: Rows) -> Iterator[Task]:
     """Copy and eager (and compiled) pooling, every launch config of every kernel of the forward and of the backward
     (frozen tokens), then each pass with every kernel at its fastest config measured so far."""
-    from beyond_cls.kernels import abmilp
-
     from beyond_cls import reference
+    from beyond_cls.kernels import abmilp
 
     b, n, d = shape
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -326,8 +325,9 @@ def warm_cache(arch: int, quick: bool, seconds: float) -> str:
 
 
 def _warm(arch: int, quick: bool) -> None:
-    from beyond_cls.kernels import aot
     from kernel_report import cases, jit_calls
+
+    from beyond_cls.kernels import aot
 
     calls = [call for case, call in jit_calls(cases(quick)) if case.dtype == "bf16"]
     jobs, _ = aot.unique_jobs(calls, (arch,))

@@ -11,13 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def package_modules() -> dict[str, Path]:
-    """Module name -> source file, for ``beyond_cls`` and the Triton kernels installed as ``beyond_cls.kernels``."""
+    """Module name -> source file, for every module of ``beyond_cls``."""
     found = {}
     for path in sorted((ROOT / "beyond_cls").rglob("*.py")):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         found[name.removesuffix(".__init__")] = path
-    for path in sorted((ROOT / "kernels").glob("*.py")):
-        found[f"beyond_cls.kernels.{path.stem}".removesuffix(".__init__")] = path
     return found
 
 

@@ -18,7 +18,7 @@ HOMES = {
     "accumulation_dtype": "beyond_cls.numerics",
     "MAX_KEPT_ROWS": "beyond_cls.numerics",
     "MAX_BRANCHES": "beyond_cls.numerics",
-    "interpreting": "beyond_cls.ops._dispatch",
+    "interpreting": "beyond_cls.triton_mode",
 }
 
 

@@ -31,9 +31,9 @@ print("ok", beyond_cls.__version__)
 
 
 def source_modules() -> list[str]:
-    """Dotted names of every module in the source tree (kernels/ installs as beyond_cls.kernels)."""
+    """Dotted names of every module in the source tree."""
     names = []
-    for root, package in ((REPO / "beyond_cls", "beyond_cls"), (REPO / "kernels", "beyond_cls.kernels")):
+    for root, package in ((REPO / "beyond_cls", "beyond_cls"),):
         for path in sorted(root.rglob("*.py")):
             parts = list(path.relative_to(root).with_suffix("").parts)
             if parts[-1] == "__init__":

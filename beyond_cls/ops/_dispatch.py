@@ -3,20 +3,22 @@
 ``BEYOND_CLS_BACKEND=reference|triton|cpp`` forces an implementation (read on every call);
 unset, CUDA tensors go to Triton and CPU tensors to C++, falling back to the reference when a
 backend cannot take the tensors at hand (e.g. float64 on CUDA). Triton runs CPU tensors only
-under ``TRITON_INTERPRET=1`` (how the kernels are tested without a GPU). Each op module registers
-what its fused backends take (:func:`register`); this module imports nothing else of the package.
+under ``TRITON_INTERPRET=1`` (how the kernels are tested without a GPU; read by
+:mod:`beyond_cls.triton_mode`). Each op module registers what its fused backends take (:func:`register`);
+this module imports nothing else of the package but that leaf.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from beyond_cls.triton_mode import interpreting
 
 BACKENDS = ("reference", "triton", "cpp")
 # A fact of the installation, looked up once: importlib.util.find_spec cannot be traced by
@@ -45,23 +47,6 @@ _SUPPORT: dict[str, Support] = globals().get("_SUPPORT", {})
 def register(op: str, support: Support) -> None:
     """Declare what the fused backends of ``op`` take (called once by the op's module)."""
     _SUPPORT[op] = support
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@contextlib.contextmanager
-def as_if_compiled() -> Iterator[None]:
-    """Within: :func:`interpreting` is False even under ``TRITON_INTERPRET=1`` (restored after), so host code picks
-    the flags of a GPU launch; ``beyond_cls.kernels.aot`` captures launches this way."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 def forced_backend() -> str | None:

@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 import triton.language as tl
-from beyond_cls.kernels import aot
 from triton.runtime.jit import JITFunction
+
+from beyond_cls.kernels import aot
 
 
 def _two_loops(X, W, Y, N, BLOCK: tl.constexpr):

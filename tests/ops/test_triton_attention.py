@@ -18,9 +18,9 @@ from attention_checks import (
     poison_heap,
     qkv_inputs,
 )
-from beyond_cls.kernels.attention_stats import CONFIGS, attention_with_stats_forward, head_dim_split
 
 from beyond_cls import ops
+from beyond_cls.kernels.attention_stats import CONFIGS, attention_with_stats_forward, head_dim_split
 from beyond_cls.numerics import MAX_KEPT_ROWS
 from beyond_cls.reference import AttentionRows
 

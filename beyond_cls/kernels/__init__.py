@@ -6,7 +6,7 @@ softmax pooling, forward and backward): its ``@triton.jit`` kernels and host lau
 through ``beyond_cls.ops``.
 """
 
-from beyond_cls.ops._dispatch import interpreting
+from beyond_cls.triton_mode import interpreting
 
 # ``input_precision`` of the kernels' float32 dots on a GPU: 3xTF32 (a = a_hi + a_lo in TF32, three
 # tensor-core products) is float32-accurate (~1e-6 relative), where an IEEE float32 dot runs on the

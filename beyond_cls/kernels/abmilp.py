@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from beyond_cls.numerics import MAX_BRANCHES, accumulation_dtype
-from beyond_cls.ops._dispatch import interpreting
+from beyond_cls.triton_mode import interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: exact tests
 # Launch configs (BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel; on a GPU each kernel is autotuned over

@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from beyond_cls.ops._dispatch import as_if_compiled
+from beyond_cls.triton_mode import as_if_compiled
 
 ARCHS = (80, 90)
 SHARED_MEMORY_BYTES = {80: 166912, 90: 232448}  # per block, opt-in maximum (A100, H100)

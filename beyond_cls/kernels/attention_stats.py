@@ -42,10 +42,10 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from beyond_cls.kernels import fp32_dot_precision
 
+from beyond_cls.kernels import fp32_dot_precision
 from beyond_cls.numerics import MAX_KEPT_ROWS
-from beyond_cls.ops._dispatch import interpreting
+from beyond_cls.triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
