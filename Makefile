@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch first: the C++ extension builds against it (--no-build-isolation).
 $(STAMP): $(BIN)/python $(SOURCES)
 	$(BIN)/python -m pip install "setuptools>=64" wheel ninja pybind11 "torch>=2.4" "torchvision>=0.19"
-	$(BIN)/python -m pip install --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m pip install --no-build-isolation -e ".[dev,hf]"
 	touch $@
 
 install: $(STAMP)

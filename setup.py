@@ -54,6 +54,7 @@ setup(
         "beyond_cls.models",
         "beyond_cls.models.architectures",
         "beyond_cls.models.formats",
+        "beyond_cls.models.hf",
         "beyond_cls.ops",
         "beyond_cls.probe",
         "beyond_cls.kernels",

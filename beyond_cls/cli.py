@@ -4,25 +4,75 @@ fields of its config dataclass (:mod:`beyond_cls.cli_args`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import os
+import platform
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from beyond_cls import __version__
 from beyond_cls.analysis.aggregations import AggregationsConfig, aggregations
 from beyond_cls.analysis.analyze import PER_MODEL, AnalyzeConfig, analyze
 from beyond_cls.analysis.bench import BenchAnalyzeConfig, bench_analyze
 from beyond_cls.analysis.localize import LocalizeConfig, localize
-from beyond_cls.cli_args import add_settings
+from beyond_cls.cli_args import Parser, add_settings, habits_note
 from beyond_cls.cli_configs import CompareConfig, ProbeReportConfig, ShardConfig, ZooConfig
 from beyond_cls.config import load_config
 from beyond_cls.demo import DemoConfig, demo
 from beyond_cls.probe import ProbeConfig, run
 from beyond_cls.probe.bench import BenchProbeConfig, bench_probe
 from beyond_cls.probe.trainer import Preempted
+from beyond_cls.runtime import console_warnings
 
 PROG = "beyond-cls"
+PAPER = "https://arxiv.org/abs/2412.03215"
+CITATION = r"""@article{przewiezlikowski2024beyondcls,
+  title   = {Beyond [cls]: Exploring the true potential of {M}asked {I}mage {M}odeling representations},
+  author  = {Przewi{\k{e}}{\'z}likowski, Marcin and Balestriero, Randall and Jasi{\'n}ski, Wojciech and
+             {\'S}mieja, Marek and Zieli{\'n}ski, Bartosz},
+  journal = {arXiv preprint arXiv:2412.03215},
+  year    = {2024}
+}"""
+EPILOG = f"""The paper: Beyond [cls]: Exploring the true potential of Masked Image Modeling representations
+(Przewięźlikowski, Balestriero, Jasiński, Śmieja, Zieliński), {PAPER}
+If beyond-cls helps your work, please cite it:
+
+{CITATION}"""
+
+
+def version_text() -> str:
+    """``beyond-cls --version``: the package, then torch (with its CUDA), Triton and the C++ extension."""
+    import torch
+
+    from beyond_cls import _extension
+
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    if torch.version.cuda:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cuda += f", {gpus} GPU{'s' if gpus != 1 else ''} visible"
+    try:
+        triton = f"triton {importlib.metadata.version('triton')}"
+    except importlib.metadata.PackageNotFoundError:
+        triton = "triton not installed (no Triton kernels)"
+    built = _extension.load_error() is None
+    ext = "C++ extension built" if built else "C++ extension not built (pip install --no-build-isolation .)"
+    return (f"{PROG} {__version__} (Python {platform.python_version()})\n"
+            f"torch {torch.__version__} ({cuda}), {triton}, {ext}")
+
+
+class _Version(argparse.Action):
+    """``--version``: prints :func:`version_text` (computed only when asked) and exits."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
+                         help="the version of beyond-cls, torch, Triton and the C++ extension")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def _compare(cfg: CompareConfig) -> None:
@@ -161,13 +211,14 @@ def _add_commands(sub: argparse._SubParsersAction, commands: dict[str, Command])
     for name, command in commands.items():
         parser = sub.add_parser(name, help=command.help, description=command.description)
         add_settings(parser, command.config, per_model=command.per_model)
+        parser.epilog = habits_note(parser)
         parser.set_defaults(job=command)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Information flow in self-supervised ViTs and Selective Aggregation."
-    )
+    parser = Parser(prog=PROG, description="Information flow in self-supervised ViTs and Selective Aggregation.",
+                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_commands(sub, COMMANDS)
     bench = sub.add_parser("bench", help="throughput measurements")
@@ -179,12 +230,35 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in ("command", "bench", "job", "config")}
 
 
+def _quiet_broken_pipe() -> int:
+    """stdout's reader went away (``beyond-cls zoo | head -1``): stdout now goes to /dev/null, so that the flush at
+    exit does not fail again, and the exit code is a SIGPIPE death's (128 + 13), with nothing printed."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stdout is no file (captured, replaced)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``beyond-cls``; returns the exit code (2 for bad input)."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``beyond-cls``; returns the exit code (2 for bad input, 141 when stdout's reader is gone)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        sys.stdout.flush()  # --help or --version into a closed pipe fails here rather than at exit
+        raise
     job: Command = args.job
     try:
-        job.run(load_config(job.config, args.config, **_overrides(args)))
+        with console_warnings(f"{PROG} {args.command}"):
+            job.run(load_config(job.config, args.config, **_overrides(args)))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
     except (ValueError, OSError, TypeError) as exc:
         if os.environ.get("BEYOND_CLS_DEBUG") == "1":
             raise

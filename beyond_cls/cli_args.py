@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,3 +144,138 @@ class PerModel(argparse.Action):
     @staticmethod
     def _fail(parser: argparse.ArgumentParser, message: str) -> None:
         parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+# ---------------------------------------------------------------------------- flags typed from MAE/timm habit
+MIXED = "bf16"  # a bare --amp (timm's mixed-precision switch): the mixed dtype that needs no loss scaling
+HABITS = {  # another codebase's flag -> ours, where the meaning is the same (underscore spellings are generic)
+    "-b": "--batch-size",  # timm
+    "-j": "--num-workers",  # timm
+    "--workers": "--num-workers",  # timm
+    "--output_dir": "--out",  # MAE
+    "--data_path": "--data",  # MAE
+    "--data-dir": "--data",  # timm
+}
+ANSWERS = {  # another codebase's flag that means something else here -> (the flag of ours it is about, the answer)
+    "--pretrained": ("--checkpoint", "nothing is downloaded here; give the encoder weights with --checkpoint FILE "
+                     "(a zoo name also finds its official file under --weights-dir; see beyond-cls zoo)"),
+    "--finetune": ("--checkpoint", "MAE's --finetune names the pretrained weights; here that is --checkpoint FILE "
+                   "(the encoder stays frozen)"),
+    "--global_pool": ("--heads", "the aggregation is a head here: --heads mean (or cls, abmilp, ...)"),
+    "--cls_token": ("--heads", "the aggregation is a head here: --heads cls (or mean, abmilp, ...)"),
+    "--amp-dtype": ("--precision", "the autocast dtype is --precision bf16 or fp16"),
+}
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+_HABITS = {_dashed(k): v for k, v in HABITS.items()}
+_ANSWERS = {_dashed(k): v for k, v in ANSWERS.items()}
+
+
+def _known(parser: argparse.ArgumentParser, option: str | None) -> bool:
+    return option in parser._option_string_actions
+
+
+def _ours(parser: argparse.ArgumentParser, name: str) -> str | None:
+    """This parser's flag for ``name`` typed from habit (an underscore spelling, :data:`HABITS`), if it has one."""
+    for ours in (_dashed(name) if name.startswith("--") else None, _HABITS.get(_dashed(name))):
+        if _known(parser, ours):
+            return ours
+    return None
+
+
+def _bare(parser: argparse.ArgumentParser, arg: str, rest: Sequence[str]) -> bool:
+    """Whether ``arg`` is a ``--amp`` given without a value (``--amp fp8`` is a bad value, answered by argparse)."""
+    return arg == "--amp" and _known(parser, arg) and (not rest or rest[0].startswith("-"))
+
+
+def translate_habits(parser: argparse.ArgumentParser, args: Sequence[str]) -> list[str]:
+    """``args`` with the flags of :data:`HABITS` and underscore spellings renamed to this parser's own, and a bare
+    ``--amp`` given :data:`MIXED`; a flag of :data:`ANSWERS` ends parsing with its one-line answer."""
+    args, out = list(args), []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        name, eq, value = arg.partition("=")
+        if not arg.startswith("-") or _known(parser, name):
+            out += [arg, MIXED] if _bare(parser, arg, args[i + 1:]) else [arg]
+            continue
+        if name[:2] in ("-b", "-j") and name[2:].isdigit():  # timm's -b64, -j8
+            name, eq, value = name[:2], "=", name[2:]
+        ours = _ours(parser, name)
+        needs, answer = _ANSWERS.get(_dashed(name), (None, None))
+        if ours is not None:
+            arg = ours + eq + value
+        elif answer is not None and _known(parser, needs):
+            parser.error(f"{name}: {answer}")
+        out.append(arg)
+    return out
+
+
+def _visible_flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings if o.startswith("--")]
+
+
+def unknown_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """One line about the first argument ``parser`` does not take, with the closest flags it does take."""
+    flags = [e for e in extras if e.startswith("-")]
+    if not flags:
+        return f"unexpected argument {extras[0]!r} ({parser.prog} --help lists what it takes)"
+    typed = flags[0].partition("=")[0]
+    close = closest(_dashed(typed.lower()), _visible_flags(parser))
+    hint = f"did you mean {' or '.join(close)}?" if close else f"{parser.prog} --help lists the flags"
+    return f"unknown flag {typed}; {hint}"
+
+
+def closest(word: str, candidates: Sequence[str]) -> list[str]:
+    """The candidates most like ``word`` (difflib ratio >= 0.7): the best, and a second one about as good."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates), reverse=True)
+    return [c for score, c in scored[:2] if score >= 0.7 and score >= scored[0][0] - 0.05] if scored else []
+
+
+def habits_note(parser: argparse.ArgumentParser) -> str | None:
+    """The other spellings ``parser`` takes, in one sentence for its epilog (None: it has no such flags)."""
+    by_ours: dict[str, list[str]] = {}
+    for habit, ours in HABITS.items():
+        if _known(parser, ours):
+            by_ours.setdefault(ours, []).append(habit)
+    taken = [f"{' and '.join(habits)} ({ours})" for ours, habits in by_ours.items()]
+    if _known(parser, "--amp"):
+        taken.append(f"a bare --amp (--precision {MIXED})")
+    dashed = sorted((o != "--batch-size", o) for o in _visible_flags(parser) if "-" in o[2:])
+    if dashed:
+        taken.insert(0, f"any flag with _ for - ({'--' + dashed[0][1][2:].replace('-', '_')})")
+    return f"Also taken from MAE/timm habit: {', '.join(taken)}." if taken else None
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser (its subcommands' parsers too) that takes the spellings users type from MAE and timm
+    habit (:func:`translate_habits`), answers an unknown flag or command with the closest ones, and keeps errors
+    short."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = translate_habits(self, sys.argv[1:] if args is None else args)
+        self._check_command(args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(unknown_message(self, extras))
+        return namespace, extras
+
+    def _check_command(self, args: Sequence[str]) -> None:
+        """An unknown subcommand is named with the closest ones."""
+        sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        word = next((a for a in args if not a.startswith("-")), None)
+        if sub is None or word is None or word in sub.choices:
+            return
+        close = closest(word, list(sub.choices))
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        self.error(f"unknown command {word!r}; {hint}(one of {', '.join(sub.choices)})")
+
+    def error(self, message: str):
+        """The usage when it is short (two lines at most), then ``PROG: error: MESSAGE``; exit code 2."""
+        if self.format_usage().count("\n") <= 2:
+            self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")

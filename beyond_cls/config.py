@@ -10,6 +10,7 @@ declare the type of their items (:attr:`Setting.items`). Config files are read a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from collections.abc import Callable
@@ -214,6 +215,12 @@ def _command_line_name(f: dataclasses.Field) -> str:
     return s.flag if s is not None and s.flag else "--" + f.name.replace("_", "-")
 
 
+def _did_you_mean(unknown: list[str], names: set[str]) -> str:
+    """`` (did you mean batch_size?)`` for the unknown keys that are close to a known one."""
+    close = [match[0] for key in unknown if (match := difflib.get_close_matches(key, sorted(names), n=1))]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides: Any) -> T:
     """Build ``cls`` from an optional YAML file, then apply non-None ``overrides`` on top.
 
@@ -224,7 +231,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides
         values = current_names(cls, read_config_file(path), f"config file {path}")
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ConfigError(f"config file {path}: unknown keys {short(unknown)}; known keys: {sorted(names)}")
+            raise ConfigError(f"config file {path}: unknown keys {short(unknown)}{_did_you_mean(unknown, names)}; "
+                              f"known keys: {sorted(names)}")
     former = {alias: name for name, s in settings_of(cls).items() for alias in s.aliases}
     unknown = sorted(k for k in overrides if former.get(k.replace("-", "_"), k.replace("-", "_")) not in names)
     if unknown:
@@ -252,7 +260,8 @@ def default_num_workers() -> int:
     return min(8, cpus)
 
 
-MODEL = Setting(help="zoo name (beyond-cls zoo) or timm ViT name, e.g. mae_vit_base_patch16", group="model")
+MODEL = Setting(help="zoo name (beyond-cls zoo), timm ViT name, or hf:PATH (a Hugging Face save_pretrained folder or a "
+                "hub id in the local cache; pip install 'beyond-cls[hf]'), e.g. mae_vit_base_patch16", group="model")
 CHECKPOINT = Setting(None, help="encoder weights: .pth/.pt/.pth.tar or .safetensors (local path)", group="model",
                      shown="a zoo name's official file under --weights-dir, else random weights")
 CHECKPOINT_FORMAT = Setting("auto", help="checkpoint layout", group="model", shown="auto: the zoo's, else detected")

@@ -85,7 +85,7 @@ def test_missing_required_and_unknown_yaml_key(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("modle: vit_tiny_patch16_224\n")
     assert main(["analyze", "--config", str(config)]) == 2
-    assert "modle" in capsys.readouterr().err
+    assert "unknown keys ['modle'] (did you mean model?); known keys:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "many"), ("--precision", "fp8")])

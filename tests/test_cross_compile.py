@@ -1,5 +1,5 @@
 """csrc/ compiles for aarch64 (the Grace CPU of GH200 nodes) with Debian's cross compiler: an x86-only intrinsic,
-header or flag fails here, not on a cluster node (issue 26, item 17).
+header or flag fails here, not on a cluster node.
 
 Each ``csrc/*.cpp`` is compiled (``-c``, not linked) against this torch's headers with the portable flags of
 setup.py. ``make test`` installs ``g++-aarch64-linux-gnu`` when it runs as root with apt; elsewhere, without the

@@ -1,4 +1,5 @@
-"""A wheel installed into a clean venv outside the repo imports the package, kernels and extension."""
+"""A wheel installed into a clean venv outside the repo imports the package, kernels and extension, and its commands
+(``beyond-cls --version``, ``python -m beyond_cls --help``) run there."""
 
 from __future__ import annotations
 
@@ -22,10 +23,17 @@ for mod in (beyond_cls, beyond_cls.kernels, beyond_cls._C):
 q = torch.randn(1, 2, 9, 8)
 out, *_ = torch.ops.beyond_cls.attention_with_stats(q, q, q, 1)
 assert out.shape == q.shape
-import importlib
+import contextlib, importlib, importlib.metadata, io, runpy
+assert importlib.metadata.version("beyond-cls") == beyond_cls.__version__  # the wheel's version is the package's
 for name in sys.argv[1:]:  # every module of the source tree must be in the wheel and import from it
     module = importlib.import_module(name)
     assert prefix in pathlib.Path(module.__file__).resolve().parents, (name, module.__file__)
+help = io.StringIO()  # python -m beyond_cls --help, in this process (what -m runs: beyond_cls/__main__.py)
+sys.argv = ["beyond_cls", "--help"]
+with contextlib.redirect_stdout(help), contextlib.suppress(SystemExit):
+    runpy.run_module("beyond_cls", run_name="__main__", alter_sys=True)
+text = help.getvalue()
+assert text.startswith("usage: beyond-cls") and "arxiv.org/abs/2412.03215" in text, text
 print("ok", beyond_cls.__version__)
 """
 
@@ -60,16 +68,21 @@ def test_wheel_in_clean_venv(tmp_path):
     (wheel,) = dist.glob("beyond_cls-*.whl")
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
+    # no pip inside the venv (ensurepip is the slow part of making one): this pip installs into it (--python)
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
     py = venv / "bin" / "python"
     # Dependencies (torch, timm, ...) come from the test environment, appended after the venv's own
     # site-packages; the package itself must come from the wheel.
-    site = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip())
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    assert site.is_dir(), site
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=tmp_path)
+    run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index", wheel],
+        cwd=tmp_path)
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     modules = source_modules()
     assert "beyond_cls.localization.metric" in modules and "beyond_cls.kernels.abmilp" in modules
+    assert "beyond_cls.__main__" in modules
     assert run([py, "-c", CHECK, *modules], cwd=tmp_path, env=env).startswith("ok")
-    assert "analyze" in run([venv / "bin" / "beyond-cls", "--help"], cwd=tmp_path, env=env)
+    version = run([venv / "bin" / "beyond-cls", "--version"], cwd=tmp_path, env=env).splitlines()
+    assert version[0].startswith("beyond-cls ") and "torch " in version[1] and "C++ extension built" in version[1]

@@ -213,7 +213,8 @@ SAME = ProbeConfig(**TINY, data="set", out="o")
 @pytest.mark.parametrize("change", [
     dict(data="other"), dict(dataset="cub"), dict(subset_file="subset.txt"), dict(checkpoint_format="mae"),
     dict(arch="vit_small_patch16_224"), dict(source="student"), dict(cache="c"),  # cache: one view, not fresh ones
-    dict(cache_views=2), dict(heads="mean"), dict(epochs=3), dict(mean="0.5,0.5,0.5"),
+    dict(cache_views=2), dict(heads="mean"), dict(epochs=3), dict(mean="0.5,0.5,0.5"), dict(crop="torchvision"),
+    dict(head_init="mae"),
 ])
 def test_settings_that_change_what_is_trained_refuse_a_resume(change):
     key = next(iter(change))

@@ -1,5 +1,5 @@
 """Settings that cannot be misread: values of the wrong type, YAML alias bombs, files that are not UTF-8 and
-unknown keys of the Python API are refused with one short line naming the key or file (issue 26, items 11-13)."""
+unknown keys of the Python API are refused with one short line naming the key or file."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from beyond_cls.analysis.selection_runner import SelectionRunner
+from beyond_cls.analysis.style import plain_ticks, short_name
 from beyond_cls.config import NON_NEGATIVE_INT, ConfigError, StreamSettings, setting
 from beyond_cls.data import build_dataset, make_loader
 from beyond_cls.data.sample import sample_images
@@ -31,6 +32,7 @@ __all__ = ["AggregationsConfig", "aggregations", "examples_figure", "kl_figure",
            "plot_kl"]
 
 RESULTS_FILE = "aggregations.json"
+MAP_CMAP = "viridis"  # perceptually uniform, readable in grey scale
 
 
 @dataclass(kw_only=True)
@@ -143,7 +145,7 @@ def kl_figure(matrix: torch.Tensor, names: list[str]) -> Figure:
     size = 3.0 + 0.6 * len(names)  # room for the tick labels (method names up to 28 characters)
     fig = Figure(figsize=(size + 1.5, size), layout="constrained")
     ax = fig.subplots()
-    im = ax.imshow(matrix.numpy(), cmap="viridis")
+    im = ax.imshow(matrix.numpy(), cmap=MAP_CMAP)
     short = [_short(n) for n in names]
     ax.set_xticks(range(len(names)), short, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), short, fontsize=8)
@@ -155,7 +157,7 @@ def kl_figure(matrix: torch.Tensor, names: list[str]) -> Figure:
             color = "black" if im.norm(value) > 0.6 else "white"  # readable on viridis's light end
             ax.text(j, i, kl_label(value), ha="center", va="center", color=color, fontsize=7)
     ax.set_title("mean KL(p || q) between selection vectors")
-    fig.colorbar(im, ax=ax, label="KL divergence (nats)")
+    plain_ticks(fig.colorbar(im, ax=ax, label="KL divergence (nats)").ax)
     return fig
 
 
@@ -166,35 +168,42 @@ def plot_kl(matrix: torch.Tensor, names: list[str], path: Path) -> Path:
 
 
 def _short(name: str) -> str:
-    return name if len(name) <= 28 else "..." + name[-25:]
+    return short_name(name, 28)
 
 
 def examples_figure(images: list[torch.Tensor], maps: dict[str, list[torch.Tensor]]) -> Figure:
     """Grid: one row per image, the image then each method's selection map over it (Fig. 9).
 
-    Every map shares one colour scale, 0 to the largest patch weight shown, with one colour bar: a near-uniform
-    selection looks flat next to a selective one instead of being stretched to the full range.
+    Every map shares one colour scale (viridis), 0 to the largest patch weight shown, so a near-uniform selection
+    looks flat next to a selective one instead of being stretched to the full range; each overlay has its colour
+    bar and a title with that image's selection entropy (nats, and % of the uniform log P).
     """
     names = list(maps)
     vmax = max(float(m.max()) for n in names for m in maps[n]) or 1.0
-    fig = Figure(figsize=(2.2 * (1 + len(names)) + 1.2, max(3.0, 2.2 * len(images) + 0.4)), layout="constrained")
+    fig = Figure(figsize=(2.9 * len(names) + 2.0, max(3.0, 2.4 * len(images) + 0.6)), layout="constrained")
     axes = fig.subplots(len(images), 1 + len(names), squeeze=False)
-    mappable = None
     for r, image in enumerate(images):
         pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         h, w = pixels.shape[:2]
         axes[r, 0].imshow(pixels)
+        axes[r, 0].set_title(f"image {r}", fontsize=7)
         for c, n in enumerate(names, start=1):
-            axes[r, c].imshow(pixels)
-            mappable = axes[r, c].imshow(maps[n][r].float().numpy(), cmap="jet", alpha=0.55, vmin=0.0, vmax=vmax,
-                                         extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
-            if r == 0:
-                axes[r, c].set_title(_short(n), fontsize=7)
+            ax = axes[r, c]
+            selection = maps[n][r].double()
+            h_sel = float(entropy(selection.flatten()))
+            h_max = max_entropy(selection.numel())
+            ax.imshow(pixels)
+            mappable = ax.imshow(selection.float().numpy(), cmap=MAP_CMAP, alpha=0.6, vmin=0.0, vmax=vmax,
+                                 extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
+            score = f"H {h_sel:.2f} nats ({100 * h_sel / h_max:.0f} % of log P)" if h_max > 0 else "H 0 nats"
+            ax.set_title(f"{_short(n)}\n{score}" if r == 0 else score, fontsize=7)
+            bar = fig.colorbar(mappable, ax=ax, fraction=0.08, pad=0.02)
+            bar.ax.tick_params(labelsize=6)
+            plain_ticks(bar.ax)
+            if c == len(names):
+                bar.set_label("patch weight (shared scale)", fontsize=7)
         for ax in axes[r]:
             ax.set_axis_off()
-    axes[0, 0].set_title("image", fontsize=7)
-    if mappable is not None:
-        fig.colorbar(mappable, ax=axes[:, 1:], shrink=0.9, label="patch weight (shared scale)")
     return fig
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from beyond_cls.analysis.plots import plot_information_flow
 from beyond_cls.analysis.recorder import AttentionRecorder
+from beyond_cls.analysis.style import data_label
 from beyond_cls.analysis.summary import AttentionSummary
 from beyond_cls.config import ARCH, CHECKPOINT, CHECKPOINT_FORMAT, MODEL, SEED, SOURCE, ConfigError, StreamSettings
 from beyond_cls.data import ImageFolderDataset, build_dataset, make_loader
@@ -222,7 +223,7 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
             resolved = {**cfg.for_encoder(enc.spec), "label": enc.label, "sample": sample.as_dict(),
                         "encoder": asdict(enc.model.beyond_cls_info)}
             _write_run(out / enc.label, summaries[enc.label], resolved)
-        plot_information_flow(summaries, out / PLOT_FILE)
+        plot_information_flow(summaries, out / PLOT_FILE, data=data_label(asdict(cfg)))
         models = {e.label: {"model": e.spec.model, "checkpoint": e.spec.checkpoint, "subfolder": e.label}
                   for e in encoders}
         (out / MODELS_FILE).write_text(json.dumps(models, indent=1))
@@ -241,7 +242,7 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
 
 def _write_run(out: Path, summary: AttentionSummary, resolved: dict) -> None:
     summary.save(out / STATS_FILE)
-    plot_information_flow({summary.model: summary}, out / PLOT_FILE)
+    plot_information_flow({summary.model: summary}, out / PLOT_FILE, data=data_label(resolved))
     (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=1, default=str))
 
 

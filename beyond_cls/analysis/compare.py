@@ -1,7 +1,7 @@
 """Compare saved attention summaries: the paper's Figs. 3–6, per-head heatmaps and appendix Table 3.
 
 ``compare`` reads the ``attention_stats.json`` of several ``beyond-cls analyze`` runs and writes, into
-one folder, line plots over blocks (one line per encoder, MIM solid / JEA dashed), a blocks × heads
+one folder, line plots over blocks (one line per encoder, colour by family, line style by model), a blocks × heads
 heatmap figure per encoder, CSV tables and a ``report.md`` that embeds them all, and prints Table 3. Blocks and
 heads are numbered from 0 everywhere (figures, CSVs), as ``--block`` and the printed tables number them.
 """
@@ -18,37 +18,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from beyond_cls.analysis.analyze import MODELS_FILE, STATS_FILE  # noqa: E402
-from beyond_cls.analysis.plots import BLOCK_LABEL, HEAD_LABEL, PANELS, YLABELS  # noqa: E402
-from beyond_cls.analysis.summary import FIELD_NAMES, FIELDS, AttentionSummary  # noqa: E402
-from beyond_cls.models.zoo import ZOO, ZooEntry, zoo_entry  # noqa: E402
-from beyond_cls.numerics import max_entropy
-from beyond_cls.runlock import claim_output  # noqa: E402
+from beyond_cls.analysis.analyze import CONFIG_FILE, MODELS_FILE, STATS_FILE
+from beyond_cls.analysis.plots import (
+    BLOCK_LABEL,
+    HEAD_LABEL,
+    PANELS,
+    YLABELS,
+    Curve,
+    draw_panel,
+    flow_title,
+    legend_entries,
+)
+from beyond_cls.analysis.style import FAMILIES, data_label, infer_family, model_styles, plain_ticks, zoo_of
+from beyond_cls.analysis.summary import FIELD_NAMES, FIELDS, AttentionSummary
+from beyond_cls.models.zoo import ZooEntry
+from beyond_cls.runlock import claim_output
 
 __all__ = ["FAMILIES", "compare", "infer_family", "table3_text"]
 
 
-def _method_prefix(method: str) -> str:
-    """``"BEiT-v2"`` -> ``"beit"``: lower-case letters and digits, without a version suffix."""
-    return re.sub(r"v\d+$", "", re.sub(r"[^a-z0-9]", "", method.lower()))
-
-
-#: Method-name prefixes of the paper's encoders by family, from the zoo (``mae``, ``beit``, ``moco``, ...).
-FAMILIES: Mapping[str, tuple[str, ...]] = {
-    family: tuple(dict.fromkeys(_method_prefix(e.method) for e in ZOO.values() if e.family == family))
-    for family in dict.fromkeys(e.family for e in ZOO.values())
-}
-# family -> (line style, marker); anything else is "other"
-_STYLES = {"MIM": ("-", "o"), "JEA": ("--", "s")}
-_OTHER_STYLE = (":", "^")
+_KNOWN_FAMILIES = ("MIM", "JEA")
 _FAMILY_ORDER = {"MIM": 0, "JEA": 1}
 
 COMBINED_FILE = "information_flow.png"
@@ -75,6 +70,8 @@ class _Model:
     source: Path
     summary: AttentionSummary
     paper_entropy: float | None
+    model: str = ""  # the encoder's name from the summary or the run's config ("" when neither says)
+    data: str | None = None  # the images, from the run's config
 
     @property
     def depth(self) -> int:
@@ -92,24 +89,23 @@ class _Model:
         return self.field("cls_patch_entropy") is not None
 
 
-def infer_family(name: str) -> str:
-    """The family, MIM or JEA, of the paper's method named in ``name`` (zoo, timm or display name), else other."""
-    entry = _zoo_entry(name)
-    if entry is not None:
-        return entry.family
-    for token in re.split(r"[\s_./:,]+", name.lower()):
-        token = re.sub(r"[^a-z0-9]", "", token)  # I-JEPA -> ijepa, MoCo-v3 -> mocov3
-        for family, methods in FAMILIES.items():
-            if token.startswith(methods):
-                return family
-    return "other"
-
-
 def _zoo_entry(name: str) -> ZooEntry | None:
     """The zoo entry of ``name`` (family, the paper's Table 3 value), or None when it is not a zoo name.
 
     ``analyze`` labels several checkpoints of one model ``name@<checkpoint stem>[-k]``: the name before ``@``."""
-    return zoo_entry(name) or zoo_entry(name.split("@", 1)[0])
+    return zoo_of(name)
+
+
+def _run_config(file: Path) -> dict:
+    """The resolved ``analyze_config.json`` beside an ``attention_stats.json`` ({} when absent or unreadable)."""
+    config = file.parent / CONFIG_FILE
+    if file.name != STATS_FILE or not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _load(path: str | os.PathLike) -> tuple[AttentionSummary, Path]:
@@ -210,16 +206,19 @@ def _models(inputs, names, families) -> list[_Model]:
     if unknown:
         raise ValueError(f"families has unknown model names {unknown}; the models are {display}")
     models = []
-    for name, (summary, file) in zip(display, loaded):
+    for i, (name, (summary, file)) in enumerate(zip(display, loaded)):
+        config = _run_config(file)
+        model = summary.model or (config.get("model") if isinstance(config.get("model"), str) else "")
         family = families.get(name, families.get(summary.model))
-        if family is None:
-            family = infer_family(summary.model or name)
-            if family == "other" and summary.model != name:
-                family = infer_family(name)
+        if family is None:  # the zoo or the run's metadata, then a name the user gave; never a folder name
+            family = infer_family(model) if model else "other"
+            if family == "other" and names is not None and names[i]:
+                family = infer_family(names[i])
         else:
-            family = family.upper() if family.upper() in _STYLES else family
-        entry = _zoo_entry(summary.model) if summary.model else None
-        models.append(_Model(name, family, file, summary, entry.paper_entropy if entry is not None else None))
+            family = family.upper() if family.upper() in _KNOWN_FAMILIES else family
+        entry = _zoo_entry(model) if model else None
+        models.append(_Model(name, family, file, summary, entry.paper_entropy if entry is not None else None,
+                             model, data_label(config)))
     return models
 
 
@@ -248,59 +247,63 @@ def _series(models: list[_Model], x_axis: str) -> dict[str, dict[str, dict[str, 
     return series
 
 
-def _colors(models: list[_Model]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
-    return {m.name: cmap(i % cmap.N) for i, m in enumerate(models)}
+def _styles(models: list[_Model]) -> dict[str, dict]:
+    """Colour by family, line style by model: the same as ``analyze``'s figures."""
+    return model_styles({m.name: (m.model or m.name, m.family) for m in models})
 
 
-def _draw(ax, metric: str, title: str, figure: str, models: list[_Model], series, colors, x_axis: str) -> None:
-    """One panel of Figs. 3–6: a line per encoder (mean over heads); log |J| lines on entropy panels."""
-    plotted = [m for m in models if m.name in series[metric]]
-    for m in plotted:
-        style, marker = _STYLES.get(m.family, _OTHER_STYLE)
-        s = series[metric][m.name]
-        ax.plot(s["x"], s["y"], linestyle=style, marker=marker, ms=3, color=colors[m.name],
-                label=f"{m.name} ({m.family})")
-    if metric.endswith("entropy"):
-        for patches in sorted({m.summary.num_patches for m in plotted}):
-            ax.axhline(max_entropy(patches), color="gray", linestyle="-.", linewidth=1,
-                       label=f"max entropy log {patches} = {max_entropy(patches):.2f}")
-    ax.set_title(f"{title} ({figure})")
-    ax.set_xlabel(BLOCK_LABEL if x_axis == "block" else "relative depth: block / (depth - 1), block 0-based")
-    ax.set_ylabel(YLABELS[metric])
-    ax.grid(alpha=0.3)
-    if not plotted:
-        ax.text(0.5, 0.5, "no model has a [cls] token", ha="center", va="center", transform=ax.transAxes)
+def _title(models: list[_Model]) -> str:
+    data = sorted({m.data or "unnamed data" for m in models})
+    return flow_title({m.name: m.summary.num_images for m in models}, "; ".join(data))
+
+
+def _draw(ax, metric: str, title: str, figure: str, models: list[_Model], series, styles, x_axis: str) -> None:
+    """One panel of Figs. 3–6: a line per encoder (mean over heads) in its head band; uniform references."""
+    curves = [
+        Curve(f"{m.name} ({m.family})", s["x"], s["y"], s["head_min"], s["head_max"], styles[m.name],
+              m.summary.num_patches, m.summary.num_prefix_tokens)
+        for m in models if (s := series[metric].get(m.name)) is not None
+    ]
+    xlabel = BLOCK_LABEL if x_axis == "block" else "relative depth: block / (depth - 1), block 0-based"
+    draw_panel(ax, metric, curves, xlabel=xlabel, title=f"{title} ({figure})")
+
+
+def _figure(**kwargs) -> Figure:
+    """A figure on its own Agg canvas: no pyplot, no global backend."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
-    try:
-        fig.savefig(path, dpi=110, bbox_inches="tight")  # no clipped labels or outside legends
-    finally:
-        plt.close(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # no clipped labels or outside legends
     return path
 
 
-def _plot_lines(models, series, colors, x_axis: str, out: Path) -> tuple[Path, dict[str, Path]]:
+def _plot_lines(models, series, styles, x_axis: str, out: Path) -> tuple[Path, dict[str, Path]]:
     # fixed margins rather than constrained layout: it costs a second draw per figure
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    handles: dict[str, object] = {}
+    fig = _figure(figsize=(12, 9.4))
+    axes = fig.subplots(2, 2)
     for ax, (metric, title, figure) in zip(axes.flat, PANELS):
-        _draw(ax, metric, title, figure, models, series, colors, x_axis)
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
+        _draw(ax, metric, title, figure, models, series, styles, x_axis)
+    handles = legend_entries(axes.flat)
     ncol = min(len(handles), 3) or 1
-    legend_height = (math.ceil(len(handles) / ncol) * 0.25 + 0.2) / 9  # inches -> figure fraction
-    fig.subplots_adjust(left=0.06, right=0.98, top=0.96, bottom=0.08 + legend_height, hspace=0.3, wspace=0.18)
+    legend_height = (math.ceil(len(handles) / ncol) * 0.25 + 0.2) / 9.4  # inches -> figure fraction
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.93, bottom=0.08 + legend_height, hspace=0.3, wspace=0.18)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.suptitle(_title(models))
     combined = _save(fig, out / COMBINED_FILE)
     per_metric = {}
     for metric, title, figure in PANELS:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        fig.subplots_adjust(left=0.1, right=0.97, top=0.93, bottom=0.11)
-        _draw(ax, metric, title, figure, models, series, colors, x_axis)
-        if ax.get_legend_handles_labels()[0]:  # beside the axes: covers no data
-            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        fig = _figure(figsize=(7, 5))
+        ax = fig.subplots()
+        fig.subplots_adjust(left=0.1, right=0.97, top=0.88, bottom=0.11)
+        _draw(ax, metric, title, figure, models, series, styles, x_axis)
+        handles = legend_entries([ax])
+        if handles:  # beside the axes: covers no data
+            ax.legend(handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                      borderaxespad=0.0)
+        fig.suptitle(_title(models), fontsize=10)
         number = figure.split()[-1]
         per_metric[metric] = _save(fig, out / f"fig{number}_{metric}.png")
     return combined, per_metric
@@ -308,8 +311,9 @@ def _plot_lines(models, series, colors, x_axis: str, out: Path) -> tuple[Path, d
 
 def _plot_heads(model: _Model, path: Path) -> Path:
     """Blocks × heads heatmaps of the four panel statistics for one encoder."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 9))
-    fig.subplots_adjust(left=0.06, right=0.97, top=0.91, bottom=0.06, hspace=0.3, wspace=0.4)
+    fig = _figure(figsize=(11, 9))
+    axes = fig.subplots(2, 2)
+    fig.subplots_adjust(left=0.06, right=0.97, top=0.9, bottom=0.06, hspace=0.3, wspace=0.4)
     for ax, (metric, title, figure) in zip(axes.flat, PANELS):
         values = model.field(metric)
         ax.set_title(f"{title} ({figure})", fontsize=10)
@@ -323,11 +327,13 @@ def _plot_heads(model: _Model, path: Path) -> Path:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
                           extent=(-0.5, heads - 0.5, blocks - 0.5, -0.5))
-        fig.colorbar(image, ax=ax, label=YLABELS[metric])
+        bar = fig.colorbar(image, ax=ax, label=YLABELS[metric])
+        plain_ticks(bar.ax)
         ax.set_xlabel(HEAD_LABEL)
         ax.set_ylabel(BLOCK_LABEL)
-    fig.suptitle(f"{model.name} ({model.family}): per-head statistics, {model.summary.num_images} images, "
-                 f"{model.summary.num_patches} patches (log |J| = {model.summary.max_entropy:.3f})")
+    fig.suptitle(f"{model.name} ({model.family}): per-head statistics on {model.data or 'unnamed data'}, "
+                 f"{model.summary.num_images} images,\n{model.summary.num_patches} patches "
+                 f"(log |J| = {model.summary.max_entropy:.3f})")
     return _save(fig, path)
 
 
@@ -438,8 +444,9 @@ def _report(models, rows, files, notes, x_axis, out: Path) -> Path:
     axis = ("block index, 0-based" if x_axis == "block"
             else "relative depth block / (depth - 1) (blocks 0-based), since the encoders' depths differ")
     lines += ["## Figures 3–6", "",
-              f"Mean over heads per block; x axis: {axis}. MIM solid, JEA dashed, other dotted; "
-              "dash-dot gray: maximal entropy log |J|. Encoders without [cls] are absent from the [cls] panels.", "",
+              f"Mean over heads per block (line) and min–max over heads (band); x axis: {axis}. Colour by family "
+              "(MIM blue, JEA orange, other purple), line style and marker by model; dashed gray: uniform "
+              "attention (1/N, 1/|J| or log |J|). Encoders without [cls] are absent from the [cls] panels.", "",
               f"![Figs. 3–6]({files['figure'].name})", ""]
     for metric, title, figure in PANELS:
         lines += [f"### {figure}: {title}", "", f"![{figure}]({files['metrics'][metric].name})", ""]
@@ -465,7 +472,7 @@ def compare(
 
     ``inputs`` are ``analyze`` run directories (a multi-model one stands for its per-model subfolders) or
     ``attention_stats.json`` files; ``names`` replace the summaries' model names; ``families`` maps a name to
-    "MIM"/"JEA" (else inferred from the name).
+    "MIM"/"JEA" (else the zoo's family of the model the summary or its run config names).
     Returns ``rows`` (per model), ``per_block`` (long format), ``series`` (the plotted lines),
     ``x_axis`` ("block" or "relative"), ``warnings`` and ``files`` (the written paths).
     """
@@ -480,8 +487,8 @@ def _compare(models: list[_Model], out: Path) -> dict:
         stale.unlink()
     x_axis = "block" if len({m.depth for m in models}) == 1 else "relative"
     series = _series(models, x_axis)
-    colors = _colors(models)
-    combined, per_metric = _plot_lines(models, series, colors, x_axis, out)
+    styles = _styles(models)
+    combined, per_metric = _plot_lines(models, series, styles, x_axis, out)
     taken: set[str] = set()
     heatmaps = {m.name: _plot_heads(m, out / f"heads_{_slug(m.name, taken)}.png") for m in models}
 

@@ -18,11 +18,12 @@ import torch
 from tqdm import tqdm
 
 from beyond_cls.analysis.selection_runner import SelectionRunner
+from beyond_cls.analysis.style import short_name
 from beyond_cls.config import NON_NEGATIVE_INT, ConfigError, StreamSettings, setting
 from beyond_cls.data import DataError, build_dataset, make_loader
 from beyond_cls.data.sample import sample_images
 from beyond_cls.data.transforms import unnormalized_eval_transform
-from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, load_voc_boxes, overlay_figure
+from beyond_cls.localization import MaxBoxAccV2Accumulator, best_boxes, box_iou, load_voc_boxes, overlay_figure
 from beyond_cls.runlock import writes_out
 from beyond_cls.runtime import resolve_device
 from beyond_cls.selection import parse_method
@@ -121,19 +122,29 @@ def localize(cfg: LocalizeConfig) -> dict:
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
     for name, s in scores.items():
-        per = ", ".join(f"@{d:g}: {100 * v:.1f}" for d, v in s["maxboxacc"].items())
-        print(f"{name:<40} MaxBoxAccV2 {100 * s['maxboxacc_v2']:.1f} ({per})")
+        per = ", ".join(f"@{d:g}: {100 * v:.1f} %" for d, v in s["maxboxacc"].items())
+        print(f"{name:<40} MaxBoxAccV2 {100 * s['maxboxacc_v2']:.1f} % ({per})")
     print(f"{start} images ({sample}); wrote {out / RESULTS_FILE}" + (f" and {len(files)} overlays" if files else ""))
     return results
 
 
 def _short(name: str, width: int = 40) -> str:
-    return name if len(name) <= width else "..." + name[-(width - 3):]
+    return short_name(name, width)
+
+
+def _image_iou(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    """IoU of one image's predicted box with its best-matching ground-truth box (0 without any), as MaxBoxAccV2
+    counts it."""
+    gt = torch.as_tensor(gt).reshape(-1, 4)
+    if gt.numel() == 0:
+        return 0.0
+    return float(box_iou(pred.reshape(1, 1, 4), gt[None]).amax())
 
 
 def _overlays(cfg, images, maps, gt, scores, paths, folder: Path) -> list[str]:
     """Per image: ``<i>_boxes.png`` (all boxes at each map's best threshold for IoU 0.5) and ``<i>_map<k>_<name>.png``
-    (that map's heatmap and box; ``k`` its position among the maps); each titled, with a legend of the boxes."""
+    (that map's heatmap, colour bar and box; ``k`` its position among the maps); each titled with the image's own
+    IoU (%) and the map's MaxBoxAccV2 over all images (%), with a legend of the boxes."""
     folder.mkdir(parents=True, exist_ok=True)
     size = (cfg.img_size, cfg.img_size)
     n = len(images)
@@ -146,8 +157,9 @@ def _overlays(cfg, images, maps, gt, scores, paths, folder: Path) -> list[str]:
     for i, image in enumerate(images):
         pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
         stem = Path(paths[i]).name
-        boxes = {f"{_short(name)} (threshold {thresholds[name]:.2f})": (pred[name][i], _color(name, k))
-                 for k, name in enumerate(cfg.maps)}
+        iou = {name: 100 * _image_iou(pred[name][i], gt[i]) for name in cfg.maps}
+        boxes = {f"{_short(name)} (threshold {thresholds[name]:.2f}, IoU {iou[name]:.0f} %)":
+                 (pred[name][i], _color(name, k)) for k, name in enumerate(cfg.maps)}
         labels = list(boxes)
         path = folder / f"{i:04d}_boxes.png"
         fig = overlay_figure(pixels, None, gt[i], boxes, boxes_size=size,
@@ -157,7 +169,8 @@ def _overlays(cfg, images, maps, gt, scores, paths, folder: Path) -> list[str]:
         for k, name in enumerate(cfg.maps):
             safe = "".join(c if c.isalnum() or c in "-+@" else "_" for c in name.rstrip("/"))[-40:]
             path = folder / f"{i:04d}_map{k}_{safe}.png"
-            title = f"{stem}: {_short(name)}\nMaxBoxAccV2 {100 * scores[name]['maxboxacc_v2']:.1f} (all images)"
+            title = (f"{stem}: {_short(name)}\nthis image: IoU {iou[name]:.0f} %; "
+                     f"MaxBoxAccV2 {100 * scores[name]['maxboxacc_v2']:.1f} % (all images)")
             fig = overlay_figure(pixels, maps[name][i].float(), gt[i], {labels[k]: boxes[labels[k]]},
                                  boxes_size=size, title=title)
             fig.savefig(path, dpi=100)

@@ -1,17 +1,30 @@
 """The four information-flow panels of the paper (Figs. 3–6), for one or more encoders.
 
-Blocks are numbered from 0, as ``--block``, the printed tables and the CSVs number them.
+Blocks are numbered from 0, as ``--block``, the printed tables and the CSVs number them. ``analyze`` and
+``compare`` draw their panels with :func:`draw_panel`, in the colours and line styles of
+:mod:`beyond_cls.analysis.style`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from beyond_cls.analysis.style import (
+    BAND_LABEL,
+    REFERENCE_COLOR,
+    REFERENCE_STYLE,
+    infer_family,
+    model_styles,
+    plain_ticks,
+    uniform_reference,
+)
 from beyond_cls.analysis.summary import AttentionSummary
 
 # (field, title, figure of the paper)
@@ -32,55 +45,98 @@ BLOCK_LABEL = "block (0-based)"
 HEAD_LABEL = "head (0-based)"
 
 
-def information_flow_figure(summaries: AttentionSummary | Mapping[str, AttentionSummary]) -> Figure:
-    """A 2×2 figure: per-block means over heads (lines) with the head range (bands), blocks from 0.
+@dataclass
+class Curve:
+    """One encoder's line on a panel: mean over heads per block, and the min–max band over heads."""
 
-    Entropy panels carry the uniform-attention bound log |J| as a dashed line. Encoders without [cls] are left
-    out of the [cls] panels. One legend below the panels, so it covers no data.
+    label: str
+    x: Sequence[float]
+    mean: Sequence[float]
+    low: Sequence[float]
+    high: Sequence[float]
+    style: Mapping
+    num_patches: int
+    num_prefix_tokens: int
+
+
+def draw_panel(ax, metric: str, curves: Sequence[Curve], *, xlabel: str = BLOCK_LABEL, title: str = "") -> None:
+    """One panel: each curve's band and line, then the uniform-attention reference of every distinct token count."""
+    for c in curves:
+        ax.fill_between(c.x, c.low, c.high, color=c.style["color"], alpha=0.15, linewidth=0)
+        ax.plot(c.x, c.mean, ms=3, label=c.label, **c.style)
+    references = {uniform_reference(metric, c.num_patches, c.num_prefix_tokens) for c in curves} - {None}
+    for value, text in sorted(references):
+        ax.axhline(value, color=REFERENCE_COLOR, linestyle=REFERENCE_STYLE, linewidth=1, label=text)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(YLABELS[metric])
+    if xlabel == BLOCK_LABEL:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    plain_ticks(ax)
+    if not curves:
+        ax.text(0.5, 0.5, "no [cls] token", ha="center", va="center", transform=ax.transAxes)
+
+
+def legend_entries(axes) -> dict[str, object]:
+    """Legend text -> handle over ``axes`` (first wins), then the band's explanation."""
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, handle)
+    if handles:
+        handles[BAND_LABEL] = Patch(facecolor="0.5", alpha=0.3, linewidth=0)
+    return handles
+
+
+def flow_title(counts: Mapping[str, int], data: str | None) -> str:
+    """``"Information flow on <data>: <n> images"`` (one count per model when they differ)."""
+    values = set(counts.values())
+    images = (f"{next(iter(values))} images" if len(values) == 1
+              else ", ".join(f"{name}: {n} images" for name, n in counts.items()))
+    return f"Information flow on {data or 'unnamed data'}: {images}"
+
+
+def information_flow_figure(summaries: AttentionSummary | Mapping[str, AttentionSummary], *,
+                            data: str | None = None) -> Figure:
+    """A 2×2 figure: per-block means over heads (lines) with the min–max over heads (bands), blocks from 0.
+
+    Every panel carries its uniform-attention reference; the title names ``data`` (see
+    :func:`~beyond_cls.analysis.style.data_label`) and the image count. Encoders without [cls] are left out of
+    the [cls] panels. One legend below the panels, so it covers no data.
     """
     if isinstance(summaries, AttentionSummary):
         summaries = {summaries.model or "encoder": summaries}
+    families = {label: infer_family(s.model or label) for label, s in summaries.items()}
+    styles = model_styles({label: (s.model or label, families[label]) for label, s in summaries.items()})
     fig = Figure(figsize=(11, 8.5), layout="constrained")
     axes = fig.subplots(2, 2)
-    colors = {label: f"C{i % 10}" for i, label in enumerate(summaries)}  # one colour per encoder in every panel
-    handles: dict[str, object] = {}
     for ax, (name, title, figure) in zip(axes.flat, PANELS):
-        bounds = set()
+        curves = []
         for label, summary in summaries.items():
             values = getattr(summary, name)
             if values is None:
                 continue
-            blocks = range(values.shape[0])
-            ax.plot(blocks, values.mean(dim=1).numpy(), marker="o", ms=3, color=colors[label], label=label)
-            ax.fill_between(
-                blocks, values.min(dim=1).values.numpy(), values.max(dim=1).values.numpy(),
-                color=colors[label], alpha=0.15, linewidth=0,
-            )
-            if name.endswith("entropy"):
-                bounds.add(summary.max_entropy)
-        for bound in sorted(bounds):
-            ax.axhline(bound, color="gray", linestyle="--", linewidth=1, label=f"uniform: log|J| = {bound:.2f}")
-        ax.set_title(f"{title} ({figure})")
-        ax.set_xlabel(BLOCK_LABEL)
-        ax.set_ylabel(YLABELS[name])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            for handle, text in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(text, handle)
-        else:
-            ax.text(0.5, 0.5, "no [cls] token", ha="center", va="center", transform=ax.transAxes)
+            curves.append(Curve(
+                f"{label} ({families[label]})", list(range(values.shape[0])), values.mean(dim=1).tolist(),
+                values.min(dim=1).values.tolist(), values.max(dim=1).values.tolist(), styles[label],
+                summary.num_patches, summary.num_prefix_tokens,
+            ))
+        draw_panel(ax, name, curves, title=f"{title} ({figure})")
+    handles = legend_entries(axes.flat)
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 3),
                    fontsize=8, frameon=False)
+    fig.suptitle(flow_title({label: s.num_images for label, s in summaries.items()}, data))
     return fig
 
 
 def plot_information_flow(
-    summaries: AttentionSummary | Mapping[str, AttentionSummary], path: str | os.PathLike
+    summaries: AttentionSummary | Mapping[str, AttentionSummary], path: str | os.PathLike, *,
+    data: str | None = None,
 ) -> Path:
     """Save :func:`information_flow_figure` as a PNG at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    information_flow_figure(summaries).savefig(path, dpi=120)
+    information_flow_figure(summaries, data=data).savefig(path, dpi=120)
     return path

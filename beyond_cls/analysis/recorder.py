@@ -111,24 +111,33 @@ class AttentionRecorder:
         name: str = "",
         keep_rows: Mapping[int, Sequence[int]] | Sequence[int] | None = None,
     ) -> None:
+        if type(model).__module__.startswith("transformers."):
+            raise TypeError(f"{type(model).__name__} is a transformers model: record it with "
+                            "beyond_cls.HFAttentionRecorder(model)")
         if num_prefix_tokens is None or has_class_token is None or not name:
             info = encoder_info(model)  # TypeError for non-ViT models: then pass all three explicitly
             num_prefix_tokens = info.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
             has_class_token = info.has_class_token if has_class_token is None else has_class_token
             name = name or info.name
+        modules = attention_modules(model)
+        if not modules:
+            kinds = sorted({type(m).__name__ for m in model.modules() if "attn" in type(m).__name__.lower()})
+            raise TypeError(
+                f"{type(model).__name__} has no attention module the recorder supports "
+                f"(found {kinds or 'none'}); supported: {', '.join(supported_attention())}"
+            )
+        self._setup(model, modules, num_prefix_tokens, has_class_token, name, keep_rows)
+
+    def _setup(self, model: nn.Module, modules: list[tuple[str, nn.Module]], num_prefix_tokens: int,
+               has_class_token: bool, name: str, keep_rows) -> None:
+        """The state every recorder shares, for ``modules`` (one attention module per block, in forward order)."""
         if has_class_token and num_prefix_tokens < 1:
             raise ValueError("a model with a [cls] token needs num_prefix_tokens >= 1")
         self.model = model
         self.num_prefix_tokens = num_prefix_tokens
         self.has_class_token = has_class_token
         self.name = name
-        self.modules: list[tuple[str, nn.Module]] = attention_modules(model)
-        if not self.modules:
-            kinds = sorted({type(m).__name__ for m in model.modules() if "attn" in type(m).__name__.lower()})
-            raise TypeError(
-                f"{type(model).__name__} has no attention module the recorder supports "
-                f"(found {kinds or 'none'}); supported: {', '.join(supported_attention())}"
-            )
+        self.modules: list[tuple[str, nn.Module]] = modules
         self._sums: list[Tensor | None] = [None] * len(self.modules)  # per block [F, H] float64, on device
         self._images = [0] * len(self.modules)
         self._num_tokens: int | None = None
@@ -184,17 +193,22 @@ class AttentionRecorder:
             if module.training and drop is not None and drop.p > 0:
                 raise RuntimeError("AttentionRecorder needs eval mode: attention dropout is active")
             proj = adapter.project(module, x, *args, **kwargs)
-            keep = recorder._keep_rows.get(index)
-            result = ops.attention_with_stats(
-                proj.q, proj.k, proj.v, recorder.num_prefix_tokens, module.scale, proj.bias, keep
-            )
-            out, rows = result[:2]
-            recorder._accumulate(index, rows)
-            if keep is not None:
-                recorder.kept_rows[index] = result[2].detach()
+            out = recorder._attend(index, proj.q, proj.k, proj.v, module.scale, proj.bias)
             return adapter.finish(module, out.to(proj.v.dtype), proj.gate)
 
         return forward
+
+    def _attend(self, index: int, q: Tensor, k: Tensor, v: Tensor, scale: float | None,
+                bias: Tensor | None) -> Tensor:
+        """Block ``index``'s fused attention of q, k, v [B, H, N, d]: records its statistics (and kept rows),
+        returns ``out`` [B, H, N, d] (stored [B, N, H, d], as SDPA's)."""
+        keep = self._keep_rows.get(index)
+        result = ops.attention_with_stats(q, k, v, self.num_prefix_tokens, scale, bias, keep)
+        out, rows = result[:2]
+        self._accumulate(index, rows)
+        if keep is not None:
+            self.kept_rows[index] = result[2].detach()
+        return out
 
     @torch.no_grad()
     def _accumulate(self, index: int, rows: AttentionRows) -> None:

@@ -1,15 +1,16 @@
 """Reproducible augmentation geometry: crop boxes and flips as a pure function of (seed, view, index).
 
-The train view is torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` (MAE linear probing), the eval
-view is resize-shorter-side + center crop; both are split into *parameters* (computed from the image size only,
-so a loader worker can compute them from the file header) and *application* (PIL here, tensors in
-:mod:`beyond_cls.data.gpu_decode`), so every decoding path sees the same geometry.
+The train view is a random resized crop + ``RandomHorizontalFlip`` (MAE linear probing), the crop drawn as MAE's
+``util/crop.py`` does (``crop="mae"``, the default: what MAE and the authors train with) or as torchvision's
+``RandomResizedCrop`` (``crop="torchvision"``); the eval view is resize-shorter-side + center crop. Both are split
+into *parameters* (computed from the image size only, so a loader worker can compute them from the file header)
+and *application* (PIL here, tensors in :mod:`beyond_cls.data.gpu_decode`), so every decoding path sees the same
+geometry.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,51 +18,20 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from beyond_cls.data.crops import CROPS, MAERandomResizedCrop, crop_params, mae_crop_params
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "CROPS",
+    "MAERandomResizedCrop",
     "apply_eval_params",
     "apply_train_params",
     "crop_params",
     "eval_params",
+    "mae_crop_params",
     "sample_generator",
     "train_params",
 ]
-
-
-def crop_params(
-    generator: torch.Generator,
-    width: int,
-    height: int,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """``RandomResizedCrop.get_params`` drawing from ``generator``: (top, left, h, w) of the crop box.
-
-    Same RNG calls in the same order as torchvision (float32 ``uniform_`` twice per try, then two ``randint``),
-    so a generator in the state of the global RNG gives torchvision's crop exactly.
-    """
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
-            return top, left, h, w
-    in_ratio = float(width) / float(height)  # fallback: central crop
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def sample_generator(seed: int, view: int, index: int) -> torch.Generator:
@@ -70,10 +40,16 @@ def sample_generator(seed: int, view: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def train_params(seed: int, view: int, index: int, width: int, height: int) -> tuple[int, int, int, int, bool]:
-    """(top, left, h, w, flip) of one train view; the flip (p=0.5) is drawn after the crop, as torchvision does."""
+def train_params(
+    seed: int, view: int, index: int, width: int, height: int, crop: str = "mae"
+) -> tuple[int, int, int, int, bool]:
+    """(top, left, h, w, flip) of one train view, the crop drawn as ``crop`` (:data:`CROPS`) says; the flip (p=0.5)
+    is drawn after the crop, as torchvision does."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     generator = sample_generator(seed, view, index)
-    top, left, h, w = crop_params(generator, width, height)
+    sample = mae_crop_params if crop == "mae" else crop_params
+    top, left, h, w = sample(generator, width, height)
     flip = bool(torch.rand(1, generator=generator).item() < 0.5)
     return top, left, h, w, flip
 

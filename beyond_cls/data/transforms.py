@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from beyond_cls.data.crops import CROPS, MAERandomResizedCrop
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "train_transform", "unnormalized_eval_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,11 +38,16 @@ def train_transform(
     img_size: int = 224,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    crop: str = "mae",
 ) -> T.Compose:
-    """MAE linear-probing train transform: bicubic RandomResizedCrop and horizontal flip."""
+    """MAE linear-probing train transform: bicubic random resized crop, drawn as MAE's ``util/crop.py``
+    (``crop="mae"``) or torchvision's ``RandomResizedCrop`` (``"torchvision"``), and horizontal flip."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    resized_crop = MAERandomResizedCrop if crop == "mae" else T.RandomResizedCrop
     return T.Compose(
         [
-            T.RandomResizedCrop(img_size, interpolation=InterpolationMode.BICUBIC),
+            resized_crop(img_size, interpolation=InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(mean, std),

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from beyond_cls.data.augment import apply_eval_params, apply_train_params, eval_params, train_params
+from beyond_cls.data.augment import CROPS, apply_eval_params, apply_train_params, eval_params, train_params
 from beyond_cls.data.folder import DataError
 from beyond_cls.data.gpu_decode import decode_batch, pil_rgb_tensor, transform_batch
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -31,7 +31,8 @@ _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """What a view is: shared by a dataset, its samples and their batch."""
+    """What a view is: shared by a dataset, its samples and their batch. ``crop``: how train crops are drawn
+    (:data:`~beyond_cls.data.augment.CROPS`; None for eval views)."""
 
     train: bool
     img_size: int
@@ -41,6 +42,15 @@ class ViewSpec:
     seed: int
     decode: Literal["cpu", "gpu"]
     skip_bad_images: bool
+    crop: str | None = None
+
+    def key(self) -> dict[str, Any]:
+        """The fields as a feature cache's key: ``crop`` only where it is not torchvision's, the views that caches
+        written before it was a field hold (so those stay valid, and MAE-crop views never reuse them)."""
+        out = dataclasses.asdict(self)
+        if out["crop"] in (None, "torchvision"):
+            del out["crop"]
+        return out
 
 
 @dataclass
@@ -62,7 +72,8 @@ class ViewSample:
 class ViewDataset(Dataset):
     """Views of ``base`` (``paths``, ``__len__``, ``target(i)``, ``load(i)``), indexed by ``(index, view)``.
 
-    Train views are a pure function of (seed, view, index); eval views ignore the view. ``resize_size`` (eval)
+    Train views are a pure function of (seed, view, index), their crops drawn as ``crop`` says
+    (:data:`~beyond_cls.data.augment.CROPS`); eval views ignore the view. ``resize_size`` (eval)
     defaults to ``int(img_size / 0.875)``. With ``skip_bad_images`` an unreadable image is dropped from its
     batch and counted in :attr:`ViewBatch.skipped`; otherwise it raises :class:`DataError` naming the file.
     """
@@ -79,14 +90,18 @@ class ViewDataset(Dataset):
         seed: int = 0,
         decode: Literal["cpu", "gpu"] = "cpu",
         skip_bad_images: bool = False,
+        crop: str = "mae",
     ):
         if decode not in ("cpu", "gpu"):
             raise ValueError(f"ViewDataset: decode={decode!r}, expected 'cpu' or 'gpu'")
+        if crop not in CROPS:
+            raise ValueError(f"ViewDataset: crop={crop!r}, expected one of {CROPS}")
         resize_size = int(img_size / 0.875) if resize_size is None else resize_size
         if resize_size < img_size:
             raise ValueError(f"ViewDataset: resize_size={resize_size} is smaller than img_size={img_size}")
         self.base = base
-        self.spec = ViewSpec(train, img_size, resize_size, tuple(mean), tuple(std), int(seed), decode, skip_bad_images)
+        self.spec = ViewSpec(train, img_size, resize_size, tuple(mean), tuple(std), int(seed), decode, skip_bad_images,
+                             crop if train else None)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -95,7 +110,7 @@ class ViewDataset(Dataset):
         """Geometry of one view: train (top, left, h, w, flip), eval (resize_h, resize_w, top, left, 0)."""
         s = self.spec
         if s.train:
-            return tuple(int(v) for v in train_params(s.seed, view, index, width, height))
+            return tuple(int(v) for v in train_params(s.seed, view, index, width, height, s.crop))
         return (*eval_params(width, height, s.img_size, s.resize_size), 0)
 
     def __getitem__(self, key: tuple[int, int] | int) -> ViewSample:

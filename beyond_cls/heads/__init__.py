@@ -1,10 +1,10 @@
 """Aggregation heads for linear probing on a frozen ViT: [cls], mean, AbMILP family, attentive probe, and
 pooling with given (non-trainable) selection weights.
 
-Every aggregation takes ``tokens`` [B, N, D], the final-normed tokens of a timm ViT
-(``model.forward_features(x)``): tokens ``0..P-1`` are prefix tokens ([cls] at 0, then registers)
-and ``P..N-1`` are patches. Each has ``out_dim`` and returns [B, out_dim]. :class:`LinearProbe`
-puts the MAE linear-probe head (BatchNorm without affine + Linear) on top of one.
+Every aggregation takes ``tokens`` [B, N, D] of a timm ViT: by default those of its last block before the final
+norm, as the authors probe (``probe --block`` / ``--final-norm`` choose others); tokens ``0..P-1`` are prefix
+tokens ([cls] at 0, then registers) and ``P..N-1`` are patches. Each has ``out_dim`` and returns [B, out_dim].
+:class:`LinearProbe` puts the MAE linear-probe head (BatchNorm without affine + Linear) on top of one.
 
 Each head module registers its ``--heads`` specs in :mod:`beyond_cls.heads.registry`; every module of this
 package is imported here, so a new head is one new module.
@@ -17,7 +17,7 @@ import pkgutil
 
 from beyond_cls.heads.abmilp import AbMILP, SelfAttentionAbMILP, sincos_pos_embed_2d
 from beyond_cls.heads.attentive import AttentivePool
-from beyond_cls.heads.linear_probe import LinearProbe
+from beyond_cls.heads.linear_probe import HEAD_INITS, LinearProbe
 from beyond_cls.heads.registry import (
     AGGREGATIONS,
     Aggregation,
@@ -35,6 +35,7 @@ for _module in pkgutil.iter_modules(__path__):  # heads added as modules registe
 
 __all__ = [
     "AGGREGATIONS",
+    "HEAD_INITS",
     "AbMILP",
     "Aggregation",
     "AttentivePool",

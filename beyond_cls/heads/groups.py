@@ -2,10 +2,11 @@
 
 A probe bank trains every head spec at each of its learning rates; those heads differ only in their weights.
 [cls] and mean pooling are computed once for all of them; the linear AbMILP scorers of L heads (K branches each)
-run as one L·K-branch :func:`beyond_cls.ops.abmilp_pool` call; MLP and positional scorers compute their logits
-head by head and pool together through one :func:`beyond_cls.ops.softmax_pool`. Branches are independent, so each
-head gets what it gets alone (bit for bit with the C++ AbMILP kernel; the batched GEMM of ``softmax_pool`` may
-round differently). Other aggregations (attentive probing, SA-AbMILP) run head by head.
+run as one L·K-branch :func:`beyond_cls.ops.abmilp_pool` call; MLP and positional scorers (each head with its own
+trainable positional embedding) compute their logits head by head and pool together through one
+:func:`beyond_cls.ops.softmax_pool`. Branches are independent, so each head gets what it gets alone (bit for bit
+with the C++ AbMILP kernel; the batched GEMM of ``softmax_pool`` may round differently). Other aggregations
+(attentive probing, SA-AbMILP) run head by head.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def share_key(module: nn.Module) -> Hashable | None:
         return ("mean", module.dim, module.num_prefix_tokens)
     if type(module) is AbMILP:
         return ("abmilp", module.dim, module.depth, module.act, module.branches, module.content, module.pos_cond,
-                module.num_prefix_tokens)
+                module.fixed_pos, module.grid, module.num_prefix_tokens)
     return None
 
 
@@ -83,10 +84,14 @@ def forward_shared(
             stacked = {n: torch.cat([m.get_parameter(n) for m in modules]) for n in names}
         pooled, scores = ops.abmilp_pool(content, stacked[names[0]], stacked[names[1]])
     else:
-        x = content
-        if first.pos_cond:
-            x = x + first._positions(x.shape[1], x.device).to(x.dtype)
-        logits = [m.scorer(x).transpose(1, 2) for m in modules]  # each [B, K, N']
+        if first.pos_cond and first.grid is not None:  # each head's own trainable table
+            logits = [m.scorer(content + m._positions(content.shape[1], content.device).to(content.dtype))
+                      .transpose(1, 2) for m in modules]
+        else:
+            x = content
+            if first.pos_cond:  # fixed (legacy): one table for all
+                x = x + first._positions(x.shape[1], x.device).to(x.dtype)
+            logits = [m.scorer(x).transpose(1, 2) for m in modules]  # each [B, K, N']
         pooled, scores = ops.softmax_pool(content, logits[0] if len(logits) == 1 else torch.cat(logits, 1))
     if first.branches > 1:
         pooled = pooled.view(pooled.shape[0], len(modules), first.out_dim)  # per head: its K branches, flattened

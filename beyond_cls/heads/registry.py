@@ -53,14 +53,16 @@ class Aggregation:
     reads the [cls] token. ``entropy``: a key of :data:`ENTROPIES`. ``selection``: where its pooling weights
     come from when they arrive with the tokens: ``block`` (the token block's own attention) or ``image`` (the
     same for every block, e.g. another encoder's); None when the module computes them. ``normalize``: the
-    spec's canonical case (lower case by default); ``key``: the spec as shown in head keys.
+    spec's canonical case (lower case by default); ``key``: the spec as shown in head keys. ``layout_options``:
+    ``build`` also takes the keywords ``grid`` (the encoder's patch grid (rows, cols), or None) and ``legacy``
+    (build the module as beyond-cls 0.1 did, for checkpoints written then).
     """
 
     name: str
     syntax: str
     description: str
     pattern: str
-    build: Callable[[str, int, int], nn.Module]
+    build: Callable[..., nn.Module]
     examples: tuple[str, ...]
     trainable: bool
     needs_cls: bool = False
@@ -68,6 +70,7 @@ class Aggregation:
     selection: str | None = None
     normalize: Callable[[str], str] = str.lower
     key: Callable[[str], str] = _same
+    layout_options: bool = False
 
     def matches(self, spec: str) -> bool:
         return re.fullmatch(self.pattern, spec.strip(), flags=re.IGNORECASE) is not None
@@ -105,15 +108,27 @@ def find(spec: str) -> Aggregation:
     raise ConfigError(f"unknown head {spec.strip()!r}; known: {known}")
 
 
-def build_aggregation(spec: str, dim: int, num_prefix_tokens: int, has_class_token: bool) -> nn.Module:
-    """The aggregation module of one head spec; a spec that cannot build is a one-line ConfigError."""
+def build_aggregation(
+    spec: str,
+    dim: int,
+    num_prefix_tokens: int,
+    has_class_token: bool,
+    grid: tuple[int, int] | None = None,
+    legacy: bool = False,
+) -> nn.Module:
+    """The aggregation module of one head spec; a spec that cannot build is a one-line ConfigError.
+
+    ``grid``: the encoder's patch grid (rows, cols), which a trainable positional embedding (``-pos``) needs;
+    ``legacy``: build it as beyond-cls 0.1 did (for older checkpoints).
+    """
     aggregation = find(spec)
     if aggregation.needs_cls and not has_class_token:
         without = ", ".join(a.name for a in ordered() if not a.needs_cls)
         raise ConfigError(f"head {spec!r} needs a [cls] token, and this encoder has no [cls] token "
                           f"(heads that need none: {without})")
+    options = {"grid": grid, "legacy": legacy} if aggregation.layout_options else {}
     try:
-        return aggregation.build(aggregation.normalize(spec.strip()), dim, num_prefix_tokens)
+        return aggregation.build(aggregation.normalize(spec.strip()), dim, num_prefix_tokens, **options)
     except ConfigError:
         raise
     except ValueError as exc:  # the modules' own argument checks
@@ -122,7 +137,7 @@ def build_aggregation(spec: str, dim: int, num_prefix_tokens: int, has_class_tok
 
 def parse_heads(text: str | list[str]) -> list[str]:
     """Split, normalize and validate ``--heads`` (or a --config file's list of specs); each spec must build (checked
-    without a model)."""
+    without a model, on a 2x2 patch grid)."""
     if isinstance(text, (list, tuple)) and all(isinstance(s, str) for s in text):
         text = ",".join(text)
     if not isinstance(text, str):
@@ -133,7 +148,7 @@ def parse_heads(text: str | list[str]) -> list[str]:
     if len(set(specs)) != len(specs):
         raise ConfigError(f"heads: {text!r} lists a head twice")
     for spec in specs:
-        build_aggregation(spec, dim=48, num_prefix_tokens=1, has_class_token=True)
+        build_aggregation(spec, dim=48, num_prefix_tokens=1, has_class_token=True, grid=(2, 2))
     return specs
 
 

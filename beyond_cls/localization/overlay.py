@@ -16,12 +16,16 @@ if TYPE_CHECKING:
 from beyond_cls.localization.maps import prepare_maps
 from beyond_cls.localization.voc import scale_boxes
 
+#: The overlays' colormap: perceptually uniform (light = high), readable in grey scale.
+MAP_CMAP = "viridis"
+MAP_LABEL = "map value (min–max normalized)"
 
-def _jet(values: np.ndarray) -> np.ndarray:
-    """[H, W] in [0, 1] -> [H, W, 3] float RGB in [0, 1] (the classic jet ramp)."""
-    v = 4.0 * values[..., None]
-    centres = np.array([3.0, 2.0, 1.0])
-    return np.clip(1.5 - np.abs(v - centres), 0.0, 1.0)
+
+def _colorize(values: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> [H, W, 3] float RGB in [0, 1] through :data:`MAP_CMAP`."""
+    from matplotlib import colormaps
+
+    return colormaps[MAP_CMAP](values)[..., :3]
 
 
 def _to_pil(image: Image.Image | Tensor) -> Image.Image:
@@ -50,7 +54,7 @@ def draw_overlay(
     width: int = 2,
 ) -> Image.Image:
     """The image with ``heatmap`` (any resolution; resized bicubically and min-max normalized) blended in as a
-    jet overlay of opacity ``alpha``, ground-truth boxes in blue and each named prediction in its colour
+    :data:`MAP_CMAP` overlay of opacity ``alpha``, ground-truth boxes in blue and each named prediction in its colour
     (Fig. 8: red for [cls], green for Selective Aggregation). Boxes are x0y0x1y1 with inclusive ends, in
     ``boxes_size = (width, height)`` pixels (None: the image's own), e.g. (224, 224) for evaluation boxes."""
     img = _to_pil(image)
@@ -63,7 +67,7 @@ def draw_overlay(
             raise ValueError(f"heatmap must be [h, w]; got shape {tuple(heat.shape)}")
         values = prepare_maps(heat[None], (h, w))[0].numpy()
         base = np.asarray(img, dtype=np.float64) / 255.0
-        mixed = (1 - alpha) * base + alpha * _jet(values)
+        mixed = (1 - alpha) * base + alpha * _colorize(values)
         img = Image.fromarray(np.round(mixed * 255).clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
 
@@ -98,18 +102,27 @@ def overlay_figure(
     gt_color: str | tuple[int, int, int] = (0, 0, 255),
     gt_label: str = "ground truth",
 ) -> Figure:
-    """:func:`draw_overlay`'s picture on a figure with ``title`` and, below the image (covering none of it), a
-    legend naming each box colour: ``gt_label`` and the keys of ``pred_boxes``."""
+    """:func:`draw_overlay`'s picture on a figure with ``title``, a colour bar of the map (when ``heatmap``) and,
+    below the image (covering none of it), a legend naming each box colour: ``gt_label`` and the keys of
+    ``pred_boxes``."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     picture = draw_overlay(image, heatmap, gt_boxes, pred_boxes, boxes_size=boxes_size, gt_color=gt_color)
     entries = ([] if gt_boxes is None else [(gt_label, gt_color)])
     entries += [(name, color) for name, (_, color) in (pred_boxes or {}).items()]
-    fig = Figure(figsize=(3.6, 3.1 + 0.2 * len(entries)), layout="constrained")
+    longest = max((len(label) for label, _ in entries), default=0)  # legend text at 7 pt: about 0.055 in a letter
+    width = max(3.6 + 0.7 * (heatmap is not None), 0.055 * longest + 0.9)
+    fig = Figure(figsize=(width, 3.1 + 0.2 * len(entries)), layout="constrained")
     ax = fig.subplots()
     ax.imshow(picture)
     ax.set_axis_off()
+    if heatmap is not None:
+        bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), MAP_CMAP), ax=ax, fraction=0.06, pad=0.03)
+        bar.set_label(MAP_LABEL, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     ax.set_title(title, fontsize=8, wrap=True)
     if entries:
         handles = [Patch(facecolor="none", edgecolor=_rgb(color), linewidth=2, label=label) for label, color in entries]

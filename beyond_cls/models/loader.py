@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import difflib
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import timm
-from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
-from torch import Tensor, nn
+from torch import nn
 
 from beyond_cls.models.arch import check_block, check_img_size, parse_arch
 from beyond_cls.models.architectures.registry import ARCHITECTURES, architecture_of, builder_for
 from beyond_cls.models.checkpoint import AdaptedCheckpoint, prepare_checkpoint, wrong_format_hint
 from beyond_cls.models.errors import CheckpointError
 from beyond_cls.models.fit import check_fit, check_values, size_hint
-from beyond_cls.models.formats.registry import CheckpointFormat, PosEmbedResampler
+from beyond_cls.models.formats.registry import CheckpointFormat
+from beyond_cls.models.hf.source import HF_PREFIX
+from beyond_cls.models.info import EncoderInfo, encoder_info
+from beyond_cls.models.positions import resize_position_tables
 from beyond_cls.models.zoo import find_weights, zoo_entry
 
 __all__ = [
@@ -30,67 +31,6 @@ __all__ = [
 
 # Arguments load_encoder sets itself; passing them through **model_kwargs would download or add a head.
 _RESERVED_KWARGS = ("pretrained", "checkpoint_path", "num_classes")
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """Token layout and size of a ViT encoder: tokens are [cls?, registers..., patches (row-major)]."""
-
-    name: str
-    num_prefix_tokens: int
-    has_class_token: bool
-    num_patches: int
-    grid_size: tuple[int, int]
-    embed_dim: int
-    num_heads: int
-    depth: int
-    checkpoint: str | None = None
-    checkpoint_format: str | None = None
-    source: str | None = None  # the sub-model of a training checkpoint that was loaded
-    block: int | None = None  # default token source for probing: None = the last block
-    final_norm: bool = False  # apply the final norm to probed tokens (the paper does not)
-    mean: tuple[float, ...] | None = None  # input normalization (None: ImageNet's)
-    std: tuple[float, ...] | None = None
-
-    @property
-    def num_reg_tokens(self) -> int:
-        """Register tokens among the prefix tokens."""
-        return self.num_prefix_tokens - int(self.has_class_token)
-
-    @property
-    def num_tokens(self) -> int:
-        """Sequence length inside the blocks."""
-        return self.num_prefix_tokens + self.num_patches
-
-
-def encoder_info(
-    model: nn.Module, name: str | None = None, checkpoint: str | Path | None = None
-) -> EncoderInfo:
-    """Read an :class:`EncoderInfo` off a timm VisionTransformer, Beit or Eva model."""
-    patch_embed = getattr(model, "patch_embed", None)
-    blocks = getattr(model, "blocks", None)
-    if patch_embed is None or blocks is None or not hasattr(model, "num_prefix_tokens") or len(blocks) == 0:
-        raise TypeError(
-            f"{type(model).__name__} is not a ViT-style timm model "
-            "(needs patch_embed, blocks and num_prefix_tokens)"
-        )
-    if name is None:
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-    has_cls = getattr(model, "has_class_token", None)
-    if has_cls is None:  # Beit and Eva keep only the parameter
-        has_cls = getattr(model, "cls_token", None) is not None
-    grid = tuple(int(g) for g in patch_embed.grid_size)
-    return EncoderInfo(
-        name=name,
-        num_prefix_tokens=int(model.num_prefix_tokens),
-        has_class_token=bool(has_cls),
-        num_patches=int(patch_embed.num_patches),
-        grid_size=(grid[0], grid[1]),
-        embed_dim=int(model.embed_dim),
-        num_heads=int(blocks[0].attn.num_heads),
-        depth=len(blocks),
-        checkpoint=None if checkpoint is None else str(checkpoint),
-    )
 
 
 def create_encoder(name: str, img_size: int | tuple[int, int] | None = None, **model_kwargs) -> nn.Module:
@@ -124,76 +64,32 @@ def _create(name: str, img_size: int | tuple[int, int] | None, num_classes: int,
             f"unknown timm model {name!r}{hint}. List candidates with timm.list_models('*vit*'), "
             "timm.list_models('beit*') or timm.list_models('eva*')"
         )
+    problem = _not_a_vit(name)
+    if problem:
+        raise ValueError(problem)
     if img_size is not None:
         kwargs = {**kwargs, "img_size": img_size}
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
-def resize_position_tables(
-    sd: dict[str, Tensor],
-    model: nn.Module,
-    path: str | Path | None = None,
-    *,
-    resample_pos_embed: PosEmbedResampler | None = None,
-) -> dict[str, Tensor]:
-    """Resample ``pos_embed`` and relative-position bias tables in ``sd`` to ``model``'s patch grid.
+#: What ``--model`` / ``--arch`` can build, for errors.
+SUPPORTED_ARCHITECTURES = ("timm ViT/DeiT (vit_*, deit*), BEiT (beit*, beitv2*), EVA-02 (eva02*), capi, the zoo names "
+                           "(beyond-cls zoo) and hf:PATH (Hugging Face ViT, DINOv2, BEiT... folders)")
+_VIT_FAMILY_WORDS = ("vit", "vision_transformer", "deit", "beit", "eva")
 
-    The absolute embedding keeps its prefix rows (none when ``model.no_embed_class``) and is resized
-    with ``resample_pos_embed(pos, new_grid, old_grid, num_prefix_rows)`` when given (a format's own
-    interpolation, e.g. DINOv2's), else bicubically with timm's ``resample_abs_pos_embed``; BEiT-style
-    tables use ``resize_rel_pos_bias_table``. Entries whose shape differs in any other way are left for
-    the shape check.
-    """
-    out = dict(sd)
-    target = getattr(model, "pos_embed", None)
-    pos = out.get("pos_embed")
-    if (
-        isinstance(target, Tensor)
-        and pos is not None
-        and pos.shape != target.shape
-        and pos.ndim == 3
-        and pos.shape[0] == 1
-        and pos.shape[-1] == target.shape[-1]
-    ):
-        num_prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
-        n_old = pos.shape[1] - num_prefix
-        side = math.isqrt(max(n_old, 0))
-        if n_old <= 0 or side * side != n_old:
-            raise CheckpointError(
-                path,
-                f"pos_embed {tuple(pos.shape)} minus {num_prefix} prefix rows is not a square grid; "
-                f"cannot resample it to the model's {tuple(model.patch_embed.grid_size)} grid",
-            )
-        new_grid = (int(model.patch_embed.grid_size[0]), int(model.patch_embed.grid_size[1]))
-        if resample_pos_embed is not None:
-            out["pos_embed"] = resample_pos_embed(pos, new_grid, (side, side), num_prefix)
-        else:
-            out["pos_embed"] = resample_abs_pos_embed(
-                pos, new_size=list(new_grid), old_size=[side, side], num_prefix_tokens=num_prefix
-            )
-    for key, table in sd.items():
-        if not key.endswith("relative_position_bias_table"):
-            continue
-        owner = key.rpartition(".")[0]
-        try:
-            module = model.get_submodule(owner)
-        except AttributeError:
-            continue  # reported as unexpected
-        want = getattr(module, "relative_position_bias_table", None)
-        window = getattr(module, "window_size", None)
-        if not isinstance(want, Tensor) or window is None or table.shape == want.shape:
-            continue
-        if table.ndim != want.ndim or table.shape[-1] != want.shape[-1]:
-            continue  # reported by the shape check
-        try:
-            out[key] = resize_rel_pos_bias_table(
-                table, new_window_size=tuple(window), new_bias_shape=tuple(want.shape)
-            )
-        except (ValueError, AssertionError) as err:
-            raise CheckpointError(
-                path, f"cannot resize {key} {tuple(table.shape)} to {tuple(want.shape)}: {err}"
-            ) from err
-    return out
+
+def _not_a_vit(name: str) -> str:
+    """Why timm model ``name`` is not an encoder we can use ("" when its timm family is a ViT one)."""
+    try:
+        module = timm.models.model_entrypoint(name).__module__
+    except (RuntimeError, KeyError, AttributeError):
+        return ""
+    family = module.rsplit(".", 1)[-1]
+    ours = {c.__module__ for a in ARCHITECTURES.values() for c in a.models}
+    if module in ours or any(word in family for word in _VIT_FAMILY_WORDS):
+        return ""
+    return f"{name} is not a Vision Transformer (timm's {family} models); supported architectures: " + \
+        SUPPORTED_ARCHITECTURES
 
 
 def _fit_hints(ckpt: AdaptedCheckpoint, model: nn.Module, name: str) -> tuple[str, ...]:
@@ -266,6 +162,26 @@ def _build(arch: str, img_size: int | tuple[int, int] | None, num_classes: int, 
     return model
 
 
+def _format_mismatch(ckpt: AdaptedCheckpoint, architecture: str, exc: TypeError) -> CheckpointError:
+    """The error for a checkpoint format whose model arguments ``architecture`` does not take."""
+    fmt, detected = ckpt.format.name, ckpt.detected
+    looks = f"the file looks like checkpoint_format {detected!r}, not {fmt!r}" if detected and detected != fmt else \
+        f"checkpoint_format {fmt!r} does not fit {architecture}"
+    arg = next((k for k in ckpt.model_kwargs if repr(k) in str(exc)), None)
+    why = f" ({fmt!r} builds its model with {arg}=..., which {architecture} does not take)" if arg else ""
+    fix = f"; pass --checkpoint-format {detected} or auto" if detected and detected != fmt else ""
+    return CheckpointError(ckpt.path, looks + why + fix)
+
+
+def _load_hf(name: str, img_size, block, final_norm, **unused) -> nn.Module:
+    bad = [k.replace("_", "-") for k, v in unused.items() if v]
+    if bad:
+        raise ValueError(f"{name} brings its own weights and architecture: drop --{', --'.join(bad)}")
+    from beyond_cls.models.hf.load import load_hf_encoder  # transformers only on this path
+
+    return load_hf_encoder(name, img_size=img_size, block=block, final_norm=final_norm)
+
+
 def load_encoder(
     name: str,
     checkpoint: str | Path | None = None,
@@ -295,7 +211,13 @@ def load_encoder(
     fine-tuned MAE). ``block`` / ``final_norm`` set the default token source recorded in the returned
     model's :class:`EncoderInfo` (``model.beyond_cls_info``): the zoo's, else the last block without the
     final norm (the paper's features). The model is in eval mode with ``requires_grad=False``.
+    ``hf:PATH`` is a Hugging Face ``transformers`` ViT (a ``save_pretrained`` folder or a hub id in the local hub
+    cache; needs ``pip install 'beyond-cls[hf]'``): it brings its architecture, weights and normalization.
     """
+    if name.startswith(HF_PREFIX):
+        return _load_hf(name, img_size, block, final_norm, checkpoint=checkpoint, checkpoint_format=checkpoint_format
+                        != "auto", arch=arch, source=source, keep_head=keep_head, checkpoint_key=checkpoint_key,
+                        model_kwargs=model_kwargs)
     entry = zoo_entry(name)
     kwargs: dict = {}
     if entry is not None:
@@ -316,8 +238,16 @@ def load_encoder(
     architecture, arch_kwargs = parse_arch(arch or (entry.arch if entry is not None else name))
     kwargs.update(arch_kwargs)  # what the user states about the architecture wins over what the file implies
     kwargs.update(model_kwargs)
-    model = _build(architecture, img_size, ckpt.num_classes if ckpt is not None else 0, kwargs)
-    info = encoder_info(model, name=name, checkpoint=checkpoint)  # fails early for non-ViT models
+    try:
+        model = _build(architecture, img_size, ckpt.num_classes if ckpt is not None else 0, kwargs)
+    except TypeError as exc:  # a format's model arguments the architecture does not take
+        if ckpt is None or not ckpt.model_kwargs:
+            raise
+        raise _format_mismatch(ckpt, architecture, exc) from None
+    try:
+        info = encoder_info(model, name=name, checkpoint=checkpoint)  # fails early for non-ViT models
+    except TypeError as exc:
+        raise ValueError(f"{exc}; supported architectures: {SUPPORTED_ARCHITECTURES}") from None
     check_block(block, info.depth, name)
     if ckpt is not None:
         load_encoder_checkpoint(model, ckpt, name=name)

@@ -7,7 +7,8 @@ their weights arrive with the tokens as ``selections`` [B, M, num_patches], one 
 :attr:`HeadBank.selections` order (:mod:`beyond_cls.probe.selections`).
 
 Each head is initialized from its own seed, derived from the run seed and its spec, so a head
-trained in a bank starts (and, with the same data, ends) exactly like the same head trained alone.
+trained in a bank starts (and, with the same data, ends) exactly like the same head trained alone. Its Linear keeps
+PyTorch's default initialization, as the authors' code (``head_init="mae"``: MAE's trunc-normal(0.01), zero bias).
 
 Layer-wise banks (``blocks=[5, 11]``, ``probe --blocks``): every (block, spec, lr) is a head keyed
 ``b<block>/<key>`` and reads its block's tokens from a stacked [B, K, N, D] input; its initialization does
@@ -27,9 +28,10 @@ the head-by-head path this replaced.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +44,8 @@ from beyond_cls.numerics import entropy, max_entropy
 from beyond_cls.probe.bank_storage import BankStorage
 
 __all__ = [
-    "HeadBank", "HeadEntry", "build_aggregation", "head_key", "is_selection_spec", "parse_heads", "selection_name",
-    "selection_names", "selection_specs", "split_selection_name",
+    "HeadBank", "HeadEntry", "build_aggregation", "head_key", "is_selection_spec", "legacy_bank_state", "parse_heads",
+    "selection_name", "selection_names", "selection_specs", "split_selection_name",
 ]
 
 
@@ -97,6 +99,13 @@ def selection_names(specs: list[str], blocks: Sequence[int] | None = None) -> li
     return list(dict.fromkeys(selection_name(s, b) for b in groups for s in specs if is_selection_spec(s)))
 
 
+def legacy_bank_state(state: Mapping[str, Any], expected: Iterable[str]) -> bool:
+    """Whether a bank ``state`` dict was written by beyond-cls 0.1, given the keys a current bank of its heads has
+    (``expected``): an SA-AbMILP ``attn.qkv.bias``, or a ``-pos`` head without its ``pos_embed``."""
+    return any(k.endswith(".attn.qkv.bias") for k in state) or any(
+        k.endswith(".pos_embed") and k not in state for k in expected)
+
+
 def _head_seed(seed: int, spec: str) -> int:
     digest = hashlib.blake2b(f"{seed}/{spec}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
@@ -137,6 +146,10 @@ class HeadBank(nn.Module):
 
     ``selections``: the distinct non-trainable specs (with ``blocks``: their :func:`selection_name`), in the order
     their weights arrive in ``forward``. ``blocks``: a layer-wise bank, tokens [B, K, N, D] of these blocks.
+    ``grid``: the encoder's patch grid (rows, cols), needed by ``-pos`` heads (their trainable positional
+    embedding). ``head_init``: the Linear's initialization (:data:`~beyond_cls.heads.HEAD_INITS`). ``legacy``: build
+    the aggregations as beyond-cls 0.1 did (fixed ``-pos`` embedding, SA-AbMILP qkv bias), to load
+    checkpoints written then.
     """
 
     def __init__(
@@ -149,6 +162,10 @@ class HeadBank(nn.Module):
         has_class_token: bool,
         seed: int = 0,
         blocks: Sequence[int] | None = None,
+        *,
+        grid: tuple[int, int] | None = None,
+        head_init: str = "pytorch",
+        legacy: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = None if blocks is None else list(blocks)
@@ -159,8 +176,8 @@ class HeadBank(nn.Module):
         for entry in self.entries:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_head_seed(seed, entry.spec))
-                agg = build_aggregation(entry.spec, dim, num_prefix_tokens, has_class_token)
-                self.heads[entry.key] = LinearProbe(agg, agg.out_dim, num_classes)
+                agg = build_aggregation(entry.spec, dim, num_prefix_tokens, has_class_token, grid, legacy)
+                self.heads[entry.key] = LinearProbe(agg, agg.out_dim, num_classes, init=head_init)
         self._entropy = {e.key: find(e.spec).entropy for e in self.entries}
         self.selections = selection_names(specs, self.blocks)
         # per token block: the selections its heads read (indices into self.selections), each head's place there
@@ -176,6 +193,14 @@ class HeadBank(nn.Module):
         self._pool = SelectionPool(dim, num_prefix_tokens)
         self.spec_groups, self.linear_groups = self._plan()
         self.storage = BankStorage(self)
+        self.legacy = legacy
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a state written by beyond-cls 0.1 into a current bank is one ValueError."""
+        if strict and not self.legacy and legacy_bank_state(state_dict, self.state_dict()):
+            raise ValueError("this head-bank state was written by beyond-cls 0.1 (SA-AbMILP with a qkv bias or a fixed "
+                             "-pos embedding): load it into HeadBank(..., legacy=True), as abmilp:RUN does")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _plan(self) -> tuple[list[SpecGroup], list[LinearGroup]]:
         """The spec groups in entry order, and the linear groups (by feature size, BatchNorm eps and momentum)."""

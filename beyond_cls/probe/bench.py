@@ -246,7 +246,8 @@ def _baseline_rate(cfg: BenchProbeConfig, spec: str, images: torch.Tensor, label
         if hasattr(module, "fused_attn"):
             module.fused_attn = False  # timm's unfused eager attention
     info = encoder.beyond_cls_info
-    bank = HeadBank([spec], [0.1], info.embed_dim, cfg.num_classes, info.num_prefix_tokens, info.has_class_token)
+    bank = HeadBank([spec], [0.1], info.embed_dim, cfg.num_classes, info.num_prefix_tokens, info.has_class_token,
+                    grid=info.grid_size)
     model = _BaselineModel(encoder, bank.heads[bank.entries[0].key]).to(device)
     fp16 = device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -292,7 +293,7 @@ def bench_probe(cfg: BenchProbeConfig) -> dict[str, Any]:
     source = SelectionSource(tokens_only, selection_specs(specs), info.mean or IMAGENET_MEAN,
                              info.std or IMAGENET_STD, img_size=cfg.img_size, device=device)
     bank = HeadBank(specs, cfg.base_lrs(), info.embed_dim, cfg.num_classes, info.num_prefix_tokens,
-                    info.has_class_token).to(device)
+                    info.has_class_token, grid=info.grid_size).to(device)
     opt = LARS(bank.param_groups(1.0), lr=0.1)
     amp = autocast_dtype(cfg.precision, device)
     steps = BankStep(bank, opt, amp_dtype=amp, graphs="auto" if cfg.cuda_graphs else "off", say=print)

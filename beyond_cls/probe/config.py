@@ -32,6 +32,8 @@ from beyond_cls.config import (
     Setting,
     setting,
 )
+from beyond_cls.data.crops import CROPS
+from beyond_cls.heads.linear_probe import HEAD_INITS
 from beyond_cls.heads.registry import heads_help
 
 __all__ = ["DECODE_CHOICES", "OPTIMIZERS", "RESUME_CHOICES", "ProbeConfig", "parse_list"]
@@ -95,6 +97,9 @@ class ProbeConfig(EncoderSettings):
     skip_bad_images: bool = setting(False, help="skip and count unreadable images instead of stopping", group="data")
     cache_views: int | None = setting(None, help="augmented train views cycled over the epochs", group="data",
                                       shown="1 with --cache, else a new view every epoch", number=POSITIVE_INT)
+    crop: str = setting("mae", help="train crop sampling: mae (MAE's util/crop.py: one draw of area and aspect, "
+                        "sides clamped to the image; MAE's and the authors') or torchvision (RandomResizedCrop: ten "
+                        "tries, centre fallback)", group="data", choices=CROPS)
     block: int | None = setting(None, help="take tokens from this block (0-based, -1 = last)", group="model",
                                 number=BLOCK, shown="the zoo's (SimMIM: 7), else the last")
     blocks: str | None = setting(
@@ -105,6 +110,8 @@ class ProbeConfig(EncoderSettings):
                                       shown="off: the paper's pre-norm features")
     heads: str = HEADS()
     lrs: str | None = LRS()
+    head_init: str = setting("pytorch", help="init of each head's Linear: pytorch (nn.Linear's own, the authors') "
+                             "or mae (trunc-normal std 0.01, zero bias)", group="heads", choices=HEAD_INITS)
     epochs: int = setting(MAE_EPOCHS, help="training epochs (the paper: 90, 50 for ViT-L/H)", group="schedule",
                           number=POSITIVE_INT)
     warmup_epochs: float | None = setting(None, help="linear warm-up epochs", group="schedule",

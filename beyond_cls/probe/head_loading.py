@@ -1,7 +1,9 @@
 """Trained AbMILP heads of a finished (or running) probe run, rebuilt from its config and first checkpoint.
 
 Used by the ``abmilp:RUN[#KEY]`` selection method (:mod:`beyond_cls.selection`) of the aggregations and
-localization jobs.
+localization jobs. A checkpoint written by beyond-cls 0.1 (SA-AbMILP with a qkv bias, ``-pos`` with a fixed
+embedding that the state dict lacks) is told by its keys and rebuilt the way it was trained
+(:func:`legacy_bank_state`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from torch import nn
 
 from beyond_cls.config import ConfigError, current_names
 from beyond_cls.heads.registry import parse_heads
-from beyond_cls.probe.bank import HeadBank, HeadEntry
+from beyond_cls.probe.bank import HeadBank, HeadEntry, legacy_bank_state
 from beyond_cls.probe.config import ProbeConfig
 from beyond_cls.probe.state import STATE_FILE, load_state
 
-__all__ = ["ProbeHead", "load_probe_head", "read_run_config"]
+__all__ = ["ProbeHead", "legacy_bank_state", "load_probe_head", "read_run_config"]
 
 
 @dataclass
@@ -99,9 +101,11 @@ def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_inf
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if encoder_info is not None:
         prefix, has_cls, dim = encoder_info.num_prefix_tokens, encoder_info.has_class_token, encoder_info.embed_dim
+        grid = tuple(encoder_info.grid_size)
     elif "encoder" in results:
         enc = results["encoder"]
         prefix, has_cls, dim = enc["num_prefix_tokens"], enc["has_class_token"], enc["embed_dim"]
+        grid = tuple(enc["grid_size"])
     else:
         raise FileNotFoundError(f"probe run {root}: no results.json (is the run finished?)")
     seed = next((s for s in cfg.seed_list() if (root / f"seed{s}" / STATE_FILE).is_file()), None)
@@ -114,7 +118,10 @@ def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_inf
     # a layer-wise run (probe --blocks): keys b<k>/..., one head per block; the keys tell when results.json
     # is not written yet (an unfinished or killed run)
     blocks = source.get("blocks") or sorted({int(m[1]) for k in state if (m := re.match(r"heads\.b(\d+)/", k))})
-    bank = HeadBank(specs, lrs, dim, int(weights[0].shape[0]), prefix, has_cls, blocks=blocks or None)
+    args = (specs, lrs, dim, int(weights[0].shape[0]), prefix, has_cls)
+    bank = HeadBank(*args, blocks=blocks or None, grid=grid)
+    if legacy_bank_state(state, bank.state_dict()):  # written by beyond-cls 0.1: build its heads as they were then
+        bank = HeadBank(*args, blocks=blocks or None, grid=grid, legacy=True)
     bank.load_state_dict(state)
     scored = [e for e in bank.entries if _content(bank.heads[e.key].aggregation) is not None]
     if not scored:

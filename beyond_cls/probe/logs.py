@@ -43,6 +43,8 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, (list, tuple)):  # per seed, e.g. best_epoch
+        return "/".join(_cell(v) for v in value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float):
@@ -51,7 +53,7 @@ def _cell(value: Any) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A Markdown table of ``rows`` restricted to ``columns`` (missing cells and NaN shown as –)."""
+    """A Markdown table of ``rows`` restricted to ``columns`` (missing cells and NaN shown as –, lists as a/b)."""
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     line = lambda items: "| " + " | ".join(s.ljust(w) for s, w in zip(items, widths)) + " |"

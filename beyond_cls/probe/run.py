@@ -29,6 +29,7 @@ from beyond_cls.probe.distributed import DistEnv, all_gather_objects, init_distr
 from beyond_cls.probe.features import TokenSource, check_block_token_bytes
 from beyond_cls.probe.fingerprint import dataset_fingerprint, fingerprint_file
 from beyond_cls.probe.logs import format_image_counts, format_table, write_csv, write_json_atomic
+from beyond_cls.probe.metrics import last_and_best
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
 from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.state import STATE_FILE, load_state
@@ -60,8 +61,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group in by_head.values():
         first = group[0]
         summary = {k: first[k] for k in ("head", "block", "aggregation", "blr", "lr") if k in first}
-        for metric in ("top1", "top5", "mAP", "entropy"):
-            values = [r[metric] for r in group if metric in r]
+        for metric in ("top1", "top1_best", "top5", "mAP", "mAP_best", "entropy"):
+            values = [math.nan if r[metric] is None else r[metric] for r in group if metric in r]  # None: JSON's NaN
             if not values:
                 continue
             if any(math.isnan(v) for v in values):  # e.g. the entropy of [cls], which has none
@@ -69,6 +70,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             summary[metric] = statistics.fmean(values)
             summary[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if any("best_epoch" in r for r in group):
+            summary["best_epoch"] = [r.get("best_epoch") for r in group]  # per seed
         summary["seeds"] = len(group)
         out.append(summary)
     mark_best(out)
@@ -198,15 +201,15 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     counts: dict[int, dict[str, int]] = {}  # per seed: images evaluated and skipped
     images_trained = 0
     for seed in cfg.seed_list():
-        train_views = ViewDataset(train_set, train=True, seed=seed, **view_kwargs)
+        train_views = ViewDataset(train_set, train=True, seed=seed, crop=cfg.crop, **view_kwargs)
         sampler = TrainBatchSampler(
             len(train_set), cfg.batch_size, accum, env.world_size, env.rank, seed=seed, views=cfg.views()
         )
         val_sampler = EvalBatchSampler(len(val_set), cfg.batch_size, env.world_size, env.rank)
         if cfg.cache is not None:
             split_caches = _caches(cfg, fingerprint, seed, token_blocks, selections, {
-                "train": {"set": contents["train"], "views": asdict(train_views.spec)},
-                "val": {"set": contents["val"], "views": asdict(val_views.spec)},
+                "train": {"set": contents["train"], "views": train_views.spec.key()},
+                "val": {"set": contents["val"], "views": val_views.spec.key()},
             })
             for split, views, count in (("train", train_views, cfg.views() or 1), ("val", val_views, 1)):
                 for view in range(count):
@@ -225,10 +228,11 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
             )
         bank = HeadBank(
             specs, base_lrs, info.embed_dim, train_set.num_classes, info.num_prefix_tokens, info.has_class_token,
-            seed=seed, blocks=blocks,
+            seed=seed, blocks=blocks, grid=info.grid_size, head_init=cfg.head_init,
         )
         trainer = ProbeTrainer(
-            cfg, env, seed, out / f"seed{seed}", bank, stream, sampler.steps_per_epoch, effective, accum, multilabel
+            cfg, env, seed, out / f"seed{seed}", bank, stream, sampler.steps_per_epoch, effective, accum, multilabel,
+            micro_per_epoch=sampler.micro_per_epoch,
         )
         final = trainer.fit()
         counts[seed] = trainer.image_counts()
@@ -236,8 +240,10 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         for entry in bank.entries:
             lr = cfg.lr if cfg.lr is not None else entry.blr * effective / 256
             block = source_block(tokens_only) if entry.block is None else entry.block
+            metric = "mAP" if multilabel else "top1"
             rows.append({"seed": seed, "head": entry.key, "aggregation": entry.spec, "blr": entry.blr, "lr": lr,
-                         **final[entry.key], **counts[seed], "block": block})
+                         **final[entry.key], **last_and_best(trainer.history, entry.key, metric),
+                         **counts[seed], "block": block})
         del stream, trainer
     summary = summarize(rows)
     results = {
@@ -251,12 +257,13 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     if env.is_main:
         write_json_atomic(results, out / RESULTS_FILE)
         write_csv(rows, out / "results.csv")
-        metrics = ["mAP"] if multilabel else ["top1", "top5"]
+        metrics = ["mAP", "mAP_best"] if multilabel else ["top1", "top1_best", "top5"]
         if len(cfg.seed_list()) > 1:
             metrics = [m for name in metrics for m in (name, f"{name}_std")]
-        columns = ["aggregation", "blr", "lr", *metrics, "entropy", "best"]
+        columns = ["aggregation", "blr", "lr", *metrics, "best_epoch", "entropy", "best"]
         print(format_table(summary, columns if blocks is None else ["block", *columns]))
-        print(f"* the best learning rate of each aggregation; {_speed(results)}")
+        print(f"{metrics[0]}: the last epoch's; {metrics[0]}_best: the best evaluated epoch's (best_epoch, per seed; "
+              f"every epoch with --eval-every 1); * the best learning rate of each aggregation; {_speed(results)}")
         print(format_image_counts(counts))
         print(f"wrote {out / RESULTS_FILE} and {out / 'results.csv'}")
     return results
@@ -307,11 +314,11 @@ def _output_folder(cfg: ProbeConfig, env: DistEnv) -> Iterator[None]:
             return
         if cfg.resume != "auto" and not Path(cfg.resume).exists():
             raise ConfigError(f"--resume {cfg.resume}: file not found")
-        effective = cfg.accumulation(env.world_size)[1]
+        accum, effective = cfg.accumulation(env.world_size)
         for seed in cfg.seed_list():
             path = out / f"seed{seed}" / STATE_FILE if cfg.resume == "auto" else Path(cfg.resume)
             if path.exists():
-                check_resumable(path, load_state(path), cfg, seed, effective)
+                check_resumable(path, load_state(path), cfg, seed, effective, (cfg.batch_size, env.world_size, accum))
 
     with ExitStack() as held:
         _on_main(env, lambda: claim(held))

@@ -1,10 +1,14 @@
 """Batch samplers yielding ``(sample index, view)`` keys, deterministic and resumable mid-epoch.
 
-Training: each epoch draws one global permutation from (seed, epoch); optimizer step ``s`` consumes
-the ``effective`` consecutive indices ``perm[s·E : (s+1)·E]``, split into ``accum × world``
-micro-batches, of which process ``rank`` takes micro-batch ``a·world + rank`` at accumulation step
-``a``. One process with accumulation A·W therefore sees exactly the micro-batches W processes with
-accumulation A see together. Incomplete steps at the end of an epoch are dropped.
+Training follows the authors' loader (MAE's ``main_linprobe.py``): a ``DistributedSampler`` (``drop_last``
+False) gives each of ``W`` processes ``ceil(n / W)`` samples of the epoch's permutation, padded by repeating it
+from its start, and the DataLoader's ``drop_last`` keeps ``ceil(n / W) // b`` whole micro-batches of ``b``
+per process. One permutation is drawn from (seed, epoch); micro-batch ``j`` of process ``rank`` is the ``b``
+consecutive entries from ``(j·W + rank)·b`` of the padded permutation. That takes the same positions of the
+permutation as the DistributedSampler's interleaving (only which process gets which of them differs), and one
+process with accumulation A·W sees in each optimizer step the micro-batches W processes with accumulation A
+see together. Optimizer steps take ``accum`` micro-batches each; the micro-batches after the epoch's last
+whole step are left over (the trainer forwards them without a step, as the authors' loop does).
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ Key = tuple[int, int]
 
 
 class TrainBatchSampler(Sampler[list[Key]]):
-    """Micro-batches of one process for one epoch; ``set_epoch(e, start_step)`` before iterating."""
+    """Micro-batches of one process for one epoch; ``set_epoch(e, start_step)`` before iterating.
+
+    ``micro_per_epoch``: micro-batches per epoch and process; ``steps_per_epoch``: whole optimizer steps among
+    them; ``leftover``: the micro-batches after the last step. Iteration starts at micro-batch
+    ``start_step · accum_iter`` and runs to the epoch's end, leftovers included.
+    """
 
     def __init__(
         self,
@@ -40,7 +49,10 @@ class TrainBatchSampler(Sampler[list[Key]]):
         self.seed = seed
         self.views = views
         self.effective = batch_size * accum_iter * world_size
-        self.steps_per_epoch = num_samples // self.effective
+        self.per_process = -(-num_samples // world_size)  # DistributedSampler: padded to a multiple of W
+        self.micro_per_epoch = self.per_process // batch_size  # the loader's drop_last, per micro-batch
+        self.steps_per_epoch = self.micro_per_epoch // accum_iter
+        self.leftover = self.micro_per_epoch - self.steps_per_epoch * accum_iter
         self.epoch = 0
         self.start_step = 0
 
@@ -57,17 +69,21 @@ class TrainBatchSampler(Sampler[list[Key]]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_samples, generator=generator)
 
+    def padded(self, epoch: int) -> list[int]:
+        """The epoch's permutation, repeated from its start up to ``per_process × world_size`` entries."""
+        perm = self.permutation(epoch).tolist()
+        total = self.per_process * self.world_size
+        return (perm * -(-total // max(len(perm), 1)))[:total]
+
     def __iter__(self) -> Iterator[list[Key]]:
-        perm = self.permutation(self.epoch).tolist()
-        view, b = self.view(self.epoch), self.batch_size
-        for step in range(self.start_step, self.steps_per_epoch):
-            base = step * self.effective
-            for a in range(self.accum_iter):
-                start = base + (a * self.world_size + self.rank) * b
-                yield [(i, view) for i in perm[start : start + b]]
+        order = self.padded(self.epoch)
+        view, b, w = self.view(self.epoch), self.batch_size, self.world_size
+        for j in range(self.start_step * self.accum_iter, self.micro_per_epoch):
+            start = (j * w + self.rank) * b
+            yield [(i, view) for i in order[start : start + b]]
 
     def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.accum_iter
+        return self.micro_per_epoch - self.start_step * self.accum_iter
 
 
 class EvalBatchSampler(Sampler[list[Key]]):

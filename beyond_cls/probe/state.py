@@ -22,10 +22,15 @@ from beyond_cls.fileio import write_atomic
 from beyond_cls.models.checkpoint import read_checkpoint
 from beyond_cls.models.errors import CheckpointError
 
-__all__ = ["STATE_FILE", "STATE_VERSION", "PreemptionWatch", "ignore_job_signals", "load_state", "save_atomic"]
+__all__ = ["READABLE_VERSIONS", "STATE_FILE", "STATE_VERSION", "PreemptionWatch", "ignore_job_signals", "load_state",
+           "save_atomic"]
 
 STATE_FILE = "checkpoint.pt"
-STATE_VERSION = 1
+# 2: the authors' epoch ends (micro-batch drop_last, lr spaced per micro-batch, leftover micro-batches forwarded
+# without a step). 1: whole optimizer steps dropped at the epoch end, lr spaced per step: its finished runs are
+# still read (results, heads); an unfinished one cannot be continued (probe.trainer.check_resumable).
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 WORKER_SIGNALS = (*PREEMPTION_SIGNALS, "SIGINT")  # Ctrl-C reaches the terminal's whole process group too
 
@@ -61,12 +66,14 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training state written by :func:`save_atomic` (``weights_only`` unpickling)."""
+    """Read a training state written by :func:`save_atomic` (``weights_only`` unpickling), of any version in
+    :data:`READABLE_VERSIONS`."""
     state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != "beyond_cls.probe":
         raise CheckpointError(path, "not a beyond-cls probe checkpoint (no 'format': 'beyond_cls.probe')")
-    if state.get("version") != STATE_VERSION:
-        raise CheckpointError(path, f"probe checkpoint version {state.get('version')}, expected {STATE_VERSION}")
+    if state.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(path, f"probe checkpoint version {state.get('version')}, expected one of "
+                                    f"{', '.join(map(str, READABLE_VERSIONS))}")
     return state
 
 

@@ -1,9 +1,14 @@
-"""Training and evaluation of one head bank (one seed): the MAE linear-probe loop, resumable.
+"""Training and evaluation of one head bank (one seed): the authors' linear-probe loop, resumable.
 
 Per optimizer step: ``accum_iter`` micro-batches, each one encoder pass shared by every head; the
 bank's summed loss (each head's loss depends only on its own parameters) is backpropagated into the
 bank's flat gradient, which is averaged over processes once per step (:class:`~beyond_cls.probe.step.BankStep`,
-CUDA-graph-captured on CUDA). The learning rate follows the MAE schedule per step. At step boundaries
+CUDA-graph-captured on CUDA). Epochs follow the authors' loop (MAE's ``train_one_epoch``): the learning rate is
+set at the first micro-batch ``j`` of each accumulation window to the MAE schedule at ``epoch + j / M`` (``M``:
+micro-batches per epoch and process), and the micro-batches after the epoch's last whole step are forwarded and
+backpropagated (their BatchNorm statistics update) but never stepped: their gradient is zeroed at the epoch end.
+A state is saved only at an optimizer-step boundary or at the epoch end after the leftovers, so a resume
+position is (epoch, optimizer steps done), the leftovers following the last step. At step boundaries
 three flags decide what happens: a non-finite loss (stop, keep the last good checkpoint), a preemption
 signal (save, exit), a checkpoint due.
 
@@ -23,6 +28,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +57,16 @@ FAULT_ENV = "BEYOND_CLS_FAULT"
 RESUME_KEYS = (
     "model", "checkpoint", "checkpoint_format", "arch", "source", "dataset", "data", "subset_file", "img_size",
     "block", "blocks", "final_norm", "heads", "lrs", "blr", "lr", "min_lr", "epochs", "warmup_epochs", "optimizer",
-    "momentum", "weight_decay", "views", "mean", "std",
+    "momentum", "weight_decay", "views", "mean", "std", "crop", "head_init",
 )
 _PATH_KEYS = ("checkpoint", "data", "subset_file")
+# Settings added later, with the value the runs before them trained with (0.2: the crop and the head init).
+_ABSENT = {"crop": "torchvision", "head_init": "mae"}
 
 
 def _trained(config: dict[str, Any]) -> dict[str, Any]:
     """The :data:`RESUME_KEYS` values of a config dict; paths made absolute, ``views`` as ProbeConfig.views()."""
-    out = {k: config.get(k) for k in RESUME_KEYS}
+    out = {k: config.get(k, _ABSENT.get(k)) for k in RESUME_KEYS}
     for k in _PATH_KEYS:
         if isinstance(out[k], str):
             out[k] = os.path.abspath(os.path.expanduser(out[k]))
@@ -67,12 +75,28 @@ def _trained(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_resumable(path: Path, state: dict[str, Any], cfg: ProbeConfig, seed: int, effective_batch: int) -> None:
-    """ConfigError naming every setting (old → new) in which ``state``, read from ``path``, differs from ``cfg``."""
+def check_resumable(path: Path, state: dict[str, Any], cfg: ProbeConfig, seed: int, effective_batch: int,
+                    layout: tuple[int, int, int] | None = None) -> None:
+    """ConfigError naming every setting (old → new) in which ``state``, read from ``path``, differs from ``cfg``;
+    or, for an unfinished state of an older version, saying that it cannot be continued.
+
+    ``layout``: (batch size, processes, accum_iter) of this run; the epoch ends and the lr spacing depend on it,
+    so a state that records another one is refused (states without it are finished older runs)."""
+    version = state.get("version", STATE_VERSION)  # load_state's states always carry one
+    if version != STATE_VERSION and state.get("final") is None:
+        raise ConfigError(
+            f"{path}: an unfinished run of probe checkpoint version {version} (epoch ends: whole steps dropped, lr "
+            f"spaced per step), which version {STATE_VERSION} (the authors' epoch ends) cannot continue; rerun with "
+            "--resume none or a new --out"
+        )
     saved, current = _trained(state["config"]), _trained(asdict(cfg))
     diffs = [(k, saved[k], current[k]) for k in RESUME_KEYS if saved[k] != current[k]]
     diffs += [(k, old, new) for k, old, new in (("effective batch", state["effective_batch"], effective_batch),
                                                  ("seed", state["seed"], seed)) if old != new]
+    old_layout = state.get("layout")
+    if layout is not None and old_layout is not None and tuple(old_layout) != tuple(layout):
+        diffs.append(("batch size × processes × accum_iter", "×".join(map(str, old_layout)),
+                      "×".join(map(str, layout))))
     if diffs:
         detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, old, new in diffs)
         raise ConfigError(f"{path} was written by a run with other settings ({detail}); "
@@ -102,6 +126,7 @@ class _StepFlags:
 
     def __init__(self, values: Tensor, epoch: int, step: int, host: tuple[bool, bool]) -> None:
         self.epoch, self.step, self.host = epoch, step, host  # host: this process's (preempt, save due)
+        self.where = f"epoch {epoch + 1}, step {step + 1}"  # for the non-finite message
         self._ready: torch.cuda.Event | None = None
         if values.device.type == "cuda":
             self._values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
@@ -137,6 +162,7 @@ class ProbeTrainer:
         effective_batch: int,
         accum_iter: int,
         multilabel: bool,
+        micro_per_epoch: int | None = None,
     ) -> None:
         if steps_per_epoch < 1:
             raise ConfigError(
@@ -145,6 +171,12 @@ class ProbeTrainer:
             )
         self.cfg, self.env, self.seed, self.out = cfg, env, seed, out
         self.stream, self.steps_per_epoch = stream, steps_per_epoch
+        # micro-batches per epoch and process (the stream's; default: no leftovers after the last step)
+        self.micro_per_epoch = steps_per_epoch * accum_iter if micro_per_epoch is None else micro_per_epoch
+        if not steps_per_epoch * accum_iter <= self.micro_per_epoch < (steps_per_epoch + 1) * accum_iter:
+            raise ValueError(f"micro_per_epoch {micro_per_epoch} does not give {steps_per_epoch} steps of "
+                             f"{accum_iter} micro-batches")
+        self.layout = (cfg.batch_size, env.world_size, accum_iter)
         self.effective_batch, self.accum_iter, self.multilabel = effective_batch, accum_iter, multilabel
         self.device = env.device
         self.bank = bank.to(self.device)
@@ -207,6 +239,8 @@ class ProbeTrainer:
             "config": asdict(self.cfg),
             "seed": self.seed,
             "effective_batch": self.effective_batch,
+            "layout": list(self.layout),  # batch size, processes, accum_iter
+            "micro_per_epoch": self.micro_per_epoch,
             "heads": [e.key for e in self.bank.entries],
             "epoch": self.epoch,
             "step": self.step,
@@ -233,12 +267,14 @@ class ProbeTrainer:
 
     def load(self, path: Path) -> None:
         state = load_state(path)
-        check_resumable(path, state, self.cfg, self.seed, self.effective_batch)
-        self.bank.load_state_dict(state["bank"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        check_resumable(path, state, self.cfg, self.seed, self.effective_batch, self.layout)
         self.history, self.final = state["history"], state["final"]
+        if self.final is None:  # a finished run's results are reused and nothing is trained: its weights, which
+            # may be of heads built the 0.1 way (abmilp:RUN loads those), are not needed here
+            self.bank.load_state_dict(state["bank"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
         self.images_skipped = state["images_skipped"]
         self.eval_images, self.eval_skipped = state.get("eval_images", 0), state.get("eval_skipped", 0)
         torch.set_rng_state(state["rng_cpu"])
@@ -283,11 +319,15 @@ class ProbeTrainer:
             kept = (f"{self._good_state} keeps the last good state (nothing after that step was saved)"
                     if self._good_state is not None else "no checkpoint of this run was saved before it")
             raise NonFiniteLoss(
-                f"non-finite loss in head(s) {heads} at epoch {flags.epoch + 1}, step {flags.step + 1}; "
+                f"non-finite loss in head(s) {heads} at {flags.where}; "
                 f"training stopped and {kept}. Lower --lrs for these heads, or use --precision bf16/fp32 instead "
                 "of fp16"
             )
         return stop, save
+
+    def _at(self, micro: int) -> float:
+        """The schedule's (fractional) epoch at micro-batch ``micro`` of this epoch: the authors' spacing."""
+        return self.epoch + micro / self.micro_per_epoch
 
     def _train_epoch(self, preempt: PreemptionWatch) -> None:
         cfg, bank, accum = self.cfg, self.bank, self.accum_iter
@@ -296,16 +336,17 @@ class ProbeTrainer:
         window_loss = torch.zeros(heads, dtype=torch.float64, device=self.device)
         window_images, window_steps, window_start = 0, 0, time.perf_counter()
         lr_factor = 0.0
-        remaining = (self.steps_per_epoch - self.step) * accum
+        first, stepped = self.step * accum, self.steps_per_epoch * accum  # micro-batches; after `stepped`: left over
         batches: Iterator = self.stream.train_batches(self.epoch, self.step)
         bar = tqdm(
-            batches, total=remaining, disable=not (cfg.progress and self.env.is_main), leave=False,
+            batches, total=self.micro_per_epoch - first, disable=not (cfg.progress and self.env.is_main), leave=False,
             desc=f"seed {self.seed} epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
         )
-        for micro, (tokens, selections, targets, skipped) in enumerate(bar):
+        stream = iter(bar)
+        for micro, (tokens, selections, targets, skipped) in enumerate(islice(stream, stepped - first), first):
             a = micro % accum
             if a == 0:
-                lr_factor = self._set_lr(self.epoch + self.step / self.steps_per_epoch)
+                lr_factor = self._set_lr(self._at(micro))
             losses = self.steps.micro(tokens, selections, targets)
             step_loss += losses.double() / accum
             window_images += tokens.shape[0]
@@ -344,8 +385,29 @@ class ProbeTrainer:
                 )
             if save_due:
                 self.save()
+        self._finish_flags(preempt)  # the last step's, before the leftovers: a stop there saves at that step
+        self._leftovers(stream, stepped, preempt)
         bar.close()
-        self._finish_flags(preempt)
+
+    def _leftovers(self, batches: Iterator, first: int, preempt: PreemptionWatch) -> None:
+        """The micro-batches after the epoch's last optimizer step, from micro-batch ``first``: forwarded and
+        backpropagated as in the authors' loop (BatchNorm statistics update, lr set per accumulation window),
+        never stepped; their gradient is zeroed here, as the authors' next ``zero_grad`` does. A non-finite loss
+        among them stops the run before the epoch's state is saved."""
+        total: Tensor | None = None
+        for micro, (tokens, selections, targets, skipped) in enumerate(batches, first):
+            if micro % self.accum_iter == 0:
+                self._set_lr(self._at(micro))
+            losses = self.steps.micro(tokens, selections, targets).double()  # graph output: copied by the add
+            total = losses + 0 if total is None else total + losses
+            self.images_trained += tokens.shape[0] * self.env.world_size
+            self._skipped_here += skipped
+        if total is None:
+            return
+        flags = self._launch_flags(total, preempt)
+        flags.where = f"epoch {self.epoch + 1}, in the micro-batches left over after its last step"
+        self._read_flags(flags)
+        self.bank.zero_grad()
 
     def _finish_flags(self, preempt: PreemptionWatch) -> None:
         """Read the last step's flags at the end of an epoch, before its state is evaluated or saved."""
@@ -362,7 +424,7 @@ class ProbeTrainer:
         losses = mean_loss.tolist()
         ips = images * self.env.world_size / max(seconds, 1e-9)
         record = {
-            "epoch": self.epoch + self.step / self.steps_per_epoch,
+            "epoch": self._at(self.step * self.accum_iter),
             "lr_factor": lr_factor,
             "images_per_s": ips,
             "images_skipped": self.images_skipped + self._skipped_here,  # this process's since the last save
@@ -448,8 +510,7 @@ class ProbeTrainer:
             return self.final
         with PreemptionWatch() as preempt:
             while self.epoch < self.cfg.epochs:
-                if self.step < self.steps_per_epoch:
-                    self._train_epoch(preempt)
+                self._train_epoch(preempt)  # from its saved step on, its leftover micro-batches included
                 self.epoch, self.step = self.epoch + 1, 0
                 if self.cfg.eval_every and self.epoch % self.cfg.eval_every == 0 and self.epoch < self.cfg.epochs:
                     self._record_eval(self.evaluate())

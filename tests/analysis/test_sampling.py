@@ -1,5 +1,5 @@
 """``--max-images`` takes a seeded random sample (recorded), not the first classes; ``analyze`` seeds random
-encoder weights with ``--seed`` (issue 26, item 14)."""
+encoder weights with ``--seed``."""
 
 from __future__ import annotations
 

@@ -274,7 +274,11 @@ def test_train_transform_random_and_shaped():
     torch.manual_seed(1)
     assert torch.equal(tf(img), a)  # randomness comes from torch's RNG
     names = [type(t).__name__ for t in tf.transforms]
+    assert names == ["MAERandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]  # MAE's crop
+    names = [type(t).__name__ for t in train_transform(img_size=96, crop="torchvision").transforms]
     assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    with pytest.raises(ValueError, match="crop"):
+        train_transform(crop="tf")
 
 
 # ----------------------------------------------------------------------------- folders and loaders

@@ -115,14 +115,16 @@ def test_crop_params_match_torchvision(scale, ratio):
     assert fallbacks > 50  # the extreme aspect ratios do reach the central-crop fallback
 
 
-def test_train_view_is_torchvision_transform(monkeypatch, files):
-    """Given the same RNG stream, the CPU train view equals MAE's RandomResizedCrop + flip transform bit for bit."""
+@pytest.mark.parametrize("crop", ["mae", "torchvision"])
+def test_train_view_is_torchvision_transform(monkeypatch, files, crop):
+    """Given the same RNG stream, the CPU train view equals the random resized crop (MAE's sampling or
+    torchvision's) + flip transform bit for bit."""
     image = load_rgb(files["jpegs"][0])
-    transform = train_transform(64)
+    transform = train_transform(64, crop=crop)
     flips = set()
     for seed in range(12):
         monkeypatch.setattr(augment, "sample_generator", lambda *_, s=seed: torch.Generator().manual_seed(s))
-        params = augment.train_params(0, 0, 0, image.width, image.height)
+        params = augment.train_params(0, 0, 0, image.width, image.height, crop)
         flips.add(params[-1])
         torch.manual_seed(seed)
         assert torch.equal(apply_train_params(image, params, 64), transform(image))
@@ -131,7 +133,11 @@ def test_train_view_is_torchvision_transform(monkeypatch, files):
 
 def test_params_are_stable_and_keyed():
     # a regression constant: the hash and the generator stream must not change between runs or machines
-    assert train_params(0, 0, 0, 500, 375) == (32, 68, 335, 417, False)
+    assert train_params(0, 0, 0, 500, 375) == (32, 68, 335, 417, False)  # the first draw fits: both samplers agree
+    assert train_params(0, 0, 2, 500, 375) == (0, 6, 375, 428, False)  # MAE's: clamped to full height
+    assert train_params(0, 0, 2, 500, 375, "torchvision") == (4, 12, 371, 418, True)  # torchvision's: a retry
+    with pytest.raises(ValueError, match="crop"):
+        train_params(0, 0, 0, 500, 375, "tf")
     assert sample_generator(3, 1, 7).initial_seed() == sample_generator(3, 1, 7).initial_seed()
     keys = {(s, v, i) for s in range(3) for v in range(3) for i in range(30)}
     assert len({train_params(*k, 500, 375) for k in keys}) == len(keys)
@@ -167,6 +173,23 @@ def test_views_pure_function_of_key(files, decode):
     assert not torch.equal(image(ds, (1, 2)), image(ds, (1, 3)))
     ev = ViewDataset(base, train=False, img_size=48, decode=decode)
     assert torch.equal(image(ev, (2, 0)), image(ev, (2, 7)))
+
+
+def test_crop_setting_and_cache_key(files):
+    """``crop`` picks the train sampler; a feature cache's key tells MAE-crop views from torchvision-crop views, and
+    torchvision's and eval views keep the key of caches written before ``crop`` existed."""
+    base = FileSet(files["jpegs"])
+    mae, tv = (ViewDataset(base, train=True, img_size=48, seed=5, crop=c) for c in ("mae", "torchvision"))
+    assert ViewDataset(base, train=True, img_size=48, seed=5).spec == mae.spec  # MAE's is the default
+    w, h = 500, 375
+    assert [mae.params(i, 0, w, h) for i in range(30)] != [tv.params(i, 0, w, h) for i in range(30)]
+    old_fields = {"train", "img_size", "resize_size", "mean", "std", "seed", "decode", "skip_bad_images"}
+    assert set(tv.spec.key()) == old_fields and mae.spec.key() == {**tv.spec.key(), "crop": "mae"}
+    for crop in ("mae", "torchvision"):  # eval views do not crop at random: one key
+        ev = ViewDataset(base, train=False, img_size=48, crop=crop)
+        assert ev.spec.crop is None and set(ev.spec.key()) == old_fields
+    with pytest.raises(ValueError, match="crop"):
+        ViewDataset(base, train=True, crop="tf")
 
 
 @DECODES

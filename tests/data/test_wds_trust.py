@@ -1,5 +1,5 @@
 """Shards that cannot lie: replaced shards, corrupt or truncated tars, repeated keys, unfinished or mixed
-``shard`` folders, class names, label bounds, empty splits and inconsistent indexes (issue 26, items 1-10)."""
+``shard`` folders, class names, label bounds, empty splits and inconsistent indexes."""
 
 from __future__ import annotations
 

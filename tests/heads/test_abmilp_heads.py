@@ -32,7 +32,7 @@ def test_abmilp_linear_matches_reference(n, p, monkeypatch):
     torch.testing.assert_close(scores[:, 0], ref_scores, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(head(t), ref_pooled, rtol=1e-12, atol=1e-12)
     AbMILP(D, depth=2, num_prefix_tokens=p).double()(t)
-    AbMILP(D, pos_cond=True, num_prefix_tokens=p).double()(t)
+    AbMILP(D, pos_cond=True, num_prefix_tokens=p, grid=14).double()(t)
     # head(t) called the op once more; the MLP and positional variants do not
     assert len(calls) == 2
 
@@ -64,27 +64,65 @@ def test_patch_cls_content():
     assert (patch_only(t)[:, 1] == 0).all()
 
 
-def test_sincos_pos_embed_values():
-    g, dim = 5, 16
-    pe = sincos_pos_embed_2d(g, dim)
-    assert pe.shape == (g * g, dim) and pe.dtype == torch.float32
+@pytest.mark.parametrize("grid", [5, (3, 4)])
+def test_sincos_pos_embed_values(grid):
+    """Column channels first (MAE's get_2d_sincos_pos_embed: its meshgrid puts w first), row-major patches;
+    ``column_first=False`` is the (row, column) order of beyond-cls 0.1."""
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
+    dim = 16
+    pe = sincos_pos_embed_2d(grid, dim)
+    old = sincos_pos_embed_2d(grid, dim, column_first=False)
+    assert pe.shape == old.shape == (rows * cols, dim) and pe.dtype == torch.float32
     q = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(q, dtype=F64) / q)
-    for r, c in [(0, 0), (1, 3), (4, 2)]:
+    for r, c in [(0, 0), (1, 3), (2, 2), (rows - 1, cols - 1)]:
         row = torch.cat([torch.sin(r * omega), torch.cos(r * omega)])
         col = torch.cat([torch.sin(c * omega), torch.cos(c * omega)])
-        torch.testing.assert_close(pe[r * g + c].double(), torch.cat([row, col]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(pe[r * cols + c].double(), torch.cat([col, row]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(old[r * cols + c].double(), torch.cat([row, col]), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="dim"):
         sincos_pos_embed_2d(4, 10)
 
 
 @pytest.mark.parametrize("content", ["patch", "patch+cls"])
 def test_pos_cond(content):
+    """The authors' -pos: a trainable table, sin-cos (column, row) init, zero [cls] row, in the state dict."""
     p = 5
     torch.manual_seed(1)
     plain = AbMILP(D, content=content, num_prefix_tokens=p).double()
     torch.manual_seed(1)
-    cond = AbMILP(D, content=content, pos_cond=True, num_prefix_tokens=p).double()
+    cond = AbMILP(D, content=content, pos_cond=True, num_prefix_tokens=p, grid=(14, 14)).double()
+    assert set(cond.state_dict()) == set(plain.state_dict()) | {"pos_embed"}
+    assert isinstance(cond.pos_embed, nn.Parameter) and cond.pos_embed.requires_grad
+    cond.load_state_dict({**plain.state_dict(), "pos_embed": cond.pos_embed.detach()})
+    t = tokens(p + 196, dtype=F64)
+    content_tokens = plain.select(t)
+    pooled_plain, scores_plain = plain.forward_with_scores(t)
+    pooled, scores = cond.forward_with_scores(t)
+    assert not torch.allclose(scores, scores_plain)
+    torch.testing.assert_close(pooled, torch.einsum("bkn,bnd->bkd", scores, content_tokens))
+    pe = sincos_pos_embed_2d(14, D).double()
+    if content == "patch+cls":
+        pe = torch.cat([torch.zeros(1, D, dtype=F64), pe])
+    torch.testing.assert_close(cond.pos_embed.detach(), pe)
+    expected = cond.scorer(content_tokens + pe).transpose(1, 2).softmax(-1)
+    torch.testing.assert_close(scores, expected)
+    cond(t).square().sum().backward()  # trained: every row gets a gradient, the [cls] row too
+    assert (cond.pos_embed.grad.abs().sum(1) > 0).all()
+    with pytest.raises(ValueError, match="14x14 patch grid"):
+        cond(tokens(p + 195, dtype=F64))
+    with pytest.raises(ValueError, match="grid"):
+        AbMILP(D, pos_cond=True)
+
+
+@pytest.mark.parametrize("content", ["patch", "patch+cls"])
+def test_pos_cond_fixed_legacy(content):
+    """``fixed_pos``: the embedding of checkpoints of beyond-cls 0.1: a (row, column) buffer, not saved."""
+    p = 5
+    torch.manual_seed(1)
+    plain = AbMILP(D, content=content, num_prefix_tokens=p).double()
+    torch.manual_seed(1)
+    cond = AbMILP(D, content=content, pos_cond=True, num_prefix_tokens=p, fixed_pos=True).double()
     assert set(cond.state_dict()) == set(plain.state_dict())  # same params; the buffer is not saved
     cond.load_state_dict(plain.state_dict())
     t = tokens(p + 196, dtype=F64)
@@ -94,7 +132,7 @@ def test_pos_cond(content):
     assert not torch.allclose(scores, scores_plain)
     # the pooled content is the raw tokens; only the scorer's input is shifted
     torch.testing.assert_close(pooled, torch.einsum("bkn,bnd->bkd", scores, content_tokens))
-    pe = sincos_pos_embed_2d(14, D).double()
+    pe = sincos_pos_embed_2d(14, D, column_first=False).double()
     if content == "patch+cls":
         pe = torch.cat([torch.zeros(1, D, dtype=F64), pe])
     assert "pos_embed" in dict(cond.named_buffers())
@@ -103,11 +141,11 @@ def test_pos_cond(content):
     torch.testing.assert_close(scores, expected)
     assert "pos_embed" not in cond.state_dict()
     with pytest.raises(ValueError, match="square"):
-        AbMILP(D, pos_cond=True)(tokens(1 + 195))
+        AbMILP(D, pos_cond=True, fixed_pos=True)(tokens(1 + 195))
 
 
 def test_pos_cond_first_use_under_inference_mode():
-    head = AbMILP(D, pos_cond=True)
+    head = AbMILP(D, pos_cond=True, fixed_pos=True)
     with torch.inference_mode():
         head(tokens(197))
     head(tokens(197)).sum().backward()
@@ -169,7 +207,8 @@ def test_self_attention_abmilp_map_vs_both():
     sa_map = SelfAttentionAbMILP(D, num_heads=4, apply_to="map", num_prefix_tokens=p).double()
     sa_both = SelfAttentionAbMILP(D, num_heads=4, apply_to="both", num_prefix_tokens=p).double()
     sa_both.load_state_dict(sa_map.state_dict())
-    assert isinstance(sa_map.attn, timm.layers.Attention) and sa_map.attn.qkv.bias is not None
+    assert isinstance(sa_map.attn, timm.layers.Attention) and sa_map.attn.qkv.bias is None  # as the authors'
+    assert SelfAttentionAbMILP(D, qkv_bias=True).attn.qkv.bias is not None  # checkpoints of beyond-cls 0.1
     assert isinstance(sa_map.abmilp, AbMILP)
     t = tokens(p + 196, dtype=F64)
     patches = t[:, p:]
@@ -198,9 +237,10 @@ def test_abmilp_gradcheck():
         return torch.func.functional_call(head, {"scorer.0.weight": w, "scorer.0.bias": b}, (t,))
 
     assert torch.autograd.gradcheck(f, (t, w, b))
-    mlp = AbMILP(8, depth=2, act="tanh", pos_cond=True).double()
+    mlp = AbMILP(8, depth=2, act="tanh", pos_cond=True, grid=2).double()
     t8 = torch.randn(2, 1 + 4, 8, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(mlp, (t8,), fast_mode=True)
     mlp(t8).pow(2).sum().backward()
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in mlp.scorer[0].parameters())
     assert mlp.scorer[2].weight.grad.abs().sum() > 0
+    assert mlp.pos_embed.grad.abs().sum() > 0

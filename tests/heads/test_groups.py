@@ -16,11 +16,15 @@ EXACT = ["cls", "mean", "abmilp", "abmilp+cls", "abmilp-k4"]
 ROUNDED = ["abmilp-mlp2-gelu", "abmilp-pos", "abmilp+cls-k2-mlp3-tanh-pos"]
 
 
-def _heads(spec: str, dim: int, prefix: int, count: int = 3) -> list[torch.nn.Module]:
+def _heads(spec: str, dim: int, prefix: int, count: int = 3, legacy: bool = False) -> list[torch.nn.Module]:
     heads = []
     for seed in range(count):  # other weights per head, as at other lrs after some steps
         torch.manual_seed(seed)
-        heads.append(build_aggregation(spec, dim, prefix, True))
+        head = build_aggregation(spec, dim, prefix, True, grid=(14, 14), legacy=legacy)
+        if isinstance(getattr(head, "pos_embed", None), torch.nn.Parameter):
+            with torch.no_grad():  # trained tables differ per head: each head must read its own
+                head.pos_embed.add_(torch.randn_like(head.pos_embed))
+        heads.append(head)
     return heads
 
 
@@ -31,12 +35,12 @@ def _alone(module: torch.nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, torc
     return module(t), None
 
 
-@pytest.mark.parametrize("spec", EXACT + ROUNDED)
+@pytest.mark.parametrize("spec,legacy", [(s, False) for s in EXACT + ROUNDED] + [("abmilp-pos", True)])
 @pytest.mark.parametrize("n,p", LAYOUTS)
 @pytest.mark.parametrize("dim", [64, 80])
-def test_shared_heads_equal_each_head_alone(spec, n, p, dim):
+def test_shared_heads_equal_each_head_alone(spec, legacy, n, p, dim):
     tol = dict(rtol=0, atol=0) if spec in EXACT else dict(rtol=1e-5, atol=1e-6)
-    heads = _heads(spec, dim, p)
+    heads = _heads(spec, dim, p, legacy=legacy)
     t = tokens(n, batch=4, dim=dim)
     pieces, scores = forward_shared(heads, t)
     features = torch.cat(pieces, 1)
@@ -84,10 +88,12 @@ def test_cls_and_mean_are_computed_once():
 
 def test_share_keys_and_stacked_parameters():
     def key(spec: str) -> object:
-        return share_key(build_aggregation(spec, 64, 1, True))
+        return share_key(build_aggregation(spec, 64, 1, True, grid=(14, 14)))
 
     assert key("abmilp") == key("abmilp") and key("abmilp") != key("abmilp-k2") != key("abmilp+cls-k2")
     assert key("abmilp-pos") != key("abmilp") and key("cls") != key("mean")
+    legacy = share_key(build_aggregation("abmilp-pos", 64, 1, True, legacy=True))
+    assert legacy != key("abmilp-pos") and legacy is not None
     for unshared in ("ap2", "saabmilp", "attn-mean"):
         assert key(unshared) is None
     assert stacked_names(build_aggregation("abmilp-k3", 64, 1, True)) == ("scorer.0.weight", "scorer.0.bias")

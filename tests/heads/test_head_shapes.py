@@ -17,9 +17,10 @@ HEADS = {
     "abmilp_d4_relu": lambda p: AbMILP(D, depth=4, act="relu", num_prefix_tokens=p),
     "abmilp_k3": lambda p: AbMILP(D, branches=3, num_prefix_tokens=p),
     "abmilp_cls": lambda p: AbMILP(D, content="patch+cls", num_prefix_tokens=p),
-    "abmilp_pos": lambda p: AbMILP(D, pos_cond=True, num_prefix_tokens=p),
+    "abmilp_pos": lambda p: AbMILP(D, pos_cond=True, num_prefix_tokens=p, grid=14),
+    "abmilp_pos_fixed": lambda p: AbMILP(D, pos_cond=True, num_prefix_tokens=p, fixed_pos=True),
     "abmilp_pos_cls_k2": lambda p: AbMILP(
-        D, pos_cond=True, content="patch+cls", branches=2, num_prefix_tokens=p
+        D, pos_cond=True, content="patch+cls", branches=2, num_prefix_tokens=p, grid=(14, 14)
     ),
     "sa_map": lambda p: SelfAttentionAbMILP(D, apply_to="map", num_prefix_tokens=p),
     "sa_both_h4": lambda p: SelfAttentionAbMILP(D, num_heads=4, apply_to="both", num_prefix_tokens=p),
@@ -62,7 +63,9 @@ def test_shapes(name, n, p):
         (lambda: AbMILP(D, branches=0), "branches"),
         (lambda: AbMILP(D, num_prefix_tokens=-1), "num_prefix_tokens"),
         (lambda: AbMILP(D, content="patch+cls", num_prefix_tokens=0), "content"),
-        (lambda: AbMILP(6, pos_cond=True), "pos_cond"),
+        (lambda: AbMILP(6, pos_cond=True, grid=2), "pos_cond"),
+        (lambda: AbMILP(D, pos_cond=True), "patch grid"),
+        (lambda: AbMILP(D, pos_cond=True, grid=(0, 3)), "grid"),
         (lambda: MeanPatch(D, num_prefix_tokens=-2), "num_prefix_tokens"),
         (lambda: SelfAttentionAbMILP(D, apply_to="tokens"), "apply_to"),
         (lambda: SelfAttentionAbMILP(D, num_heads=5), "num_heads"),

@@ -30,7 +30,7 @@ def test_linear_probe_head_and_one_sgd_step():
         no_embed_class=True,
     )
     encoder.requires_grad_(False)
-    probe = LinearProbe(AbMILP(D, num_prefix_tokens=encoder.num_prefix_tokens), D, num_classes=100)
+    probe = LinearProbe(AbMILP(D, num_prefix_tokens=encoder.num_prefix_tokens), D, num_classes=100, init="mae")
     bn, linear = probe.head
     assert isinstance(bn, nn.BatchNorm1d) and not bn.affine and bn.weight is None and bn.eps == 1e-6
     assert list(bn.parameters()) == []

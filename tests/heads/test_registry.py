@@ -33,20 +33,20 @@ def test_every_registered_head_builds_and_trains_as_declared(name, spec):
     declared = registry.AGGREGATIONS[name]
     assert [a.name for a in registry.AGGREGATIONS.values() if a.matches(spec)] == [name]  # one family per spec
     assert parse_heads(spec.upper() if declared.normalize is str.lower else spec) == [spec]
-    module = build_aggregation(spec, 48, 1, True)
+    module = build_aggregation(spec, 48, 1, True, grid=(4, 4))
     assert module.out_dim % 48 == 0
     assert any(p.requires_grad for p in module.parameters()) == declared.trainable
     if declared.needs_cls:
         with pytest.raises(ConfigError, match=r"needs a \[cls\] token"):
-            build_aggregation(spec, 48, 0, False)
+            build_aggregation(spec, 48, 0, False, grid=(4, 4))
     else:
-        build_aggregation(spec, 48, 0, False)
+        build_aggregation(spec, 48, 0, False, grid=(4, 4))
 
 
 @pytest.mark.parametrize("name,spec", EXAMPLES)
 def test_every_registered_head_reports_entropy_as_declared(name, spec):
     declared = registry.AGGREGATIONS[name]
-    bank = HeadBank([spec], [0.1], 48, 5, num_prefix_tokens=1, has_class_token=True).double().eval()
+    bank = HeadBank([spec], [0.1], 48, 5, num_prefix_tokens=1, has_class_token=True, grid=(4, 4)).double().eval()
     tokens = torch.randn(3, 1 + 16, 48, dtype=torch.float64)
     sel = torch.rand(3, 1, 16, dtype=torch.float64).softmax(-1) if declared.selection else None
     key = head_key(spec, 0.1)
@@ -141,22 +141,25 @@ SPECS = {
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_existing_specs_build_the_same_modules(spec):
     kind, attrs = SPECS[spec]
-    module = build_aggregation(spec, 48, 1, True)
+    module = build_aggregation(spec, 48, 1, True, grid=(14, 14))
     assert type(module) is kind
     assert {k: getattr(module, k) for k in attrs} == attrs
     assert head_key(spec, 0.1) == ("guide:Some_Model@DINO@blr0p1" if spec.startswith("guide:")
                                    else f"{spec}@blr0p1")
 
 
-def test_existing_state_dict_keys():
+@pytest.mark.parametrize("legacy", [False, True])
+def test_existing_state_dict_keys(legacy):
+    """State-dict keys; ``legacy`` (checkpoints of beyond-cls 0.1): SA-AbMILP's qkv bias, no ``-pos`` table."""
     params = {
         "abmilp-k2-mlp2": ["scorer.0.weight", "scorer.0.bias", "scorer.2.weight", "scorer.2.bias"],
-        "saabmilp-h2-map": ["attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-                            "abmilp.scorer.0.weight", "abmilp.scorer.0.bias"],
+        "abmilp+cls-pos": ["scorer.0.weight", "scorer.0.bias"] + ([] if legacy else ["pos_embed"]),
+        "saabmilp-h2-map": ["attn.qkv.weight", *(["attn.qkv.bias"] if legacy else []), "attn.proj.weight",
+                            "attn.proj.bias", "abmilp.scorer.0.weight", "abmilp.scorer.0.bias"],
         "ap1": ["query", "q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias"],
     }
     probe = ["head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"]
-    bank = HeadBank(list(params), [0.1], 48, 3, 1, True)
+    bank = HeadBank(list(params), [0.1], 48, 3, 1, True, grid=(14, 14), legacy=legacy)
     want = [f"heads.{spec}@blr0p1.{name}" for spec, names in params.items()
             for name in [f"aggregation.{n}" for n in names] + probe]
     assert sorted(bank.state_dict()) == sorted(want)

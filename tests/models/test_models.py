@@ -390,3 +390,21 @@ def test_encoder_info(name, kwargs, want):
 def test_encoder_info_rejects_non_vit():
     with pytest.raises(TypeError, match="not a ViT-style"):
         encoder_info(torch.nn.Linear(2, 2))
+
+
+def test_non_vit_model_is_one_clear_line():
+    with pytest.raises(ValueError) as err:
+        load_encoder("resnet50")
+    message = str(err.value)
+    assert message.startswith("resnet50 is not a Vision Transformer (timm's resnet models); supported architectures:")
+    assert "hf:PATH" in message and "img_size" not in message and "\n" not in message
+
+
+def test_format_of_another_family_names_what_the_file_looks_like(tmp_path):
+    path = tmp_path / "vit.pth"
+    torch.save(timm.create_model(VIT, pretrained=False, num_classes=0, **TINY).state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        load_encoder(VIT, path, checkpoint_format="beitv2", **TINY)
+    message = str(err.value)
+    assert "the file looks like checkpoint_format 'timm', not 'beitv2'" in message
+    assert "pass --checkpoint-format timm or auto" in message and "unexpected keyword" not in message

@@ -19,7 +19,7 @@ def test_head_specs_build_the_right_modules():
     }
     for spec, kind in kinds.items():
         assert isinstance(build_aggregation(spec, 48, 1, True), kind), spec
-    agg = build_aggregation("abmilp-k4-mlp2-gelu-pos", 48, 1, True)
+    agg = build_aggregation("abmilp-k4-mlp2-gelu-pos", 48, 1, True, grid=(14, 14))
     assert (agg.branches, agg.depth, agg.act, agg.pos_cond, agg.out_dim) == (4, 2, "gelu", True, 192)
     assert build_aggregation("abmilp+cls", 48, 1, True).content == "patch+cls"
     assert build_aggregation("ap12", 48, 1, True).num_heads == 12

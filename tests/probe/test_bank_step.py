@@ -42,7 +42,7 @@ def _batches(kind: str, count: int = 6) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 def _bank(dim: int, specs: list[str] = SPECS) -> HeadBank:
-    return HeadBank(specs, LRS, dim, CLASSES, 1, True, seed=3)
+    return HeadBank(specs, LRS, dim, CLASSES, 1, True, seed=3, grid=(2, 2) if dim == 192 else (14, 14))
 
 
 def _per_head_path(bank: HeadBank, batches, accum: int, lr_of, multilabel: bool = False) -> None:

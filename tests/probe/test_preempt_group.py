@@ -1,6 +1,6 @@
 """SIGTERM to the whole process group, as Slurm and ``timeout`` send it: the DataLoader workers get it too, and the
 run still saves at the signal, exits 143 and resumes to the results of an uninterrupted run, on one process and
-under torchrun (issue 26, item 15)."""
+under torchrun."""
 
 from __future__ import annotations
 

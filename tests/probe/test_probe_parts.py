@@ -98,14 +98,18 @@ def _epoch(sampler, epoch, start=0):
 def test_processes_and_accumulation_partition_the_same_steps():
     one = TrainBatchSampler(103, batch_size=4, accum_iter=4, seed=3)
     two = [TrainBatchSampler(103, batch_size=4, accum_iter=2, world_size=2, rank=r, seed=3) for r in range(2)]
-    assert one.steps_per_epoch == 6 and len(one) == 24
+    # per process: ceil(103 / W) samples (DistributedSampler), whole micro-batches of 4 (drop_last)
+    assert (one.micro_per_epoch, one.steps_per_epoch, one.leftover, len(one)) == (25, 6, 1, 25)
+    assert all((s.micro_per_epoch, s.steps_per_epoch, s.leftover, len(s)) == (13, 6, 1, 13) for s in two)
     single = _epoch(one, 1)
     ranks = [_epoch(s, 1) for s in two]
     for step in range(6):
         joint = [ranks[r][step * 2 + a] for a in range(2) for r in range(2)]
         assert joint == single[step * 4 : step * 4 + 4]
     used = [i for batch in single for i, _ in batch]
-    assert len(used) == len(set(used)) == 96  # no repeats; the incomplete last step is dropped
+    assert len(used) == len(set(used)) == 100  # no repeats; only the incomplete last micro-batch is dropped
+    padded = [i for r in ranks for batch in r for i, _ in batch]  # 2 × 52 = 104: one sample repeated as padding
+    assert len(padded) == 104 and set(padded) == set(range(103)) and padded.count(single[0][0][0]) == 2
 
 
 def test_epochs_shuffle_differently_and_resume_mid_epoch():
