@@ -28,9 +28,10 @@ cross-compiler:
 		apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 		g++-aarch64-linux-gnu >/dev/null 2>&1; } || echo "note: no aarch64-linux-gnu-g++; the aarch64 compile test is skipped"
 
+# one pytest-xdist worker per core (at most 8); each test module stays on one worker (its fixtures are made once)
 test: install cross-compiler
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 8 --dist loadscope
 
 lint: install
 	$(BIN)/ruff check .

@@ -172,15 +172,15 @@ COMMANDS = {
     "aggregations": Command(
         AggregationsConfig, aggregations,
         "non-trainable vs trained aggregations: entropy, KL, maps (paper Tab. 5, Figs. 7, 9)",
-        "Selection vectors of each --methods entry over a dataset split (eval transform: resize 256, center crop "
+        "Selection vectors of each --heads entry over a dataset split (eval transform: resize 256, center crop "
         "224): write aggregations.json/.csv (mean aggregation entropy per method), kl.csv and kl.png (mean "
         "pairwise KL) and examples.png (selection maps of the first images) into --out.",
     ),
     "localize": Command(
         LocalizeConfig, localize, "MaxBoxAccV2 of [cls] attention and AbMILP maps (paper Tab. 7/8, Fig. 8)",
         "Resize images to --img-size squared (no crop, the WSOL protocol), read ground-truth boxes from "
-        "--boxes/<image stem>.xml (Pascal VOC), score each --map with MaxBoxAccV2; write localization.json and "
-        "overlays (ground truth blue, [cls] red, AbMILP green) into --out.",
+        "--boxes/<image stem>.xml (Pascal VOC), score each --heads map with MaxBoxAccV2; write localization.json "
+        "and overlays (ground truth blue, [cls] red, AbMILP green) into --out.",
     ),
     "shard": Command(
         ShardConfig, _shard, "write an ImageFolder's train/ and val/ as WebDataset shards (read with --dataset wds)",

@@ -208,7 +208,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _command_line_name(f: dataclasses.Field) -> str:
-    """How the command line names a field: its flag (``--map`` for ``maps``), or its name when it is positional."""
+    """How the command line names a field: its flag (``--name`` or its own ``flag``), or its name when positional."""
     s = f.metadata.get("setting")
     if s is not None and s.positional:
         return f"{f.name} (positional)"
@@ -251,6 +251,39 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, **overrides
         raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
+def parse_normalization(mean: Any, std: Any) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``--mean``/``--std`` values (``"0.5,0.5,0.5"``, a list, or None) as three floats each, None where unset;
+    ConfigError unless each is three finite numbers and the std positive."""
+    out = []
+    for name, value in (("mean", mean), ("std", std)):
+        if value is None:
+            out.append(None)
+            continue
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        try:
+            numbers = tuple(float(v) for v in items if not (isinstance(v, str) and not v.strip()))
+        except (TypeError, ValueError):
+            numbers = ()
+        if len(numbers) != 3 or not all(map(math.isfinite, numbers)) or (name == "std" and min(numbers) <= 0):
+            what = "positive numbers" if name == "std" else "numbers"
+            raise ConfigError(f"{name} must be three comma-separated {what}, got {short(value)}")
+        out.append(numbers)
+    return out[0], out[1]
+
+
+def spec_list(value: Any, name: str) -> list[str]:
+    """Head specs given as comma-separated text, a list of such texts (a repeated flag, a YAML list) or a mix, as
+    one flat list; ConfigError when it is empty or names a spec twice."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    specs = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    if not specs:
+        raise ConfigError(f"{name}: expected comma-separated head specs, got {short(value)}")
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise ConfigError(f"{name}: {', '.join(twice)} given twice")
+    return specs
+
+
 def default_num_workers() -> int:
     """CPUs this process may use, capped at 8."""
     try:
@@ -281,6 +314,14 @@ MAX_IMAGES = Setting(None, help="at most this many images: a random sample drawn
 SEED = Setting(0, help="seed of the --max-images sample", group="data", number=NON_NEGATIVE_INT)
 OUT = Setting(help="output folder", group="output")
 BATCH_SIZE = Setting(64, help="images per batch", group="runtime", number=POSITIVE_INT)
+#: the inference commands' batch; probe's (a training micro-batch, 256 as in the MAE protocol) is its own setting
+INFERENCE_BATCH = dataclasses.replace(BATCH_SIZE, help="images per inference batch (per process; results do not "
+                                      "depend on it; probe's training micro-batch is its own --batch-size, 256)")
+MEAN = Setting(None, help="input normalization mean, three comma-separated numbers (0-1 pixel scale)", group="data",
+               shown="the encoder's: its zoo entry's or checkpoint's, else ImageNet's", items=float)
+STD = Setting(None, help="input normalization std, three comma-separated numbers (0-1 pixel scale)", group="data",
+              shown="the encoder's: its zoo entry's or checkpoint's, else ImageNet's", items=float)
+EXAMPLES = Setting(help="images drawn with their maps", group="output", number=NON_NEGATIVE_INT, aliases=("overlays",))
 NUM_WORKERS = Setting(factory=default_num_workers, help="data loading workers (per process)", group="runtime",
                       shown="min(8, CPUs)", number=NON_NEGATIVE_INT)
 DEVICE = Setting("auto", help="auto (CUDA when available), cpu, cuda or cuda:N (under torchrun/srun: the local GPU)",
@@ -319,7 +360,7 @@ class RunSettings(Settings):
 
     split: str = SPLIT()
     max_images: int | None = MAX_IMAGES()
-    batch_size: int = BATCH_SIZE()
+    batch_size: int = INFERENCE_BATCH()
     num_workers: int = NUM_WORKERS()
     device: str = DEVICE()
     precision: str = PRECISION()
@@ -327,7 +368,23 @@ class RunSettings(Settings):
 
 
 @dataclass(kw_only=True)
-class StreamSettings(EncoderSettings, RunSettings):
+class NormalizedSettings(Settings):
+    """A job that normalizes images: ``--mean``/``--std``, else the encoder's own."""
+
+    mean: str | None = MEAN()
+    std: str | None = STD()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.normalization()
+
+    def normalization(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """(mean, std) given as ``--mean``/``--std``, None where the encoder's own applies."""
+        return parse_normalization(self.mean, self.std)
+
+
+@dataclass(kw_only=True)
+class StreamSettings(EncoderSettings, RunSettings, NormalizedSettings):
     """An encoder streaming a dataset split into an output folder: ``analyze``, ``aggregations``, ``localize``."""
 
     model: str | None = MODEL(None, shown="none: only abmilp:RUN methods, which bring their run's encoder")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from beyond_cls.analysis.analyze import AnalyzeConfig, analyze
-from beyond_cls.config import MODEL, OUT, EncoderSettings, RunSettings
+from beyond_cls.config import MODEL, OUT, EncoderSettings, NormalizedSettings, RunSettings
 from beyond_cls.data import make_synthetic_dataset
 from beyond_cls.probe import ProbeConfig, run
 
@@ -17,11 +17,11 @@ DEMO_MODEL = "vit_tiny_patch16_224"
 DEMO_PROBE = dict(heads="cls,mean,abmilp", epochs=12, warmup_epochs=2, batch_size=32, effective_batch=32,
                   cache_views=2, optimizer="sgd", blr=0.5)
 # The demo's settings that its probe takes as well (besides the encoder's).
-PROBE_KEYS = ("num_workers", "device", "precision", "progress")
+PROBE_KEYS = ("num_workers", "device", "precision", "progress", "mean", "std")
 
 
 @dataclass(kw_only=True)
-class DemoConfig(EncoderSettings, RunSettings):
+class DemoConfig(EncoderSettings, RunSettings, NormalizedSettings):
     """What ``beyond-cls demo`` runs: the encoder (random weights unless a checkpoint) and how to run it."""
 
     model: str = MODEL(DEMO_MODEL)

@@ -1,7 +1,7 @@
 """Selection vectors of non-trainable and trained token aggregations (paper App. C: Tab. 5, Figs. 7-9): the math.
 
 A selection vector is the weight each patch token gets when an aggregation pools an image: ``[B, num_patches]``,
-non-negative, summing to 1 per image, patches row-major. Methods (``--methods``, comma-separated):
+non-negative, summing to 1 per image, patches row-major. Methods (``--heads``, comma-separated):
 
 | method | selection |
 |---|---|

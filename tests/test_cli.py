@@ -188,7 +188,7 @@ CONFIG_CASES = {  # command: (YAML settings, flags given, expected config values
     "aggregations": (dict(data="d", out="o", methods="attn-mean", examples=2, split="train"), ["--examples", "3"],
                      dict(examples=3, split="train")),
     "localize": (dict(data="d", out="o", boxes="b", maps=["cls-attn"], overlays=2), ["--overlays", "3"],
-                 dict(overlays=3, maps=["cls-attn"], boxes="b")),
+                 dict(examples=3, heads=["cls-attn"], boxes="b")),  # former names in the YAML and flag
     "demo": (dict(img_size=32, batch_size=2), ["--batch-size", "4"], dict(img_size=32, batch_size=4)),
     "compare": (dict(inputs=["a", "b"], out="o", names="x,y"), ["--names", "p,q"],
                 dict(inputs=["a", "b"], names="p,q")),
@@ -271,7 +271,7 @@ def test_flags_keep_their_special_forms(capsys):
     args = parser.parse_args(["probe", "--no-progress", "--final-norm", "--compile", "--block", "-1"])
     assert (args.progress, args.final_norm, args.compile, args.block) == (False, True, True, -1)
     assert parser.parse_args(["probe", "--no-final-norm"]).final_norm is False
-    assert parser.parse_args(["localize", "--map", "a", "--map", "b"]).maps == ["a", "b"]
+    assert parser.parse_args(["localize", "--map", "a", "--heads", "b"]).heads == ["a", "b"]
     assert parser.parse_args(["bench", "probe", "--no-baseline"]).baseline is False
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["probe", "--block", "-2"])
@@ -281,7 +281,7 @@ def test_flags_keep_their_special_forms(capsys):
 
 
 @pytest.mark.parametrize("argv,named", [
-    (["localize", "--data", "d", "--out", "o", "--boxes", "b"], "--map"),  # the flag, not the field (maps)
+    (["localize", "--data", "d", "--out", "o", "--boxes", "b"], "--heads"),
     (["compare", "--out", "o"], "inputs (positional)"),  # no --inputs flag exists
     (["probe-report", "--out", "o"], "run (positional)"),
 ])

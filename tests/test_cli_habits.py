@@ -42,7 +42,7 @@ def _parsed(argv: list[str]) -> dict:
 # ----------------------------------------------------------------------------------------------- did you mean
 @pytest.mark.parametrize("argv,expected", [
     (["probe", "--modle", "m"], "beyond-cls probe: error: unknown flag --modle; did you mean --model?"),
-    (["localize", "--maps", "cls-attn"], "beyond-cls localize: error: unknown flag --maps; did you mean --map?"),
+    (["localize", "--boxs", "b"], "beyond-cls localize: error: unknown flag --boxs; did you mean --boxes?"),
     (["bench", "probe", "--baseline-off"], "beyond-cls bench probe: error: unknown flag --baseline-off; did you mean "
                                            "--no-baseline?"),
     (["analyze", "--max-imgs=5"], "beyond-cls analyze: error: unknown flag --max-imgs; did you mean --max-images?"),

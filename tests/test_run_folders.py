@@ -178,9 +178,9 @@ def test_every_command_writing_an_out_takes_its_lock(dataset, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and f"pid {os.getpid()}" in err and "in use" in err
         jobs = [
             lambda: analyze(AnalyzeConfig(data=str(dataset), out=str(out), **ANALYZE)),
-            lambda: aggregations(AggregationsConfig(data=str(dataset), out=str(out), methods="attn-mean",
+            lambda: aggregations(AggregationsConfig(data=str(dataset), out=str(out), heads="attn-mean",
                                                     **ANALYZE)),
-            lambda: localize(LocalizeConfig(data=str(dataset), out=str(out), boxes=str(tmp_path), maps=["cls-attn"],
+            lambda: localize(LocalizeConfig(data=str(dataset), out=str(out), boxes=str(tmp_path), heads=["cls-attn"],
                                             **ANALYZE)),
             lambda: compare([stats], out),
         ]
@@ -236,7 +236,8 @@ def test_every_probe_setting_is_classified():
     """A new ProbeConfig field must be added to RESUME_KEYS or, if it only changes speed or logging, here."""
     speed_only = {"out", "weights_dir", "batch_size", "accum_iter", "effective_batch", "seeds", "eval_every",
                   "num_workers", "decode", "cache", "cache_views", "cache_dtype", "ckpt_minutes", "resume", "compile",
-                  "cuda_graphs", "channels_last", "precision", "skip_bad_images", "device", "log_every", "progress"}
+                  "cuda_graphs", "channels_last", "precision", "skip_bad_images", "device", "log_every", "progress",
+                  "eval"}
     fields = {f.name for f in dataclasses.fields(ProbeConfig)}
     assert fields - set(RESUME_KEYS) == speed_only  # cache, cache_views: through "views"; effective batch, seeds:
     assert set(RESUME_KEYS) - fields == {"views"}   # checked apart

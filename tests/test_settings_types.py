@@ -56,7 +56,7 @@ def test_values_of_the_right_type_still_load(tmp_path):
     config.write_text("inputs: [a, b]\nout: o\nnames: [x, y]\n")
     assert load_config(CompareConfig, config).name_list() == ["x", "y"]
     config.write_text("model: m\ndata: d\nout: o\nmethods: [attn-mean, attn-minent]\n")
-    assert load_config(AggregationsConfig, config).methods == ["attn-mean", "attn-minent"]
+    assert load_config(AggregationsConfig, config).heads == ["attn-mean", "attn-minent"]  # methods: the former name
 
 
 @pytest.mark.parametrize("cls,text,message", [

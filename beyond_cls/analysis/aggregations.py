@@ -1,8 +1,9 @@
 """The ``aggregations`` job: non-trainable and trained token aggregations compared (paper Tab. 5, Figs. 7 and 9).
 
-Every method's selection vector (:mod:`beyond_cls.selection`) over a dataset split: mean aggregation entropy per
-method, mean pairwise KL divergence between methods, and the selection maps of the first images (one colour scale
-for all maps). ``abmilp:RUN[#KEY]`` methods print and record (``heads`` in ``aggregations.json``) the head they use.
+Every head's selection vector (:mod:`beyond_cls.selection`; ``--heads``, formerly ``--methods``) over a dataset
+split: mean aggregation entropy per head and mean pairwise KL divergence between heads (both in nats), and the
+selection maps of the first images (one colour scale for all maps). ``abmilp:RUN[#KEY]`` heads print and record
+(``heads`` in ``aggregations.json``) the trained head they use.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from tqdm import tqdm
 
 from beyond_cls.analysis.selection_runner import SelectionRunner
 from beyond_cls.analysis.style import plain_ticks, short_name
-from beyond_cls.config import NON_NEGATIVE_INT, ConfigError, StreamSettings, setting
+from beyond_cls.config import EXAMPLES, ConfigError, StreamSettings, setting, spec_list
 from beyond_cls.data import build_dataset, make_loader
 from beyond_cls.data.sample import sample_images
-from beyond_cls.data.transforms import unnormalized_eval_transform
+from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
 from beyond_cls.numerics import entropy, max_entropy
 from beyond_cls.runlock import writes_out
 from beyond_cls.runtime import resolve_device
-from beyond_cls.selection import kl, parse_methods
+from beyond_cls.selection import ATTENTION_METHODS, kl, parse_methods
+from beyond_cls.units import units_of
 
 __all__ = ["AggregationsConfig", "aggregations", "examples_figure", "kl_figure", "kl_label", "plot_examples",
            "plot_kl"]
@@ -35,26 +37,49 @@ RESULTS_FILE = "aggregations.json"
 MAP_CMAP = "viridis"  # perceptually uniform, readable in grey scale
 
 
+#: other names of selection methods, accepted wherever a head spec is (``cls-attn``: localize's name for Fig. 8)
+SPEC_ALIASES = {"cls-attn": "attn-mean"}
+
+
+def selection_method(spec: str) -> str:
+    """The selection method behind a head spec (``cls-attn`` -> ``attn-mean``)."""
+    return SPEC_ALIASES.get(spec, spec)
+
+
 @dataclass(kw_only=True)
 class AggregationsConfig(StreamSettings):
     """What ``beyond-cls aggregations`` runs; every field is also a CLI flag and a YAML key."""
 
-    methods: str = setting(help="comma-separated: attn-mean, attn-minent, attn-center, guide:MODEL[@CHECKPOINT], "
-                           "abmilp:RUN[#KEY] (RUN: a beyond-cls probe --out folder, KEY: one of its heads)",
-                           group="heads", items=str)
-    examples: int = setting(4, help="images in examples.png", group="output", number=NON_NEGATIVE_INT)
+    heads: list[str] = setting(
+        help="comma-separated head specs (the flag may repeat): attn-mean (= cls-attn), attn-minent, attn-center, "
+        "guide:MODEL[@CHECKPOINT], abmilp:RUN[#KEY] (RUN: a beyond-cls probe --out folder, KEY: one of its heads)",
+        group="heads", items=str, repeat=True, metavar="HEADS", aliases=("methods",))
+    examples: int = EXAMPLES(4, help=EXAMPLES.help + " in examples.png (one figure, a row each)")
 
     def __post_init__(self) -> None:
+        self.heads = spec_list(self.heads, "heads")
         super().__post_init__()
-        parse_methods(self.methods)
+        parse_methods([selection_method(h) for h in self.heads])
 
 
 def _runner(cfg, device: torch.device) -> SelectionRunner:
+    mean, std = cfg.normalization()
     return SelectionRunner(
-        cfg.methods, cfg.model, cfg.checkpoint, checkpoint_format=cfg.checkpoint_format, arch=cfg.arch,
-        source=cfg.source, weights_dir=cfg.weights_dir, img_size=cfg.img_size, device=device,
-        precision=cfg.precision,
+        [selection_method(h) for h in cfg.heads], cfg.model, cfg.checkpoint, checkpoint_format=cfg.checkpoint_format,
+        arch=cfg.arch, source=cfg.source, weights_dir=cfg.weights_dir, img_size=cfg.img_size, mean=mean, std=std,
+        device=device, precision=cfg.precision,
     )
+
+
+def normalization_used(cfg, runner: SelectionRunner) -> dict[str, list[float]] | None:
+    """The mean/std applied for ``--model``'s attn-* heads (--mean/--std, else the encoder's, else ImageNet's);
+    None when no head uses ``--model`` (guide: and abmilp:RUN heads normalize as their own encoder or run)."""
+    attn = [m.name for m in runner.methods if m.kind in ATTENTION_METHODS]
+    if cfg.model is None or not attn:
+        return None
+    info = runner.encoder_for(attn[0]).beyond_cls_info
+    mean, std = cfg.normalization()
+    return {"mean": list(mean or info.mean or IMAGENET_MEAN), "std": list(std or info.std or IMAGENET_STD)}
 
 
 def _dataset(cfg, crop: bool):
@@ -110,8 +135,8 @@ def aggregations(cfg: AggregationsConfig) -> dict:
     results = {
         "methods": rows, "kl": {p: {q: float(kl_mean[i, j]) for j, q in enumerate(names)} for i, p in enumerate(names)},
         "num_images": count, "sample": sample.as_dict(), "num_patches": runner.num_patches,
-        "grid_size": list(runner.grid_size),
-        "heads": heads, "config": asdict(cfg),
+        "grid_size": list(runner.grid_size), "normalization": normalization_used(cfg, runner),
+        "heads": heads, "config": asdict(cfg), "units": units_of(["entropy", "entropy_std", "max_entropy", "kl"]),
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
     with open(out / "aggregations.csv", "w", newline="") as f:
@@ -127,7 +152,7 @@ def aggregations(cfg: AggregationsConfig) -> dict:
     if example_images:
         plot_examples(example_images, example_maps, out / "examples.png")
     for r in rows:
-        print(f"{r['method']:<40} entropy {r['entropy']:.4f} (max {r['max_entropy']:.4f})")
+        print(f"{r['method']:<40} entropy {r['entropy']:.4f} nats (max {r['max_entropy']:.4f})")
     print(f"{count} images ({sample}); wrote {out / RESULTS_FILE}, kl.csv, kl.png"
           + (", examples.png" if example_images else ""))
     return results

@@ -23,8 +23,9 @@ from beyond_cls.data import ImageFolderDataset, build_dataset, make_loader
 from beyond_cls.data.sample import sample_images
 from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
 from beyond_cls.models import load_encoder
+from beyond_cls.run_summary import RunClock, analyze_rows, batch_line, format_settings, settings_dict
 from beyond_cls.runlock import writes_out
-from beyond_cls.runtime import autocast, resolve_device
+from beyond_cls.runtime import autocast, autocast_dtype, resolve_device
 
 STATS_FILE = "attention_stats.json"
 PLOT_FILE = "attention_stats.png"
@@ -170,8 +171,9 @@ def _load_encoders(cfg: AnalyzeConfig, device: torch.device) -> list[_Encoder]:
             img_size=cfg.img_size, source=spec.source, weights_dir=cfg.weights_dir,
         ).to(device)
         info = model.beyond_cls_info
-        mean = torch.tensor(info.mean or IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(info.std or IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        given = cfg.normalization()  # --mean/--std, else the encoder's own
+        mean = torch.tensor(given[0] or info.mean or IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(given[1] or info.std or IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         encoders.append(_Encoder(label, spec, model, mean, std))
     return encoders
 
@@ -192,22 +194,33 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
         dataset = ImageFolderDataset(cfg.data, cfg.split, transform=transform)
     else:
         dataset = build_dataset(cfg.dataset, cfg.data, cfg.split, transform=transform)
+    classes = getattr(dataset, "num_classes", None)
     dataset, _, sample = sample_images(dataset, cfg.max_images, cfg.seed, f"{cfg.data} split {cfg.split}")
     with torch.random.fork_rng(devices=[]):  # random weights from --seed; the caller's RNG state is kept
         torch.manual_seed(cfg.seed)
         encoders = _load_encoders(cfg, device)  # all of them before the first image is read
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
 
+    rows = analyze_rows(cfg, [(e.label, e.spec.model, e.spec.checkpoint_format, e.model.beyond_cls_info)
+                              for e in encoders], device=device, dtype=autocast_dtype(cfg.precision, device),
+                        images=str(sample), classes=classes, batches=len(loader))
+    print(format_settings(rows, f"analyze -> {cfg.out}"), flush=True)
     desc = f"analyze {cfg.model}" if len(encoders) == 1 else f"analyze {len(encoders)} models"
     start = time.perf_counter()
+    clock = RunClock(len(loader))  # the whole run: every batch goes through every model
     with ExitStack() as stack, torch.inference_mode():
         recorders = [stack.enter_context(AttentionRecorder(e.model, name=e.label)) for e in encoders]
-        for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not cfg.progress):
+        clock.mark()
+        for i, (images, _) in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not cfg.progress), 1):
             images = images.to(device, non_blocking=True)
             for enc in encoders:
                 x = (images - enc.mean) / enc.std
                 with autocast(cfg.precision, device):
                     enc.model.forward_features(x)
+            clock.advance()
+            line = None if cfg.progress else batch_line(desc, i, len(loader), clock, cfg.batch_size)
+            if line:
+                print(line, flush=True)
     summaries = {e.label: r.summary() for e, r in zip(encoders, recorders)}
     seconds = time.perf_counter() - start
     for label, summary in summaries.items():  # before anything is written: no NaN statistics with exit 0
@@ -217,11 +230,14 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
     if len(encoders) == 1:
         enc = encoders[0]
         _write_run(out, summaries[enc.label], {**asdict(cfg), "sample": sample.as_dict(),
-                                               "encoder": asdict(enc.model.beyond_cls_info)})
+                                               "encoder": asdict(enc.model.beyond_cls_info),
+                                               "normalization": _normalization(enc),
+                                               "settings": settings_dict(rows)})
     else:
         for enc in encoders:
             resolved = {**cfg.for_encoder(enc.spec), "label": enc.label, "sample": sample.as_dict(),
-                        "encoder": asdict(enc.model.beyond_cls_info)}
+                        "encoder": asdict(enc.model.beyond_cls_info), "normalization": _normalization(enc),
+                        "settings": settings_dict(rows)}
             _write_run(out / enc.label, summaries[enc.label], resolved)
         plot_information_flow(summaries, out / PLOT_FILE, data=data_label(asdict(cfg)))
         models = {e.label: {"model": e.spec.model, "checkpoint": e.spec.checkpoint, "subfolder": e.label}
@@ -238,6 +254,12 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
         print(f"{images} images x {len(encoders)} models in {seconds:.1f} s ({images / seconds:.1f} images/s "
               f"through all models) on {device}; wrote {', '.join(summaries)} under {out} and {out / PLOT_FILE}")
     return summaries
+
+
+def _normalization(enc: _Encoder) -> dict[str, list[float]]:
+    """The mean/std ``enc``'s images were normalized with (recorded in ``analyze_config.json``)."""
+    return {"mean": [round(v, 6) for v in enc.mean.flatten().tolist()],
+            "std": [round(v, 6) for v in enc.std.flatten().tolist()]}
 
 
 def _write_run(out: Path, summary: AttentionSummary, resolved: dict) -> None:

@@ -429,7 +429,7 @@ def _report(models, rows, files, notes, x_axis, out: Path) -> Path:
               "[cls]→patch attention entropy averaged over blocks and heads (appendix Table 3); "
               "H / log |J| makes encoders with different patch counts comparable.", ""]
     lines += _table(
-        ["family", "model", "aggr. entropy", "H / log |J|", "log |J|", "paper"],
+        ["family", "model", "aggr. entropy (nats)", "H / log |J|", "log |J| (nats)", "paper (nats)"],
         [[r["family"], r["model"], _fmt(r["aggregation_entropy"]) + ("" if r["has_cls"] else " ‡"),
           _fmt(r["aggregation_entropy_normalized"]), _fmt(r["max_entropy"]), _fmt(r["paper_entropy"], 2)]
          for r in table3],

@@ -7,7 +7,6 @@ never from a folder name.
 
 from __future__ import annotations
 
-import math
 import re
 import zlib
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from beyond_cls.models.zoo import ZOO, ZooEntry, zoo_entry
+from beyond_cls.numerics import max_entropy
 
 __all__ = ["BAND_LABEL", "FAMILIES", "FAMILY_COLORS", "data_label", "infer_family", "model_styles", "plain_ticks",
            "short_name", "uniform_reference"]
@@ -105,7 +105,7 @@ def uniform_reference(metric: str, num_patches: int, num_prefix_tokens: int) -> 
     if metric == "patch_self":
         return 1.0 / num_patches, f"uniform: 1/|J| = 1/{num_patches} = {1.0 / num_patches:.4f}"
     if metric.endswith("entropy"):
-        value = math.log(num_patches)
+        value = max_entropy(num_patches)
         return value, f"uniform: log |J| = log {num_patches} = {value:.2f}"
     return None
 

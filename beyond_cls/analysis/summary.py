@@ -12,6 +12,7 @@ from torch import Tensor
 
 from beyond_cls.fileio import write_atomic
 from beyond_cls.numerics import max_entropy
+from beyond_cls.units import units_of
 
 # (field, column header, needs a [cls] token); order of the table and the JSON file.
 FIELDS: tuple[tuple[str, str, bool], ...] = (
@@ -112,6 +113,7 @@ class AttentionSummary:
             "max_entropy": self.max_entropy,
             "fields": {n: (None if t is None else t.tolist()) for n in FIELD_NAMES for t in [getattr(self, n)]},
             "per_block": {n: t.tolist() for n, t in self.per_block().items()},
+            "units": units_of(("max_entropy", *FIELD_NAMES)),  # read by nothing: older files without it load alike
         }
 
     @classmethod
@@ -166,8 +168,8 @@ class AttentionSummary:
         head = f"{'block':>5}  " + "  ".join(f"{h:>{w}}" for (_, h), w in zip(cols, widths))
         lines = [
             f"{self.model or 'encoder'}: {self.num_images} images, {self.num_blocks} blocks x "
-            f"{self.num_heads} heads, {self.num_patches} patches (max entropy {self.max_entropy:.3f}), "
-            "means over heads",
+            f"{self.num_heads} heads, {self.num_patches} patches (max entropy {self.max_entropy:.3f} nats), "
+            "means over heads; entropies (H) in nats, the others attention fractions of 1",
             head,
             "-" * len(head),
         ]

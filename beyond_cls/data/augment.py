@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from beyond_cls.data.crops import CROPS, MAERandomResizedCrop, crop_params, mae_crop_params
-from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode
 
 __all__ = [
     "CROPS",
@@ -55,7 +55,8 @@ def train_params(
 
 
 def eval_params(width: int, height: int, img_size: int = 224, resize_size: int = 256) -> tuple[int, int, int, int]:
-    """(resize_h, resize_w, top, left): the output size of ``Resize(resize_size)``, then ``CenterCrop(img_size)``."""
+    """(resize_h, resize_w, top, left): the output size of ``Resize(resize_size)``, then ``CenterCrop(img_size)``
+    (``resize_size``: :func:`~beyond_cls.data.transforms.eval_resize_size` of img_size and crop_pct)."""
     if resize_size < img_size:
         raise ValueError(f"eval_params: resize_size={resize_size} is smaller than img_size={img_size}")
     short, long = (width, height) if width <= height else (height, width)
@@ -89,9 +90,11 @@ def apply_eval_params(
     img_size: int = 224,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bicubic",
 ) -> torch.Tensor:
-    """Bicubic resize to (resize_h, resize_w), crop img_size² at (top, left), normalize (= ``eval_transform``)."""
+    """Resize to (resize_h, resize_w) with ``interpolation`` (bicubic: MAE's and timm's), crop img_size² at (top,
+    left), normalize (= ``eval_transform``)."""
     resize_h, resize_w, top, left = params
-    image = F.resize(image, [resize_h, resize_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    image = F.resize(image, [resize_h, resize_w], interpolation=interpolation_mode(interpolation), antialias=True)
     image = F.crop(image, top, left, img_size, img_size)
     return F.normalize(F.to_tensor(image), mean, std)

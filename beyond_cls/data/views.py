@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from beyond_cls.data.augment import CROPS, apply_eval_params, apply_train_params, eval_params, train_params
 from beyond_cls.data.folder import DataError
 from beyond_cls.data.gpu_decode import decode_batch, pil_rgb_tensor, transform_batch
-from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from beyond_cls.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, eval_resize_size
 
 __all__ = ["ViewBatch", "ViewDataset", "ViewSample", "ViewSpec", "collate_views"]
 
@@ -32,7 +32,8 @@ _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 @dataclass(frozen=True)
 class ViewSpec:
     """What a view is: shared by a dataset, its samples and their batch. ``crop``: how train crops are drawn
-    (:data:`~beyond_cls.data.augment.CROPS`; None for eval views)."""
+    (:data:`~beyond_cls.data.augment.CROPS`; None for eval views); ``interpolation``: the eval resize's
+    (:data:`~beyond_cls.data.transforms.INTERPOLATIONS`; None for train views, which are bicubic)."""
 
     train: bool
     img_size: int
@@ -43,13 +44,17 @@ class ViewSpec:
     decode: Literal["cpu", "gpu"]
     skip_bad_images: bool
     crop: str | None = None
+    interpolation: str | None = None
 
     def key(self) -> dict[str, Any]:
         """The fields as a feature cache's key: ``crop`` only where it is not torchvision's, the views that caches
-        written before it was a field hold (so those stay valid, and MAE-crop views never reuse them)."""
+        written before it was a field hold (so those stay valid, and MAE-crop views never reuse them); likewise
+        ``interpolation`` only where it is not bicubic. ``resize_size`` carries the eval crop_pct."""
         out = dataclasses.asdict(self)
         if out["crop"] in (None, "torchvision"):
             del out["crop"]
+        if out["interpolation"] in (None, "bicubic"):
+            del out["interpolation"]
         return out
 
 
@@ -73,9 +78,10 @@ class ViewDataset(Dataset):
     """Views of ``base`` (``paths``, ``__len__``, ``target(i)``, ``load(i)``), indexed by ``(index, view)``.
 
     Train views are a pure function of (seed, view, index), their crops drawn as ``crop`` says
-    (:data:`~beyond_cls.data.augment.CROPS`); eval views ignore the view. ``resize_size`` (eval)
-    defaults to ``int(img_size / 0.875)``. With ``skip_bad_images`` an unreadable image is dropped from its
-    batch and counted in :attr:`ViewBatch.skipped`; otherwise it raises :class:`DataError` naming the file.
+    (:data:`~beyond_cls.data.augment.CROPS`); eval views ignore the view. ``resize_size`` (eval) defaults to
+    ``floor(img_size / crop_pct)`` (timm's; 0.875: 224 from 256), resized with ``interpolation`` (eval only).
+    With ``skip_bad_images`` an unreadable image is dropped from its batch and counted in :attr:`ViewBatch.skipped`;
+    otherwise it raises :class:`DataError` naming the file.
     """
 
     def __init__(
@@ -91,17 +97,25 @@ class ViewDataset(Dataset):
         decode: Literal["cpu", "gpu"] = "cpu",
         skip_bad_images: bool = False,
         crop: str = "mae",
+        crop_pct: float = EVAL_CROP_PCT,
+        interpolation: str = "bicubic",
     ):
         if decode not in ("cpu", "gpu"):
             raise ValueError(f"ViewDataset: decode={decode!r}, expected 'cpu' or 'gpu'")
         if crop not in CROPS:
             raise ValueError(f"ViewDataset: crop={crop!r}, expected one of {CROPS}")
-        resize_size = int(img_size / 0.875) if resize_size is None else resize_size
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"ViewDataset: interpolation={interpolation!r}, expected one of {INTERPOLATIONS}")
+        if decode == "gpu" and not train and interpolation != "bicubic":
+            raise ValueError(f"ViewDataset: decode='gpu' resizes bicubic only, got interpolation={interpolation!r}")
+        eval_resize = eval_resize_size(img_size, crop_pct)  # train views keep the default's: one cache key
+        if resize_size is None:
+            resize_size = eval_resize_size(img_size) if train else eval_resize
         if resize_size < img_size:
             raise ValueError(f"ViewDataset: resize_size={resize_size} is smaller than img_size={img_size}")
         self.base = base
         self.spec = ViewSpec(train, img_size, resize_size, tuple(mean), tuple(std), int(seed), decode, skip_bad_images,
-                             crop if train else None)
+                             crop if train else None, None if train else interpolation)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -134,8 +148,10 @@ class ViewDataset(Dataset):
         s = self.spec
         sample.size = (image.height, image.width)
         sample.params = self.params(sample.index, view, image.width, image.height)
-        apply = apply_train_params if s.train else apply_eval_params
-        sample.image = apply(image, sample.params[: 5 if s.train else 4], s.img_size, s.mean, s.std)
+        if s.train:
+            sample.image = apply_train_params(image, sample.params[:5], s.img_size, s.mean, s.std)
+        else:
+            sample.image = apply_eval_params(image, sample.params[:4], s.img_size, s.mean, s.std, s.interpolation)
 
     def _load_encoded(self, sample: ViewSample, view: int) -> None:
         try:

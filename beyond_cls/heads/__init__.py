@@ -1,4 +1,4 @@
-"""Aggregation heads for linear probing on a frozen ViT: [cls], mean, AbMILP family, attentive probe, and
+"""Aggregation heads for linear probing on a frozen ViT: [cls], mean, [cls]+mean, AbMILP family, attentive probe, and
 pooling with given (non-trainable) selection weights.
 
 Every aggregation takes ``tokens`` [B, N, D] of a timm ViT: by default those of its last block before the final
@@ -28,7 +28,7 @@ from beyond_cls.heads.registry import (
     register,
 )
 from beyond_cls.heads.selection_pool import SelectionPool
-from beyond_cls.heads.tokens import ClsToken, MeanPatch
+from beyond_cls.heads.tokens import ClsMean, ClsToken, MeanPatch
 
 for _module in pkgutil.iter_modules(__path__):  # heads added as modules register themselves on import
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -39,6 +39,7 @@ __all__ = [
     "AbMILP",
     "Aggregation",
     "AttentivePool",
+    "ClsMean",
     "ClsToken",
     "LinearProbe",
     "MeanPatch",

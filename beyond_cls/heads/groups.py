@@ -1,9 +1,9 @@
 """Heads of one spec at several learning rates computed together, from one read of the tokens.
 
 A probe bank trains every head spec at each of its learning rates; those heads differ only in their weights.
-[cls] and mean pooling are computed once for all of them; the linear AbMILP scorers of L heads (K branches each)
-run as one L·K-branch :func:`beyond_cls.ops.abmilp_pool` call; MLP and positional scorers (each head with its own
-trainable positional embedding) compute their logits head by head and pool together through one
+[cls], mean pooling and their concatenation are computed once for all of them; the linear AbMILP scorers of L heads
+(K branches each) run as one L·K-branch :func:`beyond_cls.ops.abmilp_pool` call; MLP and positional scorers (each
+head with its own trainable positional embedding) compute their logits head by head and pool together through one
 :func:`beyond_cls.ops.softmax_pool`. Branches are independent, so each head gets what it gets alone (bit for bit
 with the C++ AbMILP kernel; the batched GEMM of ``softmax_pool`` may round differently). Other aggregations
 (attentive probing, SA-AbMILP) run head by head.
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from beyond_cls import ops
 from beyond_cls.heads.abmilp import AbMILP
 from beyond_cls.heads.checks import check_tokens
-from beyond_cls.heads.tokens import ClsToken, MeanPatch
+from beyond_cls.heads.tokens import ClsMean, ClsToken, MeanPatch
 
 __all__ = ["forward_shared", "share_key", "stacked_names"]
 
@@ -30,6 +30,8 @@ def share_key(module: nn.Module) -> Hashable | None:
         return ("cls", module.dim)
     if type(module) is MeanPatch:
         return ("mean", module.dim, module.num_prefix_tokens)
+    if type(module) is ClsMean:
+        return ("cls+mean", module.dim, module.num_prefix_tokens, module.blocks)
     if type(module) is AbMILP:
         return ("abmilp", module.dim, module.depth, module.act, module.branches, module.content, module.pos_cond,
                 module.fixed_pos, module.grid, module.num_prefix_tokens)
@@ -71,6 +73,8 @@ def forward_shared(
     if type(first) is MeanPatch:
         check_tokens(tokens, first.dim, first.num_prefix_tokens)
         return [_patches(tokens, first.num_prefix_tokens, views).mean(1, keepdim=True)] * len(modules), None
+    if type(first) is ClsMean:
+        return [first(tokens)[:, None]] * len(modules), None
     if type(first) is not AbMILP:
         raise TypeError(f"{type(first).__name__} does not compute several heads at once")
     if first.content == "patch":

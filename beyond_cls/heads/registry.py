@@ -55,7 +55,9 @@ class Aggregation:
     same for every block, e.g. another encoder's); None when the module computes them. ``normalize``: the
     spec's canonical case (lower case by default); ``key``: the spec as shown in head keys. ``layout_options``:
     ``build`` also takes the keywords ``grid`` (the encoder's patch grid (rows, cols), or None) and ``legacy``
-    (build the module as beyond-cls 0.1 did, for checkpoints written then).
+    (build the module as beyond-cls 0.1 did, for checkpoints written then). ``block_options``: ``build`` also takes
+    the keyword ``blocks``: the tokens concatenate that many blocks' tokens along the channels, the last block's last
+    (``probe --n-last-blocks``); other aggregations treat such tokens as tokens of width ``dim``.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Aggregation:
     normalize: Callable[[str], str] = str.lower
     key: Callable[[str], str] = _same
     layout_options: bool = False
+    block_options: bool = False
 
     def matches(self, spec: str) -> bool:
         return re.fullmatch(self.pattern, spec.strip(), flags=re.IGNORECASE) is not None
@@ -115,11 +118,13 @@ def build_aggregation(
     has_class_token: bool,
     grid: tuple[int, int] | None = None,
     legacy: bool = False,
+    blocks: int = 1,
 ) -> nn.Module:
     """The aggregation module of one head spec; a spec that cannot build is a one-line ConfigError.
 
     ``grid``: the encoder's patch grid (rows, cols), which a trainable positional embedding (``-pos``) needs;
-    ``legacy``: build it as beyond-cls 0.1 did (for older checkpoints).
+    ``legacy``: build it as beyond-cls 0.1 did (for older checkpoints); ``blocks``: the tokens (width ``dim``) are
+    that many blocks' tokens concatenated along the channels (``probe --n-last-blocks``).
     """
     aggregation = find(spec)
     if aggregation.needs_cls and not has_class_token:
@@ -127,6 +132,8 @@ def build_aggregation(
         raise ConfigError(f"head {spec!r} needs a [cls] token, and this encoder has no [cls] token "
                           f"(heads that need none: {without})")
     options = {"grid": grid, "legacy": legacy} if aggregation.layout_options else {}
+    if aggregation.block_options:
+        options["blocks"] = blocks
     try:
         return aggregation.build(aggregation.normalize(spec.strip()), dim, num_prefix_tokens, **options)
     except ConfigError:

@@ -140,10 +140,11 @@ class MaxBoxAccV2Accumulator:
 
     def compute(self) -> dict:
         """``{"maxboxacc_v2", "maxboxacc": {d: acc}, "best_threshold": {d: t}, "num_images"}``; accuracies are
-        fractions in [0, 1]; the best threshold is the lowest CAM threshold reaching the maximum."""
+        in % (0-100, as the official evaluator and every accuracy of this package report them); the best threshold
+        is the lowest CAM threshold reaching the maximum."""
         if self.num_images == 0:
             raise ValueError("no images were accumulated")
-        acc = self.hits.to(torch.float64) / self.num_images
+        acc = 100 * self.hits.to(torch.float64) / self.num_images
         best = acc.amax(1)
         first = (acc == best[:, None]).to(torch.int64).argmax(1)  # first maximum, like np.argmax
         best_t = self.cam_thresholds[first]

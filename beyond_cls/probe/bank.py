@@ -149,7 +149,8 @@ class HeadBank(nn.Module):
     ``grid``: the encoder's patch grid (rows, cols), needed by ``-pos`` heads (their trainable positional
     embedding). ``head_init``: the Linear's initialization (:data:`~beyond_cls.heads.HEAD_INITS`). ``legacy``: build
     the aggregations as beyond-cls 0.1 did (fixed ``-pos`` embedding, SA-AbMILP qkv bias), to load
-    checkpoints written then.
+    checkpoints written then. ``n_last_blocks``: the tokens (width ``dim``) are that many blocks' tokens concatenated
+    along the channels (``probe --n-last-blocks``, DINO's linear eval); ``cls+mean`` then averages the last block's.
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class HeadBank(nn.Module):
         grid: tuple[int, int] | None = None,
         head_init: str = "pytorch",
         legacy: bool = False,
+        n_last_blocks: int = 1,
     ) -> None:
         super().__init__()
         self.blocks = None if blocks is None else list(blocks)
@@ -176,7 +178,8 @@ class HeadBank(nn.Module):
         for entry in self.entries:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_head_seed(seed, entry.spec))
-                agg = build_aggregation(entry.spec, dim, num_prefix_tokens, has_class_token, grid, legacy)
+                agg = build_aggregation(entry.spec, dim, num_prefix_tokens, has_class_token, grid, legacy,
+                                        n_last_blocks)
                 self.heads[entry.key] = LinearProbe(agg, agg.out_dim, num_classes, init=head_init)
         self._entropy = {e.key: find(e.spec).entropy for e in self.entries}
         self.selections = selection_names(specs, self.blocks)

@@ -70,7 +70,7 @@ class BenchProbeConfig(Settings):
     data: str | None = DATA(None, help="dataset root for the loader measurement", shown="the synthetic set")
     dataset: str = DATASET()
     img_size: int = IMG_SIZE()
-    batch_size: int = BATCH_SIZE()
+    batch_size: int = BATCH_SIZE(256, help="images per micro-batch, as probe's --batch-size")
     num_classes: int = setting(1000, help="classes of the heads", group="heads", number=POSITIVE_INT)
     steps: int = STEPS()
     warmup: int = WARMUP()

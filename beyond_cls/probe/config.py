@@ -19,6 +19,7 @@ from beyond_cls.config import (
     DATA,
     DATASET,
     DEVICE,
+    MEAN,
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
     NUM_WORKERS,
@@ -27,12 +28,15 @@ from beyond_cls.config import (
     POSITIVE_INT,
     PRECISION,
     PROGRESS,
+    STD,
     ConfigError,
     EncoderSettings,
     Setting,
+    parse_normalization,
     setting,
 )
 from beyond_cls.data.crops import CROPS
+from beyond_cls.data.transforms import EVAL_CROP_PCT, INTERPOLATIONS
 from beyond_cls.heads.linear_probe import HEAD_INITS
 from beyond_cls.heads.registry import heads_help
 
@@ -90,24 +94,32 @@ class ProbeConfig(EncoderSettings):
     dataset: str = DATASET()
     subset_file: str | None = setting(None, help="ImageNet-1% file list (imagenet1pct)", group="data",
                                       shown="ROOT/1percent.txt")
-    mean: str | None = setting(None, help="input normalization mean, three comma-separated numbers", group="data",
-                               shown="the encoder's", items=float)
-    std: str | None = setting(None, help="input normalization std, three comma-separated numbers", group="data",
-                              shown="the encoder's", items=float)
+    mean: str | None = MEAN()
+    std: str | None = STD()
     skip_bad_images: bool = setting(False, help="skip and count unreadable images instead of stopping", group="data")
     cache_views: int | None = setting(None, help="augmented train views cycled over the epochs", group="data",
                                       shown="1 with --cache, else a new view every epoch", number=POSITIVE_INT)
     crop: str = setting("mae", help="train crop sampling: mae (MAE's util/crop.py: one draw of area and aspect, "
                         "sides clamped to the image; MAE's and the authors') or torchvision (RandomResizedCrop: ten "
                         "tries, centre fallback)", group="data", choices=CROPS)
+    crop_pct: float = setting(EVAL_CROP_PCT, help="eval view: resize the shorter side to img_size / crop_pct, then "
+                              "center-crop img_size (timm's --crop-pct; 0.875: 224 from 256)", group="data",
+                              number=POSITIVE_FLOAT)
+    interpolation: str = setting("bicubic", help="eval view resize interpolation (timm's --interpolation; MAE and "
+                                 "timm evaluate bicubic)", group="data", choices=INTERPOLATIONS)
     block: int | None = setting(None, help="take tokens from this block (0-based, -1 = last)", group="model",
                                 number=BLOCK, shown="the zoo's (SimMIM: 7), else the last")
     blocks: str | None = setting(
         None, group="model", help="layer-wise probing: train the heads on each of these blocks (comma-separated, "
         "0-based, or all) from one encoder pass; one result row per block, aggregation and lr; excludes --block",
         items=int)
+    n_last_blocks: int | None = setting(
+        None, group="model", help="DINO's linear eval: the tokens of the last N blocks up to the token block, each "
+        "through the final norm (on unless --no-final-norm), concatenated along the channels; cls gives DINO's "
+        "concatenated [cls] tokens, cls+mean adds the last block's patch mean (DINOv2: N = 1 or 4); excludes --blocks",
+        shown="off: one block", number=POSITIVE_INT)
     final_norm: bool | None = setting(None, help="apply the encoder's final norm to the tokens", group="model",
-                                      shown="off: the paper's pre-norm features")
+                                      shown="off: the paper's pre-norm features; on with --n-last-blocks")
     heads: str = HEADS()
     lrs: str | None = LRS()
     head_init: str = setting("pytorch", help="init of each head's Linear: pytorch (nn.Linear's own, the authors') "
@@ -116,7 +128,8 @@ class ProbeConfig(EncoderSettings):
                           number=POSITIVE_INT)
     warmup_epochs: float | None = setting(None, help="linear warm-up epochs", group="schedule",
                                           shown="10, or 10/90 of runs of 10 epochs or fewer", number=NON_NEGATIVE_FLOAT)
-    batch_size: int = BATCH_SIZE(256, help="images per process per micro-batch", group="schedule")
+    batch_size: int = BATCH_SIZE(256, help="training images per process per micro-batch (analyze, aggregations "
+                                 "and localize: 64 per inference batch)", group="schedule")
     accum_iter: int | None = setting(None, help="micro-batches per optimizer step", group="schedule",
                                      shown="effective batch / (batch size x processes)", number=POSITIVE_INT)
     effective_batch: int = setting(16384, help="images per optimizer step over all processes", group="schedule",
@@ -150,6 +163,10 @@ class ProbeConfig(EncoderSettings):
     out: str = OUT(help="output folder: results, checkpoints, logs")
     ckpt_minutes: float = setting(30.0, help="also checkpoint every this many minutes (0: every step)",
                                   group="output", number=NON_NEGATIVE_FLOAT)
+    eval: bool = setting(False, help="evaluation only: evaluate the heads of OUT's finished (or latest) checkpoints "
+                         "on the eval split and write eval.json / eval.csv there, training state untouched; the "
+                         "model and data settings must be the run's (--crop-pct, --interpolation may differ)",
+                         group="output")
     resume: str = setting("auto", help="auto (continue OUT's checkpoint), none, or a checkpoint file", group="output")
     log_every: int = setting(20, help="optimizer steps per log line", group="output", number=POSITIVE_INT)
     progress: bool = PROGRESS()
@@ -167,6 +184,17 @@ class ProbeConfig(EncoderSettings):
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
         if self.lr is not None and self.lrs is not None:
             raise ConfigError("give either --lr (one absolute learning rate) or --lrs (base learning rates), not both")
+        if self.n_last_blocks is not None:
+            if self.blocks is not None:
+                raise ConfigError("--n-last-blocks concatenates blocks into one token source; it does not combine "
+                                  "with --blocks (layer-wise probing): give one of them")
+            if self.final_norm is None:  # DINO's get_intermediate_layers(n, norm=True)
+                self.final_norm = True
+        if not self.crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct must be in (0, 1] (img_size / crop_pct is the resize), got {self.crop_pct}")
+        if self.interpolation != "bicubic" and self.decode == "gpu":
+            raise ConfigError(f"--interpolation {self.interpolation}: the GPU decode path resizes bicubic only; use "
+                              "--decode cpu")
         if self.blocks is not None:
             if self.block is not None:
                 raise ConfigError("give either --block (one token block) or --blocks (several), not both")
@@ -176,9 +204,7 @@ class ProbeConfig(EncoderSettings):
             raise ConfigError(f"resume must be auto, none or a checkpoint file (.pt), got {self.resume!r}")
         self.seed_list()
         self.base_lrs()
-        for name in ("mean", "std"):
-            if getattr(self, name) is not None and len(self.normalization()[name == "std"]) != 3:
-                raise ConfigError(f"{name} must be three comma-separated numbers, got {getattr(self, name)!r}")
+        parse_normalization(self.mean, self.std)
 
     def seed_list(self) -> list[int]:
         seeds = parse_list(self.seeds, int, "seeds")
@@ -212,10 +238,7 @@ class ProbeConfig(EncoderSettings):
 
     def normalization(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
         """(mean, std) overrides as float tuples, None where the encoder's default applies."""
-        return tuple(
-            None if v is None else tuple(parse_list(v, float, name))
-            for name, v in (("mean", self.mean), ("std", self.std))
-        )
+        return parse_normalization(self.mean, self.std)
 
     def views(self) -> int | None:
         """Augmented views cycled over the epochs (epoch e uses view e mod V); None: a new view every epoch."""

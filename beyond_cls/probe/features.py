@@ -1,9 +1,11 @@
-"""The frozen encoder as a token source: tokens of block ``k`` (default the last), or of several blocks from one
-pass (``blocks``), final norm or not."""
+"""The frozen encoder as a token source: tokens of block ``k`` (default the last), of several blocks from one
+pass (``blocks``), or of the last ``n`` blocks concatenated along the channels (``n_last``, DINO's linear eval),
+final norm or not."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,12 +37,20 @@ class TokenSource(nn.Module):
     encoder's final norm. The encoder is shared, not copied: building a TokenSource truncates it.
     ``blocks=[k1, k2, ...]`` (ascending, distinct; replaces ``block``): tokens [B, K, N, D] of each listed
     block from one pass up to the deepest, each through the final norm exactly as ``block=k`` alone would give.
+    ``n_last=n`` (with ``block``, not ``blocks``): tokens [B, N, n·D], the channel-wise concatenation of blocks
+    ``block-n+1 .. block`` (the token block's last), each through the final norm: DINO/DINOv2's
+    ``get_intermediate_layers(n)``, whose [cls] tokens their linear eval concatenates.
     """
 
     def __init__(self, encoder: nn.Module, block: int | None = None, final_norm: bool = True,
-                 blocks: Sequence[int] | None = None) -> None:
+                 blocks: Sequence[int] | None = None, n_last: int = 1) -> None:
         super().__init__()
         depth = len(encoder.blocks)
+        if not isinstance(n_last, int) or n_last < 1:
+            raise ConfigError(f"n_last_blocks must be an integer >= 1, got {n_last!r}")
+        if n_last > 1 and blocks is not None:
+            raise ConfigError("--n-last-blocks concatenates blocks into one token source; it does not combine with "
+                              "--blocks (layer-wise probing): give one of them")
         if blocks is not None:
             blocks = list(blocks)
             bad = [k for k in blocks if not 0 <= k < depth]
@@ -56,13 +66,17 @@ class TokenSource(nn.Module):
         if not final_norm:
             encoder.norm = nn.Identity()
         self.block = depth - 1 if block in (None, -1) else block
+        if n_last > self.block + 1:
+            raise ConfigError(f"--n-last-blocks {n_last}: the token block {self.block} has only {self.block + 1} "
+                              "blocks up to it")
         self.blocks = blocks
+        self.n_last = n_last
         self.final_norm = final_norm
         self.encoder = encoder.eval().requires_grad_(False)
         self._kept: dict[int, Tensor] = {}
-        if blocks is not None:
-            for k in blocks[:-1]:
-                encoder.blocks[k].register_forward_hook(self._keeper(k))
+        self._concat = list(range(self.block - n_last + 1, self.block)) if n_last > 1 else []
+        for k in (blocks[:-1] if blocks is not None else self._concat):
+            encoder.blocks[k].register_forward_hook(self._keeper(k))
 
     def _keeper(self, k: int):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -75,11 +89,17 @@ class TokenSource(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         with torch.no_grad():
-            if self.blocks is None:
+            if self.blocks is None and not self._concat:
                 return self.encoder.forward_features(images)
             try:  # the hooks' tokens are dropped whatever happens (a failed pass must not hold them)
                 last = self.encoder.forward_features(images)
-                parts = [self.encoder.norm(self._kept[k]) for k in self.blocks[:-1]]
+                kept = self.blocks[:-1] if self.blocks is not None else self._concat
+                parts = [self.encoder.norm(self._kept[k]) for k in kept]
             finally:
                 self._kept.clear()
-            return torch.stack([*parts, last], 1)
+            return torch.stack([*parts, last], 1) if self.blocks is not None else torch.cat([*parts, last], -1)
+
+
+def source_block(source: Any) -> int:
+    """The block a token source (or its compiled wrapper) reads."""
+    return getattr(source, "_orig_mod", source).block

@@ -97,6 +97,9 @@ def load_probe_head(run: str | os.PathLike, head: str | None = None, encoder_inf
     it the run's ``results.json`` is read."""
     root = Path(run)
     raw, cfg = read_run_config(root)
+    if (cfg.n_last_blocks or 1) > 1:
+        raise ConfigError(f"probe run {root} concatenates the last {cfg.n_last_blocks} blocks' tokens "
+                          "(--n-last-blocks); its heads read tokens that abmilp:RUN does not give")
     results_path = root / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if encoder_info is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,7 +24,7 @@ from beyond_cls.probe.bank import HeadBank, parse_heads, selection_names, split_
 from beyond_cls.probe.cache import FeatureCache
 from beyond_cls.probe.config import ProbeConfig
 from beyond_cls.probe.distributed import DistEnv, all_gather_objects, init_distributed
-from beyond_cls.probe.features import TokenSource, check_block_token_bytes
+from beyond_cls.probe.features import TokenSource, check_block_token_bytes, source_block
 from beyond_cls.probe.fingerprint import dataset_fingerprint, fingerprint_file
 from beyond_cls.probe.logs import format_image_counts, format_table, write_csv, write_json_atomic
 from beyond_cls.probe.metrics import last_and_best
@@ -34,10 +32,21 @@ from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
 from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.state import STATE_FILE, load_state
 from beyond_cls.probe.streams import CachedStream, EncoderStream, make_loader, target_tensor
+from beyond_cls.probe.summary import summarize
 from beyond_cls.probe.trainer import ProbeTrainer, check_resumable
+from beyond_cls.run_summary import (
+    RunClock,
+    batch_line,
+    cache_state,
+    format_settings,
+    probe_rows,
+    probe_units,
+    settings_dict,
+)
 from beyond_cls.runlock import FolderLock, claim_output
 from beyond_cls.runtime import autocast, autocast_dtype
 from beyond_cls.selection import parse_method
+from beyond_cls.units import units_of
 
 __all__ = ["RESULTS_FILE", "run", "summarize"]
 
@@ -50,48 +59,6 @@ def _config(config: ProbeConfig | dict | str | Path) -> ProbeConfig:
     if isinstance(config, dict):
         return load_config(ProbeConfig, None, **config)
     return load_config(ProbeConfig, config)
-
-
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and (sample) std over seeds of every metric, one row per head (and token block)."""
-    by_head: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_head.setdefault(row["head"], []).append(row)
-    out = []
-    for group in by_head.values():
-        first = group[0]
-        summary = {k: first[k] for k in ("head", "block", "aggregation", "blr", "lr") if k in first}
-        for metric in ("top1", "top1_best", "top5", "mAP", "mAP_best", "entropy"):
-            values = [math.nan if r[metric] is None else r[metric] for r in group if metric in r]  # None: JSON's NaN
-            if not values:
-                continue
-            if any(math.isnan(v) for v in values):  # e.g. the entropy of [cls], which has none
-                summary[metric] = summary[f"{metric}_std"] = math.nan
-                continue
-            summary[metric] = statistics.fmean(values)
-            summary[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        if any("best_epoch" in r for r in group):
-            summary["best_epoch"] = [r.get("best_epoch") for r in group]  # per seed
-        summary["seeds"] = len(group)
-        out.append(summary)
-    mark_best(out)
-    return out
-
-
-def mark_best(summary: list[dict[str, Any]]) -> None:
-    """``best`` = "*" on the learning rate with the highest mean top-1 (mAP) of each aggregation (per token
-    block), else ""."""
-    metric = "mAP" if any("mAP" in row for row in summary) else "top1"
-    best: dict[tuple, dict[str, Any]] = {}
-    for row in summary:
-        row["best"] = ""
-        value = row.get(metric, math.nan)
-        group = (row.get("block"), row["aggregation"])
-        held = best.get(group)
-        if not math.isnan(value) and (held is None or value > held[metric]):
-            best[group] = row
-    for row in best.values():
-        row["best"] = "*"
 
 
 def _extract(
@@ -109,7 +76,9 @@ def _extract(
     writers = [None if c is None else c.writer(split, view, len(views), shape, env) for c, shape in zip(caches, shapes)]
     bar = tqdm(loader, total=len(sampler), desc=f"cache {split} view {view}", unit="batch", leave=False,
                disable=not (cfg.progress and env.is_main))
-    for batch in bar:
+    clock = RunClock(len(sampler))
+    clock.mark()
+    for i, batch in enumerate(bar, 1):
         images = batch.images_on(env.device, channels_last=cfg.channels_last)
         with autocast(cfg.precision, env.device):
             tokens, selections = source(images)
@@ -117,6 +86,11 @@ def _extract(
             if writer is not None:
                 rows = selections[:, m - k] if m >= k else tokens[:, m].contiguous() if tokens.dim() == 4 else tokens
                 writer.write(batch.indices, rows.float())
+        clock.advance()
+        line = None if cfg.progress or not env.is_main else batch_line(f"cache {split} view {view}", i, len(sampler),
+                                                                         clock, cfg.batch_size * env.world_size)
+        if line:
+            print(line, flush=True)
     for writer in writers:
         if writer is not None:
             writer.close()
@@ -135,6 +109,10 @@ def run(config: ProbeConfig | dict | str | Path) -> dict[str, Any]:
     base_lrs = cfg.base_lrs()
     env = init_distributed(cfg.device)
     try:
+        if cfg.eval:  # evaluation only: OUT's checkpoints, nothing trained or rewritten
+            from beyond_cls.probe.evaluate_only import evaluate_run
+
+            return evaluate_run(cfg, env, specs, base_lrs)
         with _output_folder(cfg, env):
             return _run(cfg, env, specs, base_lrs)
     finally:
@@ -159,7 +137,8 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     if blocks is not None:
         check_block_token_bytes(cfg.batch_size, len(blocks), info.num_tokens, info.embed_dim)
     tokens_only = TokenSource(encoder, info.block if blocks is None else None, info.final_norm,
-                              blocks=blocks).to(env.device)
+                              blocks=blocks, n_last=cfg.n_last_blocks or 1).to(env.device)
+    width = info.embed_dim * (cfg.n_last_blocks or 1)  # --n-last-blocks: tokens concatenated along the channels
     if cfg.channels_last:
         tokens_only = tokens_only.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -176,12 +155,8 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         tokens_only, selections, view_kwargs["mean"], view_kwargs["std"], img_size=cfg.img_size,
         weights_dir=cfg.weights_dir, device=env.device,
     )
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = {**asdict(cfg), "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective}
-        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     token_blocks = blocks or [None]
-    shapes = [(info.num_tokens, info.embed_dim)] * len(token_blocks) + [(info.num_patches,)] * len(selections)
+    shapes = [(info.num_tokens, width)] * len(token_blocks) + [(info.num_patches,)] * len(selections)
     fingerprint = {  # "amp": the autocast dtype, under the key existing caches were written with
         "model": cfg.model, "weights": fingerprint_file(info.checkpoint), "format": cfg.checkpoint_format,
         "init_seed": cfg.seed_list()[0] if info.checkpoint is None else None,  # random weights (torch.manual_seed)
@@ -190,13 +165,17 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         "dataset": cfg.dataset, "data": str(Path(cfg.data).resolve()), "subset": cfg.subset_file,
         "mean": view_kwargs["mean"], "std": view_kwargs["std"], "amp": str(autocast_dtype(cfg.precision, env.device)),
         "skip_bad": cfg.skip_bad_images,
+        **({"n_last_blocks": cfg.n_last_blocks} if (cfg.n_last_blocks or 1) > 1 else {}),  # concatenated tokens
     }
     train_targets, val_targets = target_tensor(train_set), target_tensor(val_set)
     contents = {} if cfg.cache is None else {  # a changed image, label or split re-extracts
         "train": dataset_fingerprint(train_set, train_targets, env),
         "val": dataset_fingerprint(val_set, val_targets, env),
     }
-    val_views = ViewDataset(val_set, train=False, **view_kwargs)
+    val_views = ViewDataset(val_set, train=False, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, **view_kwargs)
+    clock = _announce(cfg, env, info, source_block(tokens_only), blocks, accum, effective, train_set, val_set, len(
+        specs) * len(base_lrs) * len(token_blocks), lambda seed: _cache_state(
+        cfg, fingerprint, contents, seed, token_blocks, selections, train_set, val_views, view_kwargs))
     rows: list[dict[str, Any]] = []
     counts: dict[int, dict[str, int]] = {}  # per seed: images evaluated and skipped
     images_trained = 0
@@ -227,12 +206,13 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
                 cfg.channels_last,
             )
         bank = HeadBank(
-            specs, base_lrs, info.embed_dim, train_set.num_classes, info.num_prefix_tokens, info.has_class_token,
+            specs, base_lrs, width, train_set.num_classes, info.num_prefix_tokens, info.has_class_token,
             seed=seed, blocks=blocks, grid=info.grid_size, head_init=cfg.head_init,
+            n_last_blocks=cfg.n_last_blocks or 1,
         )
         trainer = ProbeTrainer(
             cfg, env, seed, out / f"seed{seed}", bank, stream, sampler.steps_per_epoch, effective, accum, multilabel,
-            micro_per_epoch=sampler.micro_per_epoch,
+            micro_per_epoch=sampler.micro_per_epoch, clock=clock, eval_batches=len(val_sampler),
         )
         final = trainer.fit()
         counts[seed] = trainer.image_counts()
@@ -249,10 +229,12 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     results = {
         "rows": rows, "summary": summary, "encoder": asdict(info), "config": asdict(cfg),
         "token_source": {"block": source_block(tokens_only), "blocks": blocks, "final_norm": info.final_norm,
-                         "source": info.source},
+                         "source": info.source, "n_last_blocks": cfg.n_last_blocks},
         "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective,
         "seconds": time.perf_counter() - started, "images_trained": images_trained,
         "images": {str(seed): c for seed, c in counts.items()},  # evaluated and skipped, per seed
+        "units": units_of(summary[0] if summary else ()),  # accuracies in %, entropies in nats
+        "normalization": {"mean": list(view_kwargs["mean"]), "std": list(view_kwargs["std"])},
     }
     if env.is_main:
         write_json_atomic(results, out / RESULTS_FILE)
@@ -267,6 +249,50 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
         print(format_image_counts(counts))
         print(f"wrote {out / RESULTS_FILE} and {out / 'results.csv'}")
     return results
+
+
+def _announce(
+    cfg: ProbeConfig, env: DistEnv, info: Any, block: int, blocks: list[int] | None, accum: int, effective: int,
+    train_set: Any, val_set: Any, heads: int, cache: Callable[[int], str],
+) -> RunClock:
+    """Print the resolved settings once (main process), write them with the resolved config into
+    ``config.yaml``, and return the clock of the whole run's ETA (every seed, evaluations included)."""
+    seed = cfg.seed_list()[0]
+    sampler = TrainBatchSampler(len(train_set), cfg.batch_size, accum, env.world_size, env.rank, seed=seed,
+                                views=cfg.views())
+    eval_batches = len(EvalBatchSampler(len(val_set), cfg.batch_size, env.world_size, env.rank))
+    if env.is_main:
+        rows = probe_rows(
+            cfg, info, device=env.device, dtype=autocast_dtype(cfg.precision, env.device), world_size=env.world_size,
+            accum=accum, effective=effective, train=(len(train_set), train_set.num_classes),
+            val=(len(val_set), val_set.num_classes), micro_per_epoch=sampler.micro_per_epoch,
+            steps_per_epoch=sampler.steps_per_epoch, eval_batches=eval_batches, block=block, blocks=blocks,
+            heads=heads, cache=None if cfg.cache is None else cache(seed),
+        )
+        print(format_settings(rows, f"probe {cfg.model} -> {cfg.out}"), flush=True)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {**asdict(cfg), "world_size": env.world_size, "accum_iter": accum, "effective_batch": effective,
+                    "settings": settings_dict(rows)}
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    units = probe_units(cfg.epochs, cfg.eval_every, sampler.micro_per_epoch, eval_batches)
+    return RunClock(len(cfg.seed_list()) * units)
+
+
+def _cache_state(
+    cfg: ProbeConfig, fingerprint: dict[str, Any], contents: dict[str, Any], seed: int, token_blocks: list[int | None],
+    selections: list[str], train_set: Any, val_views: ViewDataset, view_kwargs: dict[str, Any],
+) -> str:
+    """The cache folder and whether ``seed``'s shards are there (hit), partly (partial) or not at all (miss)."""
+    train_views = ViewDataset(train_set, train=True, seed=seed, crop=cfg.crop, **view_kwargs)
+    caches = _caches(cfg, fingerprint, seed, token_blocks, selections, {
+        "train": {"set": contents["train"], "views": train_views.spec.key()},
+        "val": {"set": contents["val"], "views": val_views.spec.key()},
+    })
+    done = lambda cache, split, view: (cache.dir / f"{split}_v{view}.done").exists()  # its marker; checked on use
+    shards = [(f"train view {v}" if split == "train" else split, done(c.of(split), split, v))
+              for c in caches for split, count in (("train", cfg.views() or 1), ("val", 1)) for v in range(count)]
+    return cache_state(shards, cfg.cache) + (" (train shards per seed)" if len(cfg.seed_list()) > 1 else "")
 
 
 def _speed(results: dict[str, Any]) -> str:
@@ -342,10 +368,6 @@ def _to_fill(caches: list[FeatureCache], split: str, view: int, env: DistEnv) ->
     with ExitStack() as held:
         fill = _on_main(env, lambda: decide(held))
         yield [c if f else None for c, f in zip(caches, fill)]
-
-
-def source_block(source: Any) -> int:
-    return getattr(source, "_orig_mod", source).block
 
 
 class _SplitCaches:

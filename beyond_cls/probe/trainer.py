@@ -46,7 +46,9 @@ from beyond_cls.probe.logs import MetricLog
 from beyond_cls.probe.metrics import mean_average_precision, topk_correct
 from beyond_cls.probe.state import STATE_FILE, STATE_VERSION, PreemptionWatch, load_state, save_atomic
 from beyond_cls.probe.step import BankStep
+from beyond_cls.run_summary import RunClock, format_duration, probe_units, progress_line
 from beyond_cls.runtime import autocast, autocast_dtype
+from beyond_cls.units import format_lrs
 
 __all__ = ["FAULT_ENV", "RESUME_KEYS", "NonFiniteLoss", "Preempted", "ProbeTrainer", "check_resumable"]
 
@@ -57,11 +59,12 @@ FAULT_ENV = "BEYOND_CLS_FAULT"
 RESUME_KEYS = (
     "model", "checkpoint", "checkpoint_format", "arch", "source", "dataset", "data", "subset_file", "img_size",
     "block", "blocks", "final_norm", "heads", "lrs", "blr", "lr", "min_lr", "epochs", "warmup_epochs", "optimizer",
-    "momentum", "weight_decay", "views", "mean", "std", "crop", "head_init",
+    "momentum", "weight_decay", "views", "mean", "std", "crop", "head_init", "n_last_blocks", "crop_pct",
+    "interpolation",
 )
 _PATH_KEYS = ("checkpoint", "data", "subset_file")
 # Settings added later, with the value the runs before them trained with (0.2: the crop and the head init).
-_ABSENT = {"crop": "torchvision", "head_init": "mae"}
+_ABSENT = {"crop": "torchvision", "head_init": "mae", "crop_pct": 0.875, "interpolation": "bicubic"}
 
 
 def _trained(config: dict[str, Any]) -> dict[str, Any]:
@@ -163,6 +166,8 @@ class ProbeTrainer:
         accum_iter: int,
         multilabel: bool,
         micro_per_epoch: int | None = None,
+        clock: RunClock | None = None,
+        eval_batches: int = 0,
     ) -> None:
         if steps_per_epoch < 1:
             raise ConfigError(
@@ -203,8 +208,21 @@ class ProbeTrainer:
         self._last_save = time.monotonic()
         self._good_state: Path | None = None  # this run's last state on disk (loaded or saved), if any
         self._pending: _StepFlags | None = None  # the last step's flags, not read yet
+        # the run's ETA: micro-batches and evaluation batches (eval_batches per evaluation and process) of every
+        # seed when the caller shares one clock among seeds, else this seed's
+        self.eval_batches = eval_batches
+        self.clock = clock or RunClock(self._units())
 
     # ----------------------------------------------------------------------------------- state
+    def _units(self) -> int:
+        return probe_units(self.cfg.epochs, self.cfg.eval_every, self.micro_per_epoch, self.eval_batches)
+
+    def _units_done(self) -> int:
+        """Units of :attr:`clock` a loaded state had done: its micro-batches and evaluations."""
+        if self.final is not None:
+            return self._units()
+        return self.epoch * self.micro_per_epoch + self.step * self.accum_iter + len(self.history) * self.eval_batches
+
     def _amp_dtype(self) -> torch.dtype | None:
         return autocast_dtype(self.cfg.precision, self.device)
 
@@ -343,12 +361,14 @@ class ProbeTrainer:
             desc=f"seed {self.seed} epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
         )
         stream = iter(bar)
+        self.clock.mark()
         for micro, (tokens, selections, targets, skipped) in enumerate(islice(stream, stepped - first), first):
             a = micro % accum
             if a == 0:
                 lr_factor = self._set_lr(self._at(micro))
             losses = self.steps.micro(tokens, selections, targets)
             step_loss += losses.double() / accum
+            self.clock.advance()
             window_images += tokens.shape[0]
             self.images_trained += tokens.shape[0] * self.env.world_size
             self._skipped_here += skipped
@@ -400,6 +420,7 @@ class ProbeTrainer:
                 self._set_lr(self._at(micro))
             losses = self.steps.micro(tokens, selections, targets).double()  # graph output: copied by the add
             total = losses + 0 if total is None else total + losses
+            self.clock.advance()
             self.images_trained += tokens.shape[0] * self.env.world_size
             self._skipped_here += skipped
         if total is None:
@@ -433,12 +454,21 @@ class ProbeTrainer:
         scalars = {f"loss/{e.key}": v for e, v in zip(self.bank.entries, losses)}
         scalars.update({"train/lr_factor": lr_factor, "train/images_per_s": ips})
         self.log.log(record, self.global_step, scalars)
-        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", lr=self._lr_text(), img_s=f"{ips:.0f}")
+        eta = format_duration(self.clock.eta())
+        loss = f"{sum(losses) / len(losses):.4g}"  # the bank's mean
+        if self.cfg.progress:
+            bar.set_postfix_str(f"loss {loss}, lr {self._lr_text()}, {ips:.0f} img/s, run ETA {eta}")
+        elif self.env.is_main:  # one line per window, e.g. for Slurm logs
+            print(progress_line([
+                ("seed", str(self.seed)), ("epoch", f"{self.epoch + 1}/{self.cfg.epochs}"),
+                ("step", f"{self.step}/{self.steps_per_epoch}"), ("loss", loss), ("lr", self._lr_text()),
+                ("img/s", f"{ips:.0f}"), ("ETA", eta),
+            ]), flush=True)
 
     def _lr_text(self) -> str:
         """The learning rate the optimizer applies now: one value, or the bank's lowest..highest."""
         rates = sorted({group["lr"] for group in self.optimizer.param_groups})
-        return f"{rates[0]:.3g}" if len(rates) == 1 else f"{rates[0]:.3g}..{rates[-1]:.3g}"
+        return "..".join(format_lrs([rates[0], rates[-1]] if len(rates) > 1 else rates))
 
     def _inject_fault(self) -> None:
         spec = os.environ.get(FAULT_ENV)
@@ -458,8 +488,10 @@ class ProbeTrainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # images evaluated, skipped
         scores: dict[str, list[Tensor]] = {e.key: [] for e in heads}
         labels: list[Tensor] = []
+        self.clock.mark()
         try:
             for tokens, selections, targets, skipped in self.stream.eval_batches():
+                self.clock.advance()
                 total[1] += skipped
                 if tokens.shape[0] == 0:
                     continue
@@ -502,6 +534,7 @@ class ProbeTrainer:
         path = self.resume_path()
         if path is not None:
             self.load(path)
+            self.clock.skip(self._units_done())
             if self.env.is_main:
                 where = ("finished: its final evaluation is reused" if self.final is not None else
                          f"at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}")

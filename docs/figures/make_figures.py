@@ -90,12 +90,12 @@ def _figures(work: Path) -> None:
     method = f"abmilp:{single}#{key}"
     aggr = work / "aggr"
     aggregations(AggregationsConfig(model=models[0], data=str(data), out=str(aggr), examples=3,
-                                    methods=f"attn-mean,attn-minent,attn-center,{method}", **COMMON))
+                                    heads=f"attn-mean,attn-minent,attn-center,{method}", **COMMON))
     _keep(aggr / "examples.png", "aggregations_examples.png", 256)
     _keep(aggr / "kl.png", "aggregations_kl.png", 256)
     loc = work / "loc"
-    result = localize(LocalizeConfig(model=models[0], data=str(data), boxes=str(boxes), out=str(loc), overlays=1,
-                                     maps=["cls-attn", method], **COMMON))
+    result = localize(LocalizeConfig(model=models[0], data=str(data), boxes=str(boxes), out=str(loc), examples=1,
+                                     heads=["cls-attn", method], **COMMON))
     overlays = [Path(p) for p in result["overlays"]]
     _keep(next(p for p in overlays if "_map1_" in p.name), "localize_map.png", 256)
     _keep(next(p for p in overlays if p.name.endswith("_boxes.png")), "localize_boxes.png")

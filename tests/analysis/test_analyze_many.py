@@ -100,7 +100,7 @@ def _recorded(checkpoint, dataset, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Atte
 def no_plots(monkeypatch):
     """Skip drawing (half a second per figure on 2 cores); records what would have been drawn."""
     drawn = []
-    monkeypatch.setattr(analyze_module, "plot_information_flow", lambda summaries, path: drawn.append(path.name))
+    monkeypatch.setattr(analyze_module, "plot_information_flow", lambda summaries, path, **kw: drawn.append(path.name))
     return drawn
 
 

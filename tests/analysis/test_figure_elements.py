@@ -209,11 +209,11 @@ def test_localize_titles_carry_each_image_iou(tmp_path, monkeypatch):
         return figs[-1]
 
     monkeypatch.setattr(localize_module, "overlay_figure", keep)
-    cfg = SimpleNamespace(img_size=32, maps=["cls-attn", LONG])
+    cfg = SimpleNamespace(img_size=32, heads=["cls-attn", LONG])
     corner = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     gt = [torch.tensor([[0, 0, 15, 15]]), torch.tensor([[18, 18, 31, 31]])]  # the map finds the first only
-    scores = {name: {"best_threshold": {0.5: 0.5}, "maxboxacc_v2": 0.5} for name in cfg.maps}
-    localize_module._overlays(cfg, [torch.rand(3, 32, 32)] * 2, {n: [corner, corner] for n in cfg.maps}, gt, scores,
+    scores = {name: {"best_threshold": {0.5: 0.5}, "maxboxacc_v2": 50.0} for name in cfg.heads}  # %
+    localize_module._overlays(cfg, [torch.rand(3, 32, 32)] * 2, {n: [corner, corner] for n in cfg.heads}, gt, scores,
                               ["x/a.jpg", "x/b.jpg"], tmp_path)
     titles = [f.axes[0].get_title() for f in figs if len(f.axes) == 2]  # the map overlays, each with a colour bar
     assert len(titles) == 4

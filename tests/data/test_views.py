@@ -402,3 +402,43 @@ def test_batch_pin_memory_and_device_options(files, decode):
     assert out.dtype == torch.bfloat16 and out.shape == (3, 3, 32, 32)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert len(batch.encoded) == (3 if decode == "gpu" else 0)
+
+
+@pytest.mark.parametrize("crop_pct, interpolation", [(0.875, "bicubic"), (0.95, "bilinear"), (1.0, "nearest"),
+                                                     (0.8, "lanczos")])
+def test_eval_view_crop_pct_and_interpolation_are_timms(files, crop_pct, interpolation):
+    """The eval view (``--crop-pct``, ``--interpolation``) is torchvision's Resize(floor(img_size / crop_pct)) with that
+    interpolation, then CenterCrop(img_size), as timm's eval transform; ``eval_transform`` is the same."""
+    from torchvision import transforms as T
+
+    size, mean, std = 48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    resize = int(np.floor(size / crop_pct))
+    expected = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode(interpolation)), T.CenterCrop(size),
+                          T.ToTensor(), T.Normalize(mean, std)])
+    ds = ViewDataset(FileSet(files["jpegs"]), train=False, img_size=size, mean=mean, std=std, crop_pct=crop_pct,
+                     interpolation=interpolation)
+    assert ds.spec.resize_size == resize and ds.spec.interpolation == interpolation
+    ours = eval_transform(size, crop_pct, mean, std, interpolation)
+    for i, path in enumerate(files["jpegs"]):
+        want = expected(load_rgb(path))
+        assert torch.equal(ds[i].image, want) and torch.equal(ours(load_rgb(path)), want)
+
+
+def test_eval_view_settings_enter_the_cache_key(files):
+    """crop_pct (through resize_size) and a non-bicubic interpolation change an eval view's cache key; the bicubic
+    default keeps the key of caches written before the setting existed; train views ignore both."""
+    base = FileSet(files["jpegs"])
+    old_fields = {"train", "img_size", "resize_size", "mean", "std", "seed", "decode", "skip_bad_images"}
+    default = ViewDataset(base, train=False, img_size=224).spec.key()
+    assert set(default) == old_fields and default["resize_size"] == 256
+    assert ViewDataset(base, train=False, img_size=224, crop_pct=1.0).spec.key() == {**default, "resize_size": 224}
+    bilinear = ViewDataset(base, train=False, img_size=224, interpolation="bilinear").spec.key()
+    assert bilinear == {**default, "interpolation": "bilinear"}
+    train = ViewDataset(base, train=True, img_size=224, interpolation="bilinear", crop_pct=0.5).spec
+    assert train.interpolation is None and train == ViewDataset(base, train=True, img_size=224).spec
+    with pytest.raises(ValueError, match="interpolation"):
+        ViewDataset(base, train=False, interpolation="cubic")
+    with pytest.raises(ValueError, match="bicubic only"):
+        ViewDataset(base, train=False, decode="gpu", interpolation="bilinear")
+    with pytest.raises(ValueError, match="crop_pct"):
+        ViewDataset(base, train=False, crop_pct=1.5)

@@ -232,8 +232,8 @@ def test_single_exact_box():
     # the official box runs one pixel past the last foreground pixel on the right and bottom
     assert best_boxes(maps, 0.5).tolist() == [[30, 50, 120, 100]]
     result = max_box_acc_v2(maps, [torch.tensor([[30, 50, 120, 100]])])
-    assert result["maxboxacc_v2"] == 1.0 and result["num_images"] == 1
-    assert result["maxboxacc"] == {0.3: 1.0, 0.5: 1.0, 0.7: 1.0}
+    assert result["maxboxacc_v2"] == 100.0 and result["num_images"] == 1  # in %
+    assert result["maxboxacc"] == {0.3: 100.0, 0.5: 100.0, 0.7: 100.0}
     assert result["best_threshold"] == {0.3: 0.0, 0.5: 0.0, 0.7: 0.0}
     # the pixel extent itself: IoU (90 * 50) / (91 * 51)
     ious = best_ious(maps, [torch.tensor([30, 50, 119, 99])])
@@ -244,7 +244,7 @@ def test_all_components_count_the_smaller_matching_one():
     size = (96, 96)
     maps = _box_map(size, (0, 0, 59, 59), (75, 70, 84, 79))
     gt = [torch.tensor([[75, 70, 85, 80]])]
-    assert max_box_acc_v2(maps, gt, image_size=size)["maxboxacc_v2"] == 1.0
+    assert max_box_acc_v2(maps, gt, image_size=size)["maxboxacc_v2"] == 100.0
     assert best_boxes(maps, 0.5, gt, image_size=size).tolist() == [[75, 70, 85, 80]]
     # without ground truth: the largest component
     assert best_boxes(maps, 0.5, image_size=size).tolist() == [[0, 0, 60, 60]]
@@ -263,7 +263,7 @@ def test_hole_contours_are_boxes_too():
     hole_box = torch.tensor([[13, 13, 27, 27]])  # grown by one pixel, right/bottom one more
     assert best_boxes(maps, 0.5, [hole_box], image_size=(64, 64)).tolist() == hole_box.tolist()
     result = max_box_acc_v2(maps, [hole_box], image_size=(64, 64))
-    assert result["maxboxacc"][0.7] == 1.0  # the outer box alone has IoU 225 / 441
+    assert result["maxboxacc"][0.7] == 100.0  # the outer box alone has IoU 225 / 441
 
 
 def test_threshold_is_strict_on_the_quantized_map():
@@ -295,10 +295,10 @@ def test_low_resolution_map_is_upsampled():
     low[0, 3, 5] = 1.0  # the 16-pixel patch x 80..95, y 48..63
     gt = [torch.tensor([[80, 48, 96, 64]])]
     result = max_box_acc_v2(low, gt)
-    assert result["maxboxacc"][0.5] == 1.0
+    assert result["maxboxacc"][0.5] == 100.0
     box = best_boxes(low, result["best_threshold"][0.7], gt)[0]
     assert box_iou(box, gt[0][0]) >= 0.7
-    assert max_box_acc_v2(low, gt, interpolation="bilinear")["maxboxacc"][0.5] == 1.0
+    assert max_box_acc_v2(low, gt, interpolation="bilinear")["maxboxacc"][0.5] == 100.0
 
 
 @pytest.mark.parametrize("index", range(len(PINNED)))
@@ -347,7 +347,7 @@ def test_accumulator_equals_one_shot():
     a.update(maps[:4], gts[:4])
     b.update(maps[4:], gts[4:])
     assert a.merge(b).compute() == one_shot
-    assert 0 < one_shot["maxboxacc_v2"] < 1
+    assert 0 < one_shot["maxboxacc_v2"] < 100
     assert one_shot["maxboxacc_v2"] == pytest.approx(sum(one_shot["maxboxacc"].values()) / 3)
 
 

@@ -142,6 +142,29 @@ def test_hf_model_loads_exactly(saved, key):
 
 
 @needs_hf
+@pytest.mark.parametrize("key", ["vit", "deit", "vit_mae", "ijepa", "dinov2_reg", "beit", "data2vec"])
+def test_in_place_recorder_agrees_with_the_loaded_encoder(saved, key):
+    """The same saved model two ways: loaded with ``hf:DIR`` and recorded by AttentionRecorder, and recorded in place
+    by HFAttentionRecorder in its own ``transformers`` forward: the same fields, the same statistics."""
+    from beyond_cls.analysis.hf_recorder import HFAttentionRecorder
+
+    folder, base = saved[key]
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    enc = load_encoder(f"hf:{folder}", img_size=32)
+    with torch.no_grad(), AttentionRecorder(enc) as ours:
+        enc.forward_features(images)
+    keep_order = "noise" in inspect.signature(base.forward).parameters  # ViT-MAE: ascending noise, patches in order
+    kwargs = {"noise": torch.arange(16.0).expand(3, 16)} if keep_order else {}
+    with torch.no_grad(), HFAttentionRecorder(base) as in_place:
+        base(pixel_values=images, **kwargs)
+    assert base.config._attn_implementation == "eager"  # restored
+    a, b = ours.summary().fields(), in_place.summary().fields()
+    assert set(a) == set(b) and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_hf
 def test_hf_normalization_and_notes(saved):
     dinov2 = load_encoder(f"hf:{saved['dinov2'][0]}", img_size=32).beyond_cls_info
     assert dinov2.mean == (0.485, 0.456, 0.406) and dinov2.std == (0.229, 0.224, 0.225)

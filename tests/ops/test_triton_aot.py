@@ -4,7 +4,8 @@ specialized by Triton's own binder (``beyond_cls.kernels.aot``). The bf16 config
 spill registers nor exceed shared memory.
 
 The compiles run in a fresh interpreter (this file as a script: kernels must be decorated without
-TRITON_INTERPRET to compile), started in the background after collection (see tests/conftest.py).
+TRITON_INTERPRET to compile), started in the background after collection (see tests/conftest.py); under
+pytest-xdist by the fixture of the worker that runs this file, first.
 """
 
 from __future__ import annotations

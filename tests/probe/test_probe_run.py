@@ -21,6 +21,7 @@ from beyond_cls.probe import NonFiniteLoss, ProbeConfig, run
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.logs import json_safe
 from beyond_cls.probe.state import load_state
+from beyond_cls.units import format_lrs
 
 
 def _flags(**kw) -> list[str]:
@@ -427,11 +428,11 @@ def test_probe_on_cuda_with_gpu_decoding(dataset, tmp_path, compile_encoder, blo
 def test_progress_bar_shows_the_learning_rates_applied(dataset, tmp_path, capfd):
     """lr= is the optimizer's rate (base lr × batch/256 × schedule factor), not the schedule factor."""
     run(dict(TINY, data=str(dataset), out=str(tmp_path), progress=True, epochs=2))
-    shown = set(re.findall(r"lr=([0-9.e+-]+)\.\.([0-9.e+-]+)", capfd.readouterr().err))
+    shown = set(re.findall(r"lr ([0-9.e+-]+)\.\.([0-9.e+-]+), \d+ img/s, run ETA ", capfd.readouterr().err))
     logged = [json.loads(line) for line in (tmp_path / "seed0" / "metrics.jsonl").read_text().splitlines()]
     factors = [r["lr_factor"] for r in logged if "lr_factor" in r]
     scale = 8 / 256  # effective batch 8
-    expected = {(f"{0.1 * scale * f:.3g}", f"{1.0 * scale * f:.3g}") for f in factors}
+    expected = {tuple(format_lrs([0.1 * scale * f, 1.0 * scale * f])) for f in factors}
     assert shown and shown <= expected
 
 

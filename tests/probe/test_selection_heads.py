@@ -166,7 +166,7 @@ def test_probe_with_non_trainable_heads_cached_equals_uncached(dataset, tmp_path
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.bin")} == stamps
     # the eval entropies are those the aggregations job measures on the same images and random encoders
     table = aggregations(AggregationsConfig(data=str(dataset), out=str(tmp_path / "agg"), split="val",
-                                            methods=HEADS.split(",", 1)[1], model="vit_tiny_patch16_224",
+                                            heads=HEADS.split(",", 1)[1], model="vit_tiny_patch16_224",
                                             img_size=32, num_workers=0, progress=False, examples=0, device="cpu"))
     for row in table["methods"]:
         assert ent[row["method"]] == pytest.approx(row["entropy"], abs=1e-5), row["method"]

@@ -1,0 +1,152 @@
+"""``probe --eval``: evaluate the heads of a probe run's checkpoints on the eval split, training state untouched.
+
+Each seed's checkpoint (finished, or the latest of an unfinished run) is loaded into the head bank its settings
+build; the encoder runs on the eval split (no feature cache) and :meth:`ProbeTrainer.evaluate` scores the heads
+exactly as training's final evaluation does. ``eval.json`` and ``eval.csv`` are written beside the run's results;
+nothing else in the folder changes. The settings that decide what is evaluated (encoder, token source, data,
+normalization, heads and lrs) must be the run's; the eval view (``--crop-pct``, ``--interpolation``) may differ, and
+training-only settings (schedule, optimizer, train crop, cache) are not read.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from beyond_cls.config import ConfigError
+from beyond_cls.data.datasets import build_dataset
+from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from beyond_cls.data.views import ViewDataset
+from beyond_cls.models import load_encoder
+from beyond_cls.probe.bank import HeadBank, head_key, legacy_bank_state, selection_names
+from beyond_cls.probe.config import ProbeConfig
+from beyond_cls.probe.distributed import DistEnv
+from beyond_cls.probe.features import TokenSource, source_block
+from beyond_cls.probe.logs import format_table, write_csv, write_json_atomic
+from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
+from beyond_cls.probe.selections import SelectionSource
+from beyond_cls.probe.state import STATE_FILE, load_state
+from beyond_cls.probe.streams import EncoderStream
+from beyond_cls.probe.summary import summarize
+from beyond_cls.probe.trainer import ProbeTrainer, _trained
+from beyond_cls.runlock import claim_output
+
+__all__ = ["EVAL_FILE", "EVALUATED_KEYS", "check_evaluable", "evaluate_run"]
+
+EVAL_FILE = "eval.json"
+#: Settings a checkpoint's heads were trained on that ``--eval`` must repeat (resume keys less the training-only
+#: ones and the eval view's crop_pct / interpolation).
+EVALUATED_KEYS = ("model", "checkpoint", "checkpoint_format", "arch", "source", "dataset", "data", "subset_file",
+                  "img_size", "block", "blocks", "n_last_blocks", "final_norm", "mean", "std")
+
+
+def check_evaluable(path: Path, state: dict[str, Any], cfg: ProbeConfig, keys: list[str]) -> None:
+    """One-line ConfigError naming each :data:`EVALUATED_KEYS` setting (saved → given) in which ``cfg`` differs from
+    the run that wrote ``state`` (read from ``path``), or the head keys when ``keys`` are not the checkpoint's."""
+    saved, given = _trained(state["config"]), _trained(asdict(cfg))
+    diffs = [f"{k}: {saved[k]!r} → {given[k]!r}" for k in EVALUATED_KEYS if saved[k] != given[k]]
+    if diffs:
+        raise ConfigError(f"--eval: {path} was trained with other model/data settings ({', '.join(diffs)}); give the "
+                          "run's settings (its config.yaml)")
+    if list(state["heads"]) != list(keys):
+        raise ConfigError(f"--eval: {path} holds heads {', '.join(state['heads'])}; these --heads / --lrs make "
+                          f"{', '.join(keys)}; give the run's --heads and --lrs (or --blr)")
+
+
+def _checkpoints(cfg: ProbeConfig) -> dict[int, Path]:
+    """Each seed's checkpoint in ``--out``; a one-line ConfigError when one is missing."""
+    out = Path(cfg.out)
+    paths = {seed: out / f"seed{seed}" / STATE_FILE for seed in cfg.seed_list()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(f"--eval: {out} holds no probe checkpoint {missing[0]} (seeds {cfg.seeds}); give the "
+                          "--out of a probe run that has saved one")
+    return paths
+
+
+def evaluate_run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]) -> dict[str, Any]:
+    """Evaluate every seed's checkpoint in ``cfg.out``; return ``{"rows", "summary", ...}`` as written to
+    ``eval.json`` (rows: the final-evaluation metrics of each head, its checkpoint's epoch and ``finished``)."""
+    started = time.perf_counter()
+    paths = _checkpoints(cfg)
+    states = {seed: load_state(path) for seed, path in paths.items()}
+    listed = cfg.block_list(None)  # the settings are checked before anything loads; "all" once the depth is known
+    groups: list[int | None] = [None] if listed is None else listed
+    if listed != []:
+        for seed, state in states.items():
+            check_evaluable(paths[seed], state, cfg, [head_key(s, lr, b) for b in groups for s in specs
+                                                       for lr in base_lrs])
+    out = Path(cfg.out)
+    options = {"subset_file": cfg.subset_file} if cfg.subset_file else {}
+    train_set = build_dataset(cfg.dataset, cfg.data, "train", **options)
+    val_set = build_dataset(cfg.dataset, cfg.data, "val", **options)
+    multilabel = bool(getattr(train_set, "multilabel", False))
+    torch.manual_seed(cfg.seed_list()[0])  # the run's randomly initialized encoder (no --checkpoint), as run() draws it
+    encoder = load_encoder(
+        cfg.model, cfg.checkpoint, checkpoint_format=cfg.checkpoint_format, arch=cfg.arch, img_size=cfg.img_size,
+        block=cfg.block, final_norm=cfg.final_norm, source=cfg.source, weights_dir=cfg.weights_dir,
+    )
+    info = encoder.beyond_cls_info
+    blocks = cfg.block_list(info.depth)
+    n_last = cfg.n_last_blocks or 1
+    tokens_only = TokenSource(encoder, info.block if blocks is None else None, info.final_norm, blocks=blocks,
+                              n_last=n_last).to(env.device)
+    mean, std = cfg.normalization()
+    view_kwargs = dict(img_size=cfg.img_size, mean=mean or info.mean or IMAGENET_MEAN,
+                       std=std or info.std or IMAGENET_STD, decode=cfg.decode, skip_bad_images=cfg.skip_bad_images)
+    source = SelectionSource(tokens_only, selection_names(specs, blocks), view_kwargs["mean"], view_kwargs["std"],
+                             img_size=cfg.img_size, weights_dir=cfg.weights_dir, device=env.device)
+    train_views = ViewDataset(train_set, train=True, crop=cfg.crop, **view_kwargs)  # never read
+    val_views = ViewDataset(val_set, train=False, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+                            **view_kwargs)
+    rows: list[dict[str, Any]] = []
+    with claim_output(out, "probe") if env.is_main else nullcontext():  # no training run writes there meanwhile
+        for seed, state in states.items():
+            args = (specs, base_lrs, info.embed_dim * n_last, train_set.num_classes, info.num_prefix_tokens,
+                    info.has_class_token)
+            kwargs = dict(seed=seed, blocks=blocks, grid=info.grid_size, n_last_blocks=n_last)
+            bank = HeadBank(*args, **kwargs)
+            check_evaluable(paths[seed], state, cfg, [e.key for e in bank.entries])
+            if legacy_bank_state(state["bank"], bank.state_dict()):  # written by beyond-cls 0.1
+                bank = HeadBank(*args, **kwargs, legacy=True)
+            bank.load_state_dict(state["bank"])
+            sampler = TrainBatchSampler(len(train_set), cfg.batch_size, 1, env.world_size, env.rank, seed=seed)
+            val_sampler = EvalBatchSampler(len(val_set), cfg.batch_size, env.world_size, env.rank)
+            stream = EncoderStream(source, train_views, val_views, sampler, val_sampler, cfg.num_workers, env.device,
+                                   cfg.precision, cfg.channels_last)
+            trainer = ProbeTrainer(cfg, env, seed, out / f"seed{seed}", bank, stream, max(sampler.steps_per_epoch, 1),
+                                   state["effective_batch"], 1, multilabel, eval_batches=len(val_sampler))
+            trainer.log.enabled = False  # metrics.jsonl is the training's record
+            results = trainer.evaluate()
+            counts = {"eval_images": trainer.eval_images, "eval_skipped": trainer.eval_skipped}
+            for entry in bank.entries:
+                lr = state["config"].get("lr") or entry.blr * state["effective_batch"] / 256
+                block = source_block(tokens_only) if entry.block is None else entry.block
+                rows.append({"seed": seed, "head": entry.key, "aggregation": entry.spec, "blr": entry.blr, "lr": lr,
+                             **results[entry.key], "epoch": state["epoch"], "finished": state["final"] is not None,
+                             **counts, "block": block})
+            del stream, trainer
+        summary = summarize(rows)
+        report = {
+            "rows": rows, "summary": summary, "encoder": asdict(info), "config": asdict(cfg),
+            "checkpoints": {str(seed): str(path) for seed, path in paths.items()},
+            "eval_view": {"crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation,
+                          "resize_size": val_views.spec.resize_size},
+            "seconds": time.perf_counter() - started,
+        }
+        if env.is_main:
+            write_json_atomic(report, out / EVAL_FILE)
+            write_csv(rows, out / "eval.csv")
+            metrics = ["mAP"] if multilabel else ["top1", "top5"]
+            columns = ["aggregation", "blr", "lr", *metrics, "entropy", "best"]
+            print(format_table(summary, columns if blocks is None else ["block", *columns]))
+            epochs = sorted({(r["epoch"], r["finished"]) for r in rows})
+            print("evaluated checkpoints at epoch " + ", ".join(f"{e}{'' if f else ' (unfinished)'}" for e, f in epochs)
+                  + f"; eval view: resize {val_views.spec.resize_size} ({cfg.interpolation}), crop {cfg.img_size}")
+            print(f"wrote {out / EVAL_FILE} and {out / 'eval.csv'}")
+    return report
