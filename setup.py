@@ -49,6 +49,7 @@ setup(
         "beyond_cls",
         "beyond_cls.analysis",
         "beyond_cls.data",
+        "beyond_cls.data.layouts",
         "beyond_cls.heads",
         "beyond_cls.localization",
         "beyond_cls.models",

@@ -85,7 +85,7 @@ def _compare(cfg: CompareConfig) -> None:
 
 
 def _probe_report(cfg: ProbeReportConfig) -> None:
-    from beyond_cls.probe.layers_report import probe_report
+    from beyond_cls.analysis.layers_report import probe_report
 
     files = probe_report(cfg.run, cfg.out, analyze=cfg.analyze)
     print(f"wrote {files['figure']} and {files['csv']}")
@@ -93,7 +93,7 @@ def _probe_report(cfg: ProbeReportConfig) -> None:
 
 def _zoo(cfg: ZooConfig) -> None:
     from beyond_cls.models.zoo_table import zoo_rows
-    from beyond_cls.probe.logs import format_table
+    from beyond_cls.tables import format_table
 
     rows = zoo_rows(cfg.weights_dir, check=cfg.check)
     columns = ["name", "family", "architecture", "params (M)", "file", "present"] + (["check"] if cfg.check else [])

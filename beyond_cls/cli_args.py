@@ -24,8 +24,14 @@ def _formats() -> list[str]:
     return ["auto", *CHECKPOINT_FORMATS]
 
 
+def _datasets() -> Sequence[str]:
+    from beyond_cls.data.registry import dataset_names
+
+    return dataset_names()
+
+
 # Choices whose registry fills at import time: looked up when a parser is built.
-LATE_CHOICES: dict[str, Callable[[], Sequence[str]]] = {"checkpoint_format": _formats}
+LATE_CHOICES: dict[str, Callable[[], Sequence[str]]] = {"checkpoint_format": _formats, "dataset": _datasets}
 
 
 def flag(name: str) -> str:

@@ -306,8 +306,8 @@ SOURCE = Setting(None, help="sub-model of a training checkpoint: I-JEPA target_e
 WEIGHTS_DIR = Setting(None, help="folder with the zoo's official files", group="model", shown="$BEYOND_CLS_WEIGHTS")
 IMG_SIZE = Setting(224, help="input resolution", group="data", number=POSITIVE_INT)
 DATA = Setting(help="dataset root folder (ImageFolder: SPLIT/<class>/<images>, or --dataset's layout)", group="data")
-DATASET = Setting("imagefolder", help="dataset adapter of --data: imagefolder, imagenet, imagenet1pct, cub, food101, "
-                  "cars, pets, coco, nuswide, synthetic, wds (shards)", group="data")
+#: its choices are the dataset registry's names (beyond_cls.data.registry), filled in where the flags are made
+DATASET = Setting("imagefolder", help="dataset layout of --data (README: the datasets table)", group="data")
 SPLIT = Setting("val", help="split folder under --data; train or val for other adapters", group="data")
 MAX_IMAGES = Setting(None, help="at most this many images: a random sample drawn with --seed (recorded), not the "
                      "first ones", group="data", shown="all", number=POSITIVE_INT)

@@ -19,7 +19,7 @@ checkpoint. (``abmilp:RUN@KEY`` is accepted too.)
 The central patch of a ``gh x gw`` grid is row ``gh // 2``, column ``gw // 2``, i.e. patch index
 ``(gh // 2) * gw + gw // 2``: the exact centre for odd sizes, the patch below and right of it for even ones
 (14 x 14: row 7, column 7, index 105). The attention rows come from one fused pass per encoder and batch
-(:class:`~beyond_cls.analysis.row_capture.RowCapture`); :class:`~beyond_cls.analysis.selection_runner.SelectionRunner`
+(:class:`~beyond_cls.capture.RowCapture`); :class:`~beyond_cls.analysis.selection_runner.SelectionRunner`
 computes the vectors of several methods, :func:`~beyond_cls.probe.head_loading.load_probe_head` loads trained heads.
 """
 
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from beyond_cls.config import ConfigError
+from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.numerics import entropy
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "attention_queries",
     "attention_selection",
     "center_patch",
+    "encoder_norm",
     "kl",
     "parse_method",
     "parse_methods",
@@ -139,6 +141,13 @@ def attention_queries(info) -> tuple[int, ...]:
     return (0, centre) if info.has_class_token else (centre,)
 
 
+def encoder_norm(info, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std an encoder's images are normalized with: the given ones, else the encoder's own
+    (``info`` an EncoderInfo), else ImageNet's. One rule for probed encoders and guides (a guide's: its own)."""
+    return tuple(mean or info.mean or IMAGENET_MEAN), tuple(std or info.std or IMAGENET_STD)
+
+
 def kl(p: Tensor, q: Tensor, reduction: str = "mean") -> Tensor:
     """KL(p || q) = sum_i p_i (log p_i - log q_i) over the last dim, in nats; ``reduction`` ``mean`` (over the
     leading dims, e.g. images) or ``none``.
@@ -162,12 +171,13 @@ def kl(p: Tensor, q: Tensor, reduction: str = "mean") -> Tensor:
 def attention_selection(method: str, rows: Tensor, num_prefix_tokens: int) -> Tensor:
     """Selection ``[B, num_patches]`` of an attention method from last-block kept rows ``[B, H, R, N]``.
 
-    Row 0 must be [cls]'s (``attn-mean``, ``attn-minent``) and the last row the central patch's
-    (``attn-center``), as :func:`attention_queries` orders them. Computed in float64.
+    Row 0 must be [cls]'s (``attn-mean``, ``attn-minent``, ``guide``: a guide's selection is its ``attn-mean``)
+    and the last row the central patch's (``attn-center``), as :func:`attention_queries` orders them. Computed
+    in float64.
     """
     rows = rows.double()
     patches = rows[..., num_prefix_tokens:]  # [B, H, R, P]
-    if method == "attn-mean":
+    if method in ("attn-mean", "guide"):
         return renormalize(patches[:, :, 0].mean(1))
     if method == "attn-center":
         return renormalize(patches[:, :, -1].mean(1))
@@ -175,7 +185,7 @@ def attention_selection(method: str, rows: Tensor, num_prefix_tokens: int) -> Te
         per_head = renormalize(patches[:, :, 0])  # [B, H, P]
         best = entropy(per_head).argmin(1)  # [B]
         return per_head[torch.arange(per_head.shape[0], device=per_head.device), best]
-    raise ValueError(f"unknown attention method {method!r}; expected one of {ATTENTION_METHODS}")
+    raise ValueError(f"unknown attention method {method!r}; expected one of {(*ATTENTION_METHODS, 'guide')}")
 
 
 def scores_selection(scores: Tensor, with_cls: bool) -> Tensor:

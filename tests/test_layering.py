@@ -1,4 +1,6 @@
-"""The package's modules form layers: no import cycle, counting imports placed inside functions."""
+"""The package's modules form layers: no import cycle between modules, and each package (or top-level module)
+imports only entries of lower layers (:data:`LAYERS`, written down in the README), counting imports placed inside
+functions."""
 
 from __future__ import annotations
 
@@ -8,6 +10,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Lowest first. An entry is a subpackage of beyond_cls or one of its top-level modules ("beyond_cls" is the
+# package's own __init__); it may import only entries of lower layers, never one of its own layer.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("numerics", "value_types", "triton_mode", "units", "fileio", "_extension", "optim"),
+    ("config", "reference"),
+    ("runlock", "runtime", "kernels"),
+    ("ops", "data"),
+    ("models", "localization", "selection"),
+    ("capture", "heads", "run_summary", "tables"),
+    ("probe",),
+    ("analysis",),
+    ("beyond_cls", "demo", "cli_args", "cli_configs"),
+    ("cli",),
+    ("__main__",),
+)
 
 
 def package_modules() -> dict[str, Path]:
@@ -90,6 +108,63 @@ def import_graph() -> dict[str, set[str]]:
     return {name: _imports(name, path, modules) for name, path in modules.items()}
 
 
+def layer_entry(module: str) -> str:
+    """The :data:`LAYERS` entry of a module: its subpackage or top-level module (``beyond_cls`` for the root)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer_violations(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], ...] = LAYERS) -> list[str]:
+    """Imports that do not go down the layers (or leave an entry no layer lists), one line each."""
+    level = {entry: i for i, layer in enumerate(layers) for entry in layer}
+    found = []
+    for module, imports in sorted(graph.items()):
+        entry = layer_entry(module)
+        if entry not in level:
+            found.append(f"{module}: {entry!r} is in no layer")
+            continue
+        for target in sorted(imports):
+            other = layer_entry(target)
+            if other != entry and other in level and level[other] >= level[entry]:
+                found.append(f"{module} -> {target} ({entry} may not import {other}: same or higher layer)")
+    return found
+
+
+def test_packages_import_only_lower_layers():
+    violations = layer_violations(import_graph())
+    assert not violations, "imports against the layer order (README, Development):\n  " + "\n  ".join(violations)
+
+
+def test_every_layer_entry_exists():
+    entries = {layer_entry(m) for m in package_modules()}
+    listed = [e for layer in LAYERS for e in layer]
+    assert len(listed) == len(set(listed)), "an entry is listed twice"
+    assert set(listed) == entries, f"missing {sorted(entries - set(listed))}, stale {sorted(set(listed) - entries)}"
+
+
+@pytest.mark.parametrize(
+    "graph, expected",
+    [  # the two cycles between packages this check was written for (module by module they were acyclic)
+        ({"beyond_cls.probe.selections": {"beyond_cls.analysis.row_capture"},
+          "beyond_cls.analysis.compare": {"beyond_cls.probe.logs"},
+          "beyond_cls.analysis.row_capture": set(), "beyond_cls.probe.logs": set()},
+         ["beyond_cls.probe.selections -> beyond_cls.analysis.row_capture (probe may not import analysis: same "
+          "or higher layer)"]),
+        ({"beyond_cls.kernels.attention_stats": {"beyond_cls.ops._dispatch"}, "beyond_cls.ops._dispatch": set()},
+         ["beyond_cls.kernels.attention_stats -> beyond_cls.ops._dispatch (kernels may not import ops: same or "
+          "higher layer)"]),
+        ({"beyond_cls.heads.abmilp": {"beyond_cls.capture"}, "beyond_cls.capture": set()},
+         ["beyond_cls.heads.abmilp -> beyond_cls.capture (heads may not import capture: same or higher layer)"]),
+        ({"beyond_cls.cli": {"beyond_cls.probe.run", "beyond_cls"}, "beyond_cls.probe.run": {"beyond_cls.probe"},
+          "beyond_cls": set(), "beyond_cls.probe": set()}, []),
+        ({"beyond_cls.extra": {"beyond_cls.ops"}, "beyond_cls.ops": set()},
+         ["beyond_cls.extra: 'extra' is in no layer"]),
+    ],
+)
+def test_the_layer_check_finds_imports_that_go_up(graph, expected):
+    assert layer_violations(graph) == expected
+
+
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
     cycles = _cycles(graph)
@@ -121,3 +196,25 @@ def test_imports_inside_functions_count(tmp_path):
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert graph["beyond_cls.a"] == {"beyond_cls.b"} and graph["beyond_cls.b"] == {"beyond_cls.a"}
     assert _cycles(graph) == [["beyond_cls.a", "beyond_cls.b"]]
+
+
+def test_a_lazy_import_up_the_layers_counts(tmp_path):
+    pkg = tmp_path / "beyond_cls"
+    (pkg / "probe").mkdir(parents=True)
+    (pkg / "analysis").mkdir()
+    for path in (pkg / "__init__.py", pkg / "probe" / "__init__.py", pkg / "analysis" / "__init__.py"):
+        path.write_text("")
+    (pkg / "probe" / "report.py").write_text("def f():\n    from ..analysis import summary\n")
+    (pkg / "analysis" / "summary.py").write_text("X = 1\n")
+    modules = {
+        "beyond_cls": pkg / "__init__.py",
+        "beyond_cls.probe": pkg / "probe" / "__init__.py",
+        "beyond_cls.probe.report": pkg / "probe" / "report.py",
+        "beyond_cls.analysis": pkg / "analysis" / "__init__.py",
+        "beyond_cls.analysis.summary": pkg / "analysis" / "summary.py",
+    }
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert graph["beyond_cls.probe.report"] == {"beyond_cls.analysis.summary"}
+    assert layer_violations(graph) == [
+        "beyond_cls.probe.report -> beyond_cls.analysis.summary (probe may not import analysis: same or higher layer)"
+    ]

@@ -14,11 +14,11 @@ import torch
 from tiny_probe import trained_probe
 
 from beyond_cls import cli
+from beyond_cls.analysis.layers_report import block_curves
 from beyond_cls.analysis.localize import read_localization
 from beyond_cls.analysis.summary import AttentionSummary
 from beyond_cls.cli import build_parser, main
 from beyond_cls.config import INFERENCE_BATCH, MEAN, STD, ConfigError, load_config, settings_of
-from beyond_cls.probe.layers_report import block_curves
 from beyond_cls.units import as_percent, format_lr, format_lrs
 
 SIZE = ["--img-size", "32", "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "3"]

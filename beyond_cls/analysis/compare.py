@@ -402,7 +402,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def table3_text(rows: list[dict]) -> str:
     """Appendix Table 3 for the console: aggregation entropy per encoder, MIM first (rows as ``compare`` returns)."""
-    from beyond_cls.probe.logs import format_table
+    from beyond_cls.tables import format_table
 
     table = [{"family": r["family"], "model": r["model"],
               "entropy (nats)": _fmt(r["aggregation_entropy"]) + ("" if r["has_cls"] else " ‡"),

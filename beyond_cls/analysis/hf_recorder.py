@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from beyond_cls.analysis.recorder import AttentionRecorder
+from beyond_cls.capture import restore_forward, swap_forward
 
 __all__ = ["FAMILIES", "IMPLEMENTATION", "HFAttentionRecorder", "prefix_layout", "require_transformers"]
 
@@ -26,7 +26,6 @@ IMPLEMENTATION = "beyond_cls"  # the name the fused attention is registered unde
 INSTALL_HINT = "recording a transformers model needs transformers: pip install 'beyond-cls[hf]'"
 NO_WEIGHTS = ("HFAttentionRecorder: the fused attention does not produce attention weights; "
               "run the model without output_attentions=True while recording")
-_NO_FORWARD = object()
 
 
 @dataclass(frozen=True)
@@ -214,8 +213,7 @@ class HFAttentionRecorder(AttentionRecorder):
                                        f"{IMPLEMENTATION!r} (still {wrong})")
             else:
                 for index, (_, module) in enumerate(self.modules):
-                    self._saved.append(module.__dict__.get("forward", _NO_FORWARD))
-                    module.forward = types.MethodType(_data2vec_forward(index), module)
+                    self._saved.append(swap_forward(module, _data2vec_forward(index)))
         except BaseException:
             self.restore()
             raise
@@ -227,10 +225,7 @@ class HFAttentionRecorder(AttentionRecorder):
             config._attn_implementation_internal = implementation
         self._saved_configs = []
         for (_, module), saved in zip(self.modules, self._saved):
-            if saved is _NO_FORWARD:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = saved
+            restore_forward(module, saved)
         self._saved = []
         for _, module in self.modules:
             if _ACTIVE.get(module, (None,))[0] is self:

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import functools
 import operator
-import types
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from beyond_cls import ops
-from beyond_cls.analysis.row_capture import attention_modules
 from beyond_cls.analysis.summary import AttentionSummary
+from beyond_cls.capture import attention_modules, restore_forward, swap_forward
 from beyond_cls.models.architectures import attention_adapter, supported_attention
 from beyond_cls.models.loader import encoder_info
 from beyond_cls.reference import AttentionRows
-
-_NO_FORWARD = object()
-
 
 # Rows of a block's sums: three sums over patch queries (patch_cls needs [cls]), then three of the [cls] row.
 SUM_FIELDS = ("patch_self", "patch_patch_entropy", "patch_cls", "cls_self", "cls_patch_entropy", "cls_patch_mass")
@@ -167,8 +163,7 @@ class AttentionRecorder:
         if self._saved:
             raise RuntimeError("AttentionRecorder is already active")
         for index, (_, module) in enumerate(self.modules):
-            self._saved.append(module.__dict__.get("forward", _NO_FORWARD))
-            module.forward = types.MethodType(self._make_forward(index), module)
+            self._saved.append(swap_forward(module, self._make_forward(index)))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -177,10 +172,7 @@ class AttentionRecorder:
     def restore(self) -> None:
         """Give every patched module its own forward back (idempotent)."""
         for (_, module), saved in zip(self.modules, self._saved):
-            if saved is _NO_FORWARD:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = saved
+            restore_forward(module, saved)
         self._saved = []
 
     # -- recording ----------------------------------------------------------------------

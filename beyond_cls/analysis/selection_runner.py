@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from beyond_cls.analysis.row_capture import RowCapture
+from beyond_cls.capture import RowCapture
 from beyond_cls.config import ConfigError
-from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.models import load_encoder
 from beyond_cls.models.loader import encoder_info
 from beyond_cls.probe.head_loading import ProbeHead, load_probe_head, read_run_config
@@ -24,6 +23,7 @@ from beyond_cls.selection import (
     Method,
     attention_queries,
     attention_selection,
+    encoder_norm,
     parse_method,
     parse_methods,
     scores_selection,
@@ -119,8 +119,9 @@ class SelectionRunner:
             model.beyond_cls_info = encoder_info(model)
         model = model.to(self.device).eval()
         info = model.beyond_cls_info
-        m = torch.tensor(norm[0] or info.mean or IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        s = torch.tensor(norm[1] or info.std or IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        mean, std = encoder_norm(info, *norm)
+        m = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self._encoders[key] = _Encoder(model, m, s, [], [])
         return self._encoders[key]
 
@@ -196,8 +197,7 @@ class SelectionRunner:
         if enc.attention:
             rows = capture.take()
             for m in enc.attention:
-                result[m.name] = attention_selection("attn-mean" if m.kind == "guide" else m.kind, rows,
-                                                     info.num_prefix_tokens)
+                result[m.name] = attention_selection(m.kind, rows, info.num_prefix_tokens)
         for m, head in enc.heads:
             block = len(model.blocks) - 1 if head.block in (None, -1) else head.block
             tokens = captured[block]

@@ -27,7 +27,7 @@ from beyond_cls.probe.bank import HeadBank, head_key, legacy_bank_state, selecti
 from beyond_cls.probe.config import ProbeConfig
 from beyond_cls.probe.distributed import DistEnv
 from beyond_cls.probe.features import TokenSource, source_block
-from beyond_cls.probe.logs import format_table, write_csv, write_json_atomic
+from beyond_cls.probe.logs import write_csv, write_json_atomic
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
 from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.state import STATE_FILE, load_state
@@ -35,6 +35,7 @@ from beyond_cls.probe.streams import EncoderStream
 from beyond_cls.probe.summary import summarize
 from beyond_cls.probe.trainer import ProbeTrainer, _trained
 from beyond_cls.runlock import claim_output
+from beyond_cls.tables import format_table
 
 __all__ = ["EVAL_FILE", "EVALUATED_KEYS", "check_evaluable", "evaluate_run"]
 

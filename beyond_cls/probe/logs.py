@@ -1,4 +1,5 @@
-"""Run logs of the main process: JSON lines, TensorBoard scalars, and the results table."""
+"""Run logs of the main process: JSON lines, TensorBoard scalars, CSV and JSON results (the results table:
+:func:`beyond_cls.tables.format_table`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from beyond_cls.fileio import write_atomic
-from beyond_cls.units import format_lrs
 
-__all__ = ["MetricLog", "format_image_counts", "format_table", "json_safe", "write_csv", "write_json_atomic"]
+__all__ = ["MetricLog", "format_image_counts", "json_safe", "write_csv", "write_json_atomic"]
 
 
 def json_safe(obj: Any) -> Any:
@@ -41,33 +41,6 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(path, buf.getvalue().encode())
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, (list, tuple)):  # per seed, e.g. best_epoch
-        return "/".join(_cell(v) for v in value)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2g}"
-    return str(value)
-
-
-_RATES = ("blr", "lr")  # learning rates: beyond_cls.units.format_lrs (0.03125, not 0.03; distinct ones apart)
-
-
-def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A Markdown table of ``rows`` restricted to ``columns`` (missing cells and NaN shown as –, lists as a/b;
-    learning rates as :func:`~beyond_cls.units.format_lrs` prints them)."""
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    for i, column in enumerate(columns):
-        values = [row.get(column) for row in rows]
-        if column in _RATES and values and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            for cell, text in zip(cells, format_lrs(values)):
-                cell[i] = text
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    line = lambda items: "| " + " | ".join(s.ljust(w) for s, w in zip(items, widths)) + " |"
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
 def format_image_counts(per_seed: dict[int, dict[str, int]]) -> str:

@@ -26,7 +26,7 @@ from beyond_cls.probe.config import ProbeConfig
 from beyond_cls.probe.distributed import DistEnv, all_gather_objects, init_distributed
 from beyond_cls.probe.features import TokenSource, check_block_token_bytes, source_block
 from beyond_cls.probe.fingerprint import dataset_fingerprint, fingerprint_file
-from beyond_cls.probe.logs import format_image_counts, format_table, write_csv, write_json_atomic
+from beyond_cls.probe.logs import format_image_counts, write_csv, write_json_atomic
 from beyond_cls.probe.metrics import last_and_best
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
 from beyond_cls.probe.selections import SelectionSource
@@ -46,6 +46,7 @@ from beyond_cls.run_summary import (
 from beyond_cls.runlock import FolderLock, claim_output
 from beyond_cls.runtime import autocast, autocast_dtype
 from beyond_cls.selection import parse_method
+from beyond_cls.tables import format_table
 from beyond_cls.units import units_of
 
 __all__ = ["RESULTS_FILE", "run", "summarize"]

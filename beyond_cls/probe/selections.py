@@ -17,18 +17,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from beyond_cls.analysis.row_capture import RowCapture
+from beyond_cls.capture import RowCapture
 from beyond_cls.config import ConfigError
-from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.models.loader import encoder_info
 from beyond_cls.probe.bank import split_selection_name
-from beyond_cls.selection import Method, attention_queries, attention_selection, parse_method
+from beyond_cls.selection import Method, attention_queries, attention_selection, encoder_norm, parse_method
 
 __all__ = ["SelectionSource"]
 
 
-def _norm(values: Sequence[float] | None, default: Sequence[float], device: torch.device) -> Tensor:
-    return torch.tensor(tuple(values or default), dtype=torch.float32, device=device).view(1, 3, 1, 1)
+def _norm(values: Sequence[float], device: torch.device) -> Tensor:
+    return torch.tensor(tuple(values), dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
 
 @dataclass
@@ -73,8 +72,8 @@ class SelectionSource(nn.Module):
         info = getattr(encoder, "beyond_cls_info", None) or encoder_info(encoder)
         self.num_prefix_tokens = info.num_prefix_tokens
         self.grid_size = tuple(info.grid_size)
-        self._norm_values = (tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD))
-        self.mean, self.std = _norm(mean, IMAGENET_MEAN, device), _norm(std, IMAGENET_STD, device)
+        self._norm_values = encoder_norm(info, mean, std)
+        self.mean, self.std = (_norm(v, device) for v in self._norm_values)
         self.captures: dict[int, RowCapture] = {}
         queries = attention_queries(info)
         for m, block in zip(self.methods, self.blocks):
@@ -100,9 +99,8 @@ class SelectionSource(nn.Module):
             raise ConfigError(f"head {method.name}: the guide sees a {tuple(info.grid_size)} patch grid, the probed "
                               f"encoder {self.grid_size}; use a guide with the same patch and image size")
         capture = RowCapture(model, (0,), num_prefix_tokens=info.num_prefix_tokens).install()
-        same = (tuple(info.mean or IMAGENET_MEAN), tuple(info.std or IMAGENET_STD)) == self._norm_values
-        return _Guide(model, capture, _norm(info.mean, IMAGENET_MEAN, device), _norm(info.std, IMAGENET_STD, device),
-                      same)
+        mean, std = encoder_norm(info)
+        return _Guide(model, capture, _norm(mean, device), _norm(std, device), (mean, std) == self._norm_values)
 
     def train(self, mode: bool = True) -> SelectionSource:
         """Frozen: every encoder stays in eval mode."""
@@ -129,4 +127,4 @@ class SelectionSource(nn.Module):
         x = images if guide.same_norm else (images * self.std + self.mean - guide.mean) / guide.std
         guide.model.forward_features(x)
         info = guide.model.beyond_cls_info
-        return attention_selection("attn-mean", guide.capture.take(), info.num_prefix_tokens)
+        return attention_selection("guide", guide.capture.take(), info.num_prefix_tokens)

@@ -64,9 +64,9 @@ def _figures(work: Path) -> None:
     from beyond_cls.analysis.aggregations import AggregationsConfig, aggregations
     from beyond_cls.analysis.analyze import AnalyzeConfig, analyze
     from beyond_cls.analysis.compare import compare
+    from beyond_cls.analysis.layers_report import probe_report
     from beyond_cls.analysis.localize import LocalizeConfig, localize
     from beyond_cls.probe import run
-    from beyond_cls.probe.layers_report import probe_report
 
     data, boxes = _data(work)
     models = ["vit_tiny_patch16_224", "vit_small_patch16_224"]

@@ -22,12 +22,12 @@ from beyond_cls.analysis import AttentionSummary
 from beyond_cls.analysis import compare as compare_module
 from beyond_cls.analysis import localize as localize_module
 from beyond_cls.analysis.aggregations import examples_figure, kl_figure
+from beyond_cls.analysis.layers_report import blocks_figure
 from beyond_cls.analysis.plots import PANELS, information_flow_figure
 from beyond_cls.analysis.style import BAND_LABEL, short_name
 from beyond_cls.cli import main
 from beyond_cls.localization import draw_overlay, overlay_figure
 from beyond_cls.localization.maps import prepare_maps
-from beyond_cls.probe.layers_report import blocks_figure
 
 ROOT = Path(__file__).resolve().parents[2]
 PATCHES = 16  # log 16 = 2.77: entropies near it are what once got "+2.77" offset labels

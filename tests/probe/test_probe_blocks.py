@@ -165,8 +165,8 @@ def test_bad_blocks_are_one_line_exit_2(argv_tail, message, dataset, tmp_path, c
 
 
 def test_probe_report_plots_accuracy_per_block_beside_entropy(tmp_path, capsys):
+    from beyond_cls.analysis.layers_report import block_curves
     from beyond_cls.analysis.summary import AttentionSummary
-    from beyond_cls.probe.layers_report import block_curves
 
     summary = [{"head": f"b{b}/{a}@blr{lr}", "block": b, "aggregation": a, "lr": lr, "top1": b + lr + (a == "mean"),
                 "top1_std": 0.5} for b in (5, 2) for a in ("cls", "mean") for lr in (1, 2)]

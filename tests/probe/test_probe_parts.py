@@ -13,10 +13,10 @@ from beyond_cls.config import ConfigError
 from beyond_cls.optim import mae_lr
 from beyond_cls.probe import ProbeConfig, summarize
 from beyond_cls.probe.distributed import first_slurm_host
-from beyond_cls.probe.logs import format_table
 from beyond_cls.probe.metrics import average_precision, mean_average_precision, topk_correct
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
 from beyond_cls.probe.state import PreemptionWatch, load_state, save_atomic
+from beyond_cls.tables import format_table
 
 BASE = dict(model="vit_tiny_patch16_224", data="d", out="o")
 

@@ -352,7 +352,6 @@ def test_multilabel_coco_reports_map(tmp_path):
     [
         (["--heads", "cls,pool"], "pool"),
         (["--data", "{missing}"], "does-not-exist"),
-        (["--dataset", "mnist"], "mnist"),
         (["--block", "12"], "block 12"),
         (["--effective-batch", "4096"], "smaller than one optimizer step"),
         (["--batch-size", "3"], "not a multiple"),
@@ -368,7 +367,8 @@ def test_bad_input_is_one_line_exit_2(argv_tail, message, dataset, tmp_path, cap
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--epochs", "-1"), ("--precision", "fp8"),
-                                        ("--amp", "fp8"), ("--blr", "nan")])
+                                        ("--amp", "fp8"), ("--blr", "nan"),
+                                        ("--dataset", "mnist")])
 def test_bad_flag_values_exit_2(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["probe", flag, value])

@@ -22,12 +22,13 @@ from beyond_cls.probe import NonFiniteLoss, Preempted, ProbeConfig, run, summari
 from beyond_cls.probe.bank import HeadBank
 from beyond_cls.probe.distributed import DistEnv
 from beyond_cls.probe.head_loading import load_probe_head
-from beyond_cls.probe.logs import format_table, json_safe
+from beyond_cls.probe.logs import json_safe
 from beyond_cls.probe.metrics import last_and_best
 from beyond_cls.probe.sampler import TrainBatchSampler
 from beyond_cls.probe.state import load_state, save_atomic
 from beyond_cls.probe.streams import MicroBatch
 from beyond_cls.probe.trainer import FAULT_ENV, ProbeTrainer
+from beyond_cls.tables import format_table
 
 N_TRAIN, N_VAL, TOKENS, DIM, CLASSES = 24, 9, 5, 32, 3
 BATCH, ACCUM, EPOCHS = 2, 5, 3  # 12 micro-batches per epoch: 2 optimizer steps, 2 micro-batches left over

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from selection_checks import MODELS, direct, last_block_attention, make_model, normalize
 
 from beyond_cls.analysis.aggregations import AggregationsConfig, aggregations
-from beyond_cls.analysis.row_capture import RowCapture
 from beyond_cls.analysis.selection_runner import SelectionRunner
+from beyond_cls.capture import RowCapture, restore_forward, swap_forward
 from beyond_cls.config import ConfigError
 from beyond_cls.data import IMAGENET_MEAN, IMAGENET_STD, SyntheticConfig, make_synthetic_dataset
 from beyond_cls.numerics import entropy
@@ -20,6 +21,7 @@ from beyond_cls.probe.bank import HeadBank, head_key, parse_heads
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.state import load_state
+from beyond_cls.selection import attention_selection, encoder_norm
 
 
 def test_parse_heads_keeps_guide_names_and_rejects_what_cannot_be_a_head():
@@ -123,6 +125,31 @@ def test_row_capture_restores_the_forward_and_checks_its_arguments():
         RowCapture(model, (0,), block=2)
     with pytest.raises(TypeError, match="non-empty sequence"):
         RowCapture(model, ())
+
+
+def test_swap_forward_gives_back_an_instance_forward_too():
+    module = torch.nn.Linear(2, 2)
+    own = module.forward
+    saved = swap_forward(module, lambda self, x: x * 0)
+    assert module(torch.ones(1, 2)).abs().sum() == 0
+    restore_forward(module, saved)
+    assert "forward" not in module.__dict__ and module.forward == own
+    module.forward = lambda x: x + 1  # an instance forward (e.g. another tool's patch) is restored, not dropped
+    restore_forward(module, swap_forward(module, lambda self, x: x * 0))
+    assert torch.equal(module(torch.zeros(1, 2)), torch.ones(1, 2))
+
+
+def test_one_normalization_rule_and_a_guide_reads_its_attn_mean():
+    own = SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert encoder_norm(own) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert encoder_norm(own, [0.1, 0.2, 0.3]) == ((0.1, 0.2, 0.3), (0.25, 0.25, 0.25))
+    assert encoder_norm(SimpleNamespace(mean=None, std=None)) == (IMAGENET_MEAN, IMAGENET_STD)
+    rows = torch.rand(2, 3, 2, 11, dtype=torch.float64).softmax(-1)
+    patches = rows[:, :, 0, 1:].mean(1)
+    torch.testing.assert_close(attention_selection("guide", rows, 1), patches / patches.sum(-1, keepdim=True),
+                               rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="unknown attention method"):
+        attention_selection("guide:vit_tiny_patch16_224", rows, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""RowCapture: full attention rows of chosen queries of one block, from the fused pass, nothing else recorded.
+"""Attention capture shared by the recorders and the probe: the forward swap, and :class:`RowCapture`.
 
-The light sibling of :class:`~beyond_cls.analysis.recorder.AttentionRecorder` for jobs that need only the last
+:func:`swap_forward` / :func:`restore_forward` replace an attention module's forward and give it back (the
+recorders and :class:`RowCapture` all use them). :class:`RowCapture` captures full attention rows of chosen
+queries of one block from the fused pass, nothing else recorded: the light sibling of
+:class:`~beyond_cls.analysis.recorder.AttentionRecorder` for jobs that need only the last
 block's [cls] and central-patch rows (non-trainable aggregations, guides, localization maps): one attention
 module's forward is swapped for one that runs :func:`beyond_cls.ops.attention_with_stats` with ``keep_rows``;
 every other block runs its own (SDPA) forward, and no statistics are accumulated.
@@ -18,9 +21,24 @@ from torch import Tensor, nn
 from beyond_cls import ops
 from beyond_cls.models.architectures import attention_adapter
 
-__all__ = ["RowCapture", "attention_modules"]
+__all__ = ["RowCapture", "attention_modules", "restore_forward", "swap_forward"]
 
 _NO_FORWARD = object()
+
+
+def swap_forward(module: nn.Module, forward) -> object:
+    """Bind ``forward(module, ...)`` as ``module``'s forward; returns the token :func:`restore_forward` takes."""
+    saved = module.__dict__.get("forward", _NO_FORWARD)
+    module.forward = types.MethodType(forward, module)
+    return saved
+
+
+def restore_forward(module: nn.Module, saved: object) -> None:
+    """Undo :func:`swap_forward` (``saved``: its return value): the module's own forward again."""
+    if saved is _NO_FORWARD:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = saved
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -59,19 +77,14 @@ class RowCapture:
     def install(self) -> RowCapture:
         """Swap the module's forward (idempotent)."""
         if self._saved is None:
-            self._saved = self.module.__dict__.get("forward", _NO_FORWARD)
-            self.module.forward = types.MethodType(self._forward(), self.module)
+            self._saved = swap_forward(self.module, self._forward())
         return self
 
     def remove(self) -> None:
         """Give the module its own forward back (idempotent)."""
-        if self._saved is None:
-            return
-        if self._saved is _NO_FORWARD:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.forward = self._saved
-        self._saved = None
+        if self._saved is not None:
+            restore_forward(self.module, self._saved)
+            self._saved = None
 
     def __enter__(self) -> RowCapture:
         return self.install()
