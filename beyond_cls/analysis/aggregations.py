@@ -23,11 +23,11 @@ from beyond_cls.analysis.style import plain_ticks, short_name
 from beyond_cls.config import EXAMPLES, ConfigError, StreamSettings, setting, spec_list
 from beyond_cls.data import build_dataset, make_loader
 from beyond_cls.data.sample import sample_images
-from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
+from beyond_cls.data.transforms import unnormalized_eval_transform
 from beyond_cls.numerics import entropy, max_entropy
 from beyond_cls.runlock import writes_out
 from beyond_cls.runtime import resolve_device
-from beyond_cls.selection import ATTENTION_METHODS, kl, parse_methods
+from beyond_cls.selection import ATTENTION_METHODS, encoder_norm, kl, parse_methods
 from beyond_cls.units import units_of
 
 __all__ = ["AggregationsConfig", "aggregations", "examples_figure", "kl_figure", "kl_label", "plot_examples",
@@ -78,8 +78,8 @@ def normalization_used(cfg, runner: SelectionRunner) -> dict[str, list[float]] |
     if cfg.model is None or not attn:
         return None
     info = runner.encoder_for(attn[0]).beyond_cls_info
-    mean, std = cfg.normalization()
-    return {"mean": list(mean or info.mean or IMAGENET_MEAN), "std": list(std or info.std or IMAGENET_STD)}
+    mean, std = encoder_norm(info, *cfg.normalization())
+    return {"mean": list(mean), "std": list(std)}
 
 
 def _dataset(cfg, crop: bool):

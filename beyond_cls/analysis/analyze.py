@@ -21,11 +21,12 @@ from beyond_cls.analysis.summary import AttentionSummary
 from beyond_cls.config import ARCH, CHECKPOINT, CHECKPOINT_FORMAT, MODEL, SEED, SOURCE, ConfigError, StreamSettings
 from beyond_cls.data import ImageFolderDataset, build_dataset, make_loader
 from beyond_cls.data.sample import sample_images
-from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalized_eval_transform
+from beyond_cls.data.transforms import unnormalized_eval_transform
 from beyond_cls.models import load_encoder
 from beyond_cls.run_summary import RunClock, analyze_rows, batch_line, format_settings, settings_dict
 from beyond_cls.runlock import writes_out
 from beyond_cls.runtime import autocast, autocast_dtype, resolve_device
+from beyond_cls.selection import encoder_norm
 
 STATS_FILE = "attention_stats.json"
 PLOT_FILE = "attention_stats.png"
@@ -171,9 +172,9 @@ def _load_encoders(cfg: AnalyzeConfig, device: torch.device) -> list[_Encoder]:
             img_size=cfg.img_size, source=spec.source, weights_dir=cfg.weights_dir,
         ).to(device)
         info = model.beyond_cls_info
-        given = cfg.normalization()  # --mean/--std, else the encoder's own
-        mean = torch.tensor(given[0] or info.mean or IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(given[1] or info.std or IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        given = encoder_norm(info, *cfg.normalization())  # --mean/--std, else the encoder's own
+        mean = torch.tensor(given[0], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(given[1], dtype=torch.float32, device=device).view(1, 3, 1, 1)
         encoders.append(_Encoder(label, spec, model, mean, std))
     return encoders
 

@@ -20,7 +20,6 @@ import torch
 
 from beyond_cls.config import ConfigError
 from beyond_cls.data.datasets import build_dataset
-from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.data.views import ViewDataset
 from beyond_cls.models import load_encoder
 from beyond_cls.probe.bank import HeadBank, head_key, legacy_bank_state, selection_names
@@ -35,6 +34,7 @@ from beyond_cls.probe.streams import EncoderStream
 from beyond_cls.probe.summary import summarize
 from beyond_cls.probe.trainer import ProbeTrainer, _trained
 from beyond_cls.runlock import claim_output
+from beyond_cls.selection import encoder_norm
 from beyond_cls.tables import format_table
 
 __all__ = ["EVAL_FILE", "EVALUATED_KEYS", "check_evaluable", "evaluate_run"]
@@ -97,9 +97,9 @@ def evaluate_run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: lis
     n_last = cfg.n_last_blocks or 1
     tokens_only = TokenSource(encoder, info.block if blocks is None else None, info.final_norm, blocks=blocks,
                               n_last=n_last).to(env.device)
-    mean, std = cfg.normalization()
-    view_kwargs = dict(img_size=cfg.img_size, mean=mean or info.mean or IMAGENET_MEAN,
-                       std=std or info.std or IMAGENET_STD, decode=cfg.decode, skip_bad_images=cfg.skip_bad_images)
+    mean, std = encoder_norm(info, *cfg.normalization())
+    view_kwargs = dict(img_size=cfg.img_size, mean=mean, std=std, decode=cfg.decode,
+                       skip_bad_images=cfg.skip_bad_images)
     source = SelectionSource(tokens_only, selection_names(specs, blocks), view_kwargs["mean"], view_kwargs["std"],
                              img_size=cfg.img_size, weights_dir=cfg.weights_dir, device=env.device)
     train_views = ViewDataset(train_set, train=True, crop=cfg.crop, **view_kwargs)  # never read

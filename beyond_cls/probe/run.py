@@ -17,7 +17,6 @@ from tqdm import tqdm
 from beyond_cls.config import ConfigError, load_config
 from beyond_cls.data.datasets import build_dataset
 from beyond_cls.data.synthetic import make_synthetic_dataset
-from beyond_cls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from beyond_cls.data.views import ViewDataset
 from beyond_cls.models import load_encoder
 from beyond_cls.probe.bank import HeadBank, parse_heads, selection_names, split_selection_name
@@ -45,7 +44,7 @@ from beyond_cls.run_summary import (
 )
 from beyond_cls.runlock import FolderLock, claim_output
 from beyond_cls.runtime import autocast, autocast_dtype
-from beyond_cls.selection import parse_method
+from beyond_cls.selection import encoder_norm, parse_method
 from beyond_cls.tables import format_table
 from beyond_cls.units import units_of
 
@@ -145,9 +144,9 @@ def _run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: list[float]
     if cfg.compile:
         tokens_only = torch.compile(tokens_only)
     accum, effective = cfg.accumulation(env.world_size)
-    mean, std = cfg.normalization()
+    mean, std = encoder_norm(info, *cfg.normalization())
     view_kwargs = dict(
-        img_size=cfg.img_size, mean=mean or info.mean or IMAGENET_MEAN, std=std or info.std or IMAGENET_STD,
+        img_size=cfg.img_size, mean=mean, std=std,
         decode=cfg.decode,
         skip_bad_images=cfg.skip_bad_images,
     )
