@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # package's own __init__); it may import only entries of lower layers, never one of its own layer.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("numerics", "value_types", "triton_mode", "units", "fileio", "_extension", "optim"),
+    ("statistics",),
     ("config", "reference"),
     ("runlock", "runtime", "kernels"),
     ("ops", "data"),
