@@ -307,7 +307,7 @@ WEIGHTS_DIR = Setting(None, help="folder with the zoo's official files", group="
 IMG_SIZE = Setting(224, help="input resolution", group="data", number=POSITIVE_INT)
 DATA = Setting(help="dataset root folder (ImageFolder: SPLIT/<class>/<images>, or --dataset's layout)", group="data")
 #: its choices are the dataset registry's names (beyond_cls.data.registry), filled in where the flags are made
-DATASET = Setting("imagefolder", help="dataset layout of --data (README: the datasets table)", group="data")
+DATASET = Setting("imagefolder", help="dataset layout of --data (docs/reference.md: the datasets table)", group="data")
 SPLIT = Setting("val", help="split folder under --data; train or val for other adapters", group="data")
 MAX_IMAGES = Setting(None, help="at most this many images: a random sample drawn with --seed (recorded), not the "
                      "first ones", group="data", shown="all", number=POSITIVE_INT)

@@ -7,15 +7,16 @@ Readable in a minute and exact in float64. Kernels in ``kernels/`` (Triton) and
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from beyond_cls.numerics import MAX_KEPT_ROWS, accumulation_dtype, entropy, max_entropy
+from beyond_cls.statistics import ROW_STATISTICS, present_rows, row_index
 
 __all__ = [
+    "ROW_DEFINITIONS",
     "AttentionRows",
     "abmilp_pool",
     "attention_logits",
@@ -24,20 +25,75 @@ __all__ = [
     "keep_row_indices",
     "lars_step",
     "max_entropy",
+    "row_planes",
     "softmax_pool",
 ]
 
 
-class AttentionRows(NamedTuple):
-    """Per-row attention statistics, each [B, H, N] (see DESIGN.md, "Definitions").
+class AttentionRows(Mapping[str, Tensor]):
+    """The per-query statistics of one attention call: a view over the stacked [S, B, H, N] tensor
+    :attr:`stacked`, one plane per :data:`~beyond_cls.statistics.ROW_STATISTICS` entry, in that order.
 
-    ``cls_attn`` is ``None`` when the sequence has no prefix token.
+    ``rows.self_attn`` etc. (by row-statistic name) are the [B, H, N] planes; ``cls_attn`` (a row that
+    needs prefix tokens) is ``None`` when ``has_prefix`` is false, although its plane exists. As a mapping
+    it holds the present rows by name, what :attr:`beyond_cls.statistics.Statistic.value` reads.
     """
 
-    self_attn: Tensor
-    cls_attn: Tensor | None
-    patch_mass: Tensor
-    patch_entropy: Tensor
+    __slots__ = ("stacked", "has_prefix")
+
+    def __init__(self, stacked: Tensor, has_prefix: bool = True) -> None:
+        if stacked.dim() != 4 or stacked.shape[0] != len(ROW_STATISTICS):
+            raise ValueError(f"AttentionRows: stacked must be [{len(ROW_STATISTICS)}, B, H, N] "
+                             f"({', '.join(r.name for r in ROW_STATISTICS)}), got {tuple(stacked.shape)}")
+        self.stacked = stacked
+        self.has_prefix = bool(has_prefix)
+
+    @classmethod
+    def from_planes(cls, planes: Mapping[str, Tensor | None], has_prefix: bool = True) -> AttentionRows:
+        """Stack [B, H, N] planes given by name (a row absent without prefix tokens may be None: zeros)."""
+        names = [r.name for r in ROW_STATISTICS]
+        if set(planes) != set(names):
+            raise ValueError(f"AttentionRows: need the planes {names}, got {sorted(planes)}")
+        like = next(t for t in planes.values() if t is not None)
+        return cls(torch.stack([like.new_zeros(like.shape) if planes[n] is None else planes[n] for n in names]),
+                   has_prefix)
+
+    def _plane(self, name: str) -> Tensor | None:
+        """Row ``name``'s plane, None where it needs prefix tokens that are absent (KeyError if not a row)."""
+        index = row_index(name)
+        return None if ROW_STATISTICS[index].needs_prefix and not self.has_prefix else self.stacked[index]
+
+    def __getattr__(self, name: str) -> Tensor | None:
+        try:
+            return self._plane(name)
+        except KeyError:
+            raise AttributeError(f"AttentionRows has no row statistic {name!r}") from None
+
+    def __getitem__(self, name: str) -> Tensor:
+        value = self._plane(name) if isinstance(name, str) else None
+        if value is None:
+            raise KeyError(f"no row statistic {name!r} here; present: {', '.join(self)}")
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (row.name for row in present_rows(self.has_prefix))
+
+    def __len__(self) -> int:
+        return len(present_rows(self.has_prefix))
+
+    def __repr__(self) -> str:
+        return f"AttentionRows({', '.join(self)}; {tuple(self.stacked.shape[1:])} {self.stacked.dtype})"
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> AttentionRows:
+        """The rows with ``fn`` applied to the stacked tensor (e.g. ``rows.apply(Tensor.double)``)."""
+        return AttentionRows(fn(self.stacked), self.has_prefix)
+
+
+def row_planes(stacked: Tensor, has_prefix: bool) -> dict[str, Tensor]:
+    """The present rows of a stacked [S, B, H, Q] tensor by name: :class:`AttentionRows` as a plain dict
+    (what compiled code traces best)."""
+    planes = stacked.unbind(0)
+    return {row.name: planes[i] for i, row in enumerate(ROW_STATISTICS) if has_prefix or not row.needs_prefix}
 
 
 def attention_logits(
@@ -86,7 +142,8 @@ def attention_with_stats(
     """Softmax attention and the row statistics of every query, materialized.
 
     q, k, v: [B, H, N, d]; bias broadcastable to [B, H, N, N]. Returns ``out`` [B, H, N, d]
-    in v's dtype and :class:`AttentionRows` in float32 (float64 for float64 inputs).
+    in v's dtype and :class:`AttentionRows` (rows by :data:`ROW_DEFINITIONS`) in float32 (float64 for float64
+    inputs).
     Tokens ``0..num_prefix_tokens-1`` are prefix tokens; the rest are patches.
     With ``keep_rows`` (R distinct query indices, negative from the end) it also returns
     ``kept`` [B, H, R, N]: the full attention rows a_i of those queries over all keys, in the
@@ -101,20 +158,31 @@ def attention_with_stats(
     attn = logits.softmax(dim=-1)
     out = torch.matmul(attn, v.to(dtype)).to(v.dtype)
 
-    patch_logits = logits[..., num_prefix_tokens:]
-    log_p = patch_logits.log_softmax(dim=-1)
-    p = log_p.exp()
-    # exact Shannon entropy of the renormalised patch attention, 0·log 0 = 0, from the log-probabilities
-    patch_entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
-    rows = AttentionRows(
-        self_attn=attn.diagonal(dim1=-2, dim2=-1),
-        cls_attn=attn[..., 0] if num_prefix_tokens > 0 else None,
-        patch_mass=attn[..., num_prefix_tokens:].sum(-1),
-        patch_entropy=patch_entropy,
-    )
+    missing = [r.name for r in ROW_STATISTICS if r.name not in ROW_DEFINITIONS]
+    if missing:
+        raise NotImplementedError(f"reference.ROW_DEFINITIONS has no definition of the row statistics {missing}")
+    stacked = torch.stack([ROW_DEFINITIONS[r.name](attn, logits, num_prefix_tokens) for r in ROW_STATISTICS])
+    rows = AttentionRows(stacked, has_prefix=num_prefix_tokens > 0)
     if kept_index is None:
         return out, rows
     return out, rows, attn[..., list(kept_index), :]
+
+
+def _patch_entropy(logits: Tensor, num_prefix_tokens: int) -> Tensor:
+    """Exact Shannon entropy of the attention renormalized over the patches, 0·log 0 = 0, from log-probabilities."""
+    log_p = logits[..., num_prefix_tokens:].log_softmax(dim=-1)
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+
+
+#: Each row statistic of :data:`~beyond_cls.statistics.ROW_STATISTICS`, by name, as a function of the attention
+#: probabilities and logits [B, H, N, N] and the number of prefix tokens P: a [B, H, N] tensor.
+ROW_DEFINITIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
+    "self_attn": lambda attn, logits, prefix: attn.diagonal(dim1=-2, dim2=-1),
+    "cls_attn": lambda attn, logits, prefix: attn[..., 0],
+    "patch_mass": lambda attn, logits, prefix: attn[..., prefix:].sum(-1),
+    "patch_entropy": lambda attn, logits, prefix: _patch_entropy(logits, prefix),
+}
 
 
 def softmax_pool(tokens: Tensor, logits: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -11,8 +11,9 @@ Two tables drive every consumer:
   printed table, the CSVs, every figure and the docs' table (:func:`statistics_table_markdown`) read it from here.
 
 Notation (tokens 0..P-1 are prefix tokens, [cls] first; J the patch tokens, |J| their number, N = P + |J|):
-a_ij is the softmax attention of query i to key j, m_i = Σ_{j∈J} a_ij the attention mass query i gives the
-patches, H_i the entropy (nats) of query i's attention renormalized over the patches, a_ij / m_i for j in J.
+aᵢⱼ is the softmax attention of query i to key j, mᵢ = Σⱼ∈J aᵢⱼ the attention mass query i gives the
+patches, Hᵢ the entropy (nats) of query i's attention renormalized over the patches, aᵢⱼ / mᵢ for j in J
+(0·log 0 = 0).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from beyond_cls import units
 from beyond_cls.numerics import max_entropy
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "Statistic",
     "find",
     "panels",
+    "present_rows",
     "register",
     "row_index",
     "statistics",
@@ -53,10 +56,10 @@ class RowStatistic:
 
 #: The kernels' per-query outputs, in the order of the op's stacked statistics tensor [S, B, H, N].
 ROW_STATISTICS: tuple[RowStatistic, ...] = (
-    RowStatistic("self_attn", "a_ii", "attention of query i to itself"),
-    RowStatistic("cls_attn", "a_i0", "attention of query i to token 0 ([cls])", needs_prefix=True),
-    RowStatistic("patch_mass", "m_i", "attention mass of query i on the patches, Σ_{j∈J} a_ij"),
-    RowStatistic("patch_entropy", "H_i", "entropy of query i's attention renormalized over the patches (nats)"),
+    RowStatistic("self_attn", "aᵢᵢ", "attention of query i to itself"),
+    RowStatistic("cls_attn", "aᵢ₀", "attention of query i to token 0 ([cls])", needs_prefix=True),
+    RowStatistic("patch_mass", "mᵢ", "attention mass of query i on the patches, Σⱼ∈J aᵢⱼ"),
+    RowStatistic("patch_entropy", "Hᵢ", "entropy of query i's attention renormalized over the patches (nats)"),
 )
 
 
@@ -66,6 +69,11 @@ def row_index(name: str) -> int:
         if row.name == name:
             return index
     raise KeyError(f"no row statistic {name!r}; known: {', '.join(r.name for r in ROW_STATISTICS)}")
+
+
+def present_rows(has_prefix: bool) -> tuple[RowStatistic, ...]:
+    """The row statistics that exist for a sequence with (or without) prefix tokens, in stacked order."""
+    return tuple(row for row in ROW_STATISTICS if has_prefix or not row.needs_prefix)
 
 
 #: Which query rows a statistic averages: the [cls] row (token 0) or every patch row.
@@ -108,6 +116,8 @@ class Statistic:
             raise ValueError(f"statistic {self.name!r}: queries must be one of {QUERIES}, got {self.queries!r}")
         if self.unit not in UNIT_AXES:
             raise ValueError(f"statistic {self.name!r}: unit must be one of {list(UNIT_AXES)}, got {self.unit!r}")
+        if not self.name.isidentifier() or self.name.startswith("_"):
+            raise ValueError(f"statistic name {self.name!r} must be a Python identifier (summary.<name>)")
         if self.queries == "cls" and not self.needs_cls:
             raise ValueError(f"statistic {self.name!r} reads the [cls] row, so it needs a [cls] token")
 
@@ -130,9 +140,11 @@ _REGISTRY: dict[str, Statistic] = {}
 
 
 def register(statistic: Statistic) -> Statistic:
-    """Add ``statistic`` to the registry, after those registered before it (ValueError on a taken name)."""
+    """Add ``statistic`` to the registry, after those registered before it (ValueError on a taken name);
+    its unit joins :data:`beyond_cls.units.UNITS`."""
     if statistic.name in _REGISTRY:
         raise ValueError(f"attention statistic {statistic.name!r} is already registered")
+    units.register_unit(statistic.name, statistic.unit)
     _REGISTRY[statistic.name] = statistic
     return statistic
 
@@ -142,6 +154,7 @@ def unregister(name: str) -> None:
     if name not in _REGISTRY:
         raise KeyError(f"no attention statistic {name!r}; known: {', '.join(_REGISTRY)}")
     del _REGISTRY[name]
+    units.unregister_unit(name)
 
 
 def statistics(has_cls: bool = True) -> tuple[Statistic, ...]:
@@ -162,15 +175,22 @@ def find(name: str) -> Statistic:
         raise KeyError(f"no attention statistic {name!r}; known: {', '.join(_REGISTRY)}") from None
 
 
+def _cell(text: str) -> str:
+    """``text`` as one Markdown table cell: ``|`` escaped, line breaks folded."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def statistics_table_markdown() -> str:
     """The Markdown table of the registered statistics (the docs' table is this, checked by a test)."""
     lines = [
-        "| statistic | definition | averaged over | unit | uniform attention | paper |",
-        "|---|---|---|---|---|---|",
+        "| statistic | definition | averaged over | unit | uniform attention | needs [cls] | paper |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in statistics():
         over = "images" if s.queries == "cls" else "images and patch queries i ∈ J"
-        lines.append(f"| `{s.name}` | {s.definition} | {over} | {s.unit} | {s.uniform_text} | {s.paper or '–'} |")
+        cells = (f"`{s.name}`", s.definition, over, s.unit, s.uniform_text, "yes" if s.needs_cls else "no",
+                 s.paper or "–")
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -179,37 +199,37 @@ def _cls_tokens(num_patches: int, num_prefix_tokens: int) -> int:
 
 
 register(Statistic(
-    name="cls_self", header="cls-self", title="[cls]-[cls] attention", definition="a_00",
+    name="cls_self", header="cls-self", title="[cls]-[cls] attention", definition="a₀₀",
     paper="Fig. 3 / 10", axis="attention weight a₀₀", unit="fraction of 1", queries="cls",
     value=lambda rows: rows["self_attn"], needs_cls=True,
     uniform=lambda patches, prefix: 1.0 / _cls_tokens(patches, prefix), uniform_text="1/N", panel=True,
 ))
 register(Statistic(
-    name="cls_patch_entropy", header="cls-patch H", title="[cls]-patch entropy", definition="H_0",
+    name="cls_patch_entropy", header="cls-patch H", title="[cls]-patch entropy", definition="H₀",
     paper="Fig. 4 / 11, Table 3", axis="entropy", unit="nats", queries="cls",
     value=lambda rows: rows["patch_entropy"], needs_cls=True,
     uniform=lambda patches, prefix: max_entropy(patches), uniform_text="log |J|", panel=True,
 ))
 register(Statistic(
     name="patch_self", header="patch-self", title="patch self-attention (of patch mass)",
-    definition="a_ii / m_i", paper="Fig. 5 / 12", axis="share of patch attention", unit="fraction of 1",
+    definition="aᵢᵢ / mᵢ", paper="Fig. 5 / 12", axis="share of patch attention", unit="fraction of 1",
     queries="patches", value=lambda rows: rows["self_attn"] / rows["patch_mass"], needs_cls=False,
     uniform=lambda patches, prefix: 1.0 / patches, uniform_text="1/|J|", panel=True,
 ))
 register(Statistic(
-    name="patch_patch_entropy", header="patch-patch H", title="patch-patch entropy", definition="H_i",
+    name="patch_patch_entropy", header="patch-patch H", title="patch-patch entropy", definition="Hᵢ",
     paper="Fig. 6 / 13", axis="entropy", unit="nats", queries="patches",
     value=lambda rows: rows["patch_entropy"], needs_cls=False,
     uniform=lambda patches, prefix: max_entropy(patches), uniform_text="log |J|", panel=True,
 ))
 register(Statistic(
-    name="patch_cls", header="patch-cls", title="patch-[cls] attention", definition="a_i0",
+    name="patch_cls", header="patch-cls", title="patch-[cls] attention", definition="aᵢ₀",
     paper="", axis="attention weight aᵢ₀", unit="fraction of 1", queries="patches",
     value=lambda rows: rows["cls_attn"], needs_cls=True,
     uniform=lambda patches, prefix: 1.0 / _cls_tokens(patches, prefix), uniform_text="1/N",
 ))
 register(Statistic(
-    name="cls_patch_mass", header="cls-patch mass", title="[cls]-patch attention mass", definition="m_0",
+    name="cls_patch_mass", header="cls-patch mass", title="[cls]-patch attention mass", definition="m₀",
     paper="", axis="attention mass on the patches", unit="fraction of 1", queries="cls",
     value=lambda rows: rows["patch_mass"], needs_cls=True,
     uniform=lambda patches, prefix: patches / _cls_tokens(patches, prefix), uniform_text="|J|/N",

@@ -3,7 +3,8 @@
 Accuracies (top-1, top-5, mAP) and MaxBoxAccV2 are percentages in every JSON file and console line; entropies and
 KL divergences are in nats; attention masses are fractions of 1. JSON files written by this package carry a
 ``units`` mapping (:data:`UNITS` restricted to their keys); files without one are read by :func:`as_percent` with
-the unit their version used.
+the unit their version used. The attention statistics' units are not listed here: :mod:`beyond_cls.statistics`
+registers each one's unit with its statistic (:func:`register_unit`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["LR_TOLERANCE", "UNITS", "as_percent", "format_lr", "format_lrs", "units_of"]
+__all__ = [
+    "LR_TOLERANCE", "UNITS", "as_percent", "format_lr", "format_lrs", "register_unit", "unregister_unit", "units_of",
+]
 
 #: metric key -> unit, for the ``units`` block of the JSON files.
 UNITS: dict[str, str] = {
@@ -20,14 +23,28 @@ UNITS: dict[str, str] = {
     "mAP": "%", "mAP_best": "%", "mAP_std": "%", "mAP_best_std": "%",
     "maxboxacc_v2": "%", "maxboxacc": "%",
     "entropy": "nats", "entropy_std": "nats", "max_entropy": "nats", "kl": "nats",
-    "cls_patch_entropy": "nats", "patch_patch_entropy": "nats",
-    "cls_self": "fraction of 1", "patch_self": "fraction of 1", "patch_cls": "fraction of 1",
-    "cls_patch_mass": "fraction of 1",
     "best_threshold": "fraction of the map's maximum",
 }
+_REGISTERED: set[str] = set()  # keys added by register_unit
 
 #: relative error a printed learning rate may carry: float32 noise (1e-7) is dropped, nothing a schedule sets is.
 LR_TOLERANCE = 1e-6
+
+
+def register_unit(key: str, unit: str) -> None:
+    """Add ``key``'s unit to :data:`UNITS` (ValueError if ``key`` already has one)."""
+    if key in UNITS:
+        raise ValueError(f"metric {key!r} already has a unit ({UNITS[key]!r})")
+    UNITS[key] = unit
+    _REGISTERED.add(key)
+
+
+def unregister_unit(key: str) -> None:
+    """Remove a unit added by :func:`register_unit` (KeyError for any other key)."""
+    if key not in _REGISTERED:
+        raise KeyError(f"metric {key!r} has no registered unit")
+    _REGISTERED.discard(key)
+    del UNITS[key]
 
 
 def units_of(keys: Iterable[str]) -> dict[str, str]:

@@ -1,5 +1,5 @@
 // Softmax-weighted pooling of tokens: AbMILP (Eq. 5, K linear score branches) and pooling with
-// given logits (see DESIGN.md, "Definitions"). Forward and backward per op; the autograd wiring
+// given logits (the paper's Eq. 5; beyond_cls/reference.py). Forward and backward per op; the autograd wiring
 // lives on the Python side.
 #pragma once
 

@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -120,17 +119,19 @@ std::vector<int64_t> kept_row_indices(at::OptionalIntArrayRef keep_rows, int64_t
 
 template <typename acc_t>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, bool has_bias,
-         int64_t prefix, double scale, at::Tensor& out, std::array<at::Tensor, 4>& stats,
-         const std::vector<int64_t>& kept_index, at::Tensor& kept) {
+         int64_t prefix, double scale, at::Tensor& out, at::Tensor& stats, const std::vector<int64_t>& kept_index,
+         at::Tensor& kept) {
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2);
   const int64_t num_kept = static_cast<int64_t>(kept_index.size());
   float* kept_ptr = num_kept > 0 ? kept.data_ptr<float>() : nullptr;
   const int64_t block = std::clamp<int64_t>(kTileElements / n, 16, n);
   const int64_t q_blocks = (n + block - 1) / block;
-  float* self_ptr = stats[0].data_ptr<float>();
-  float* cls_ptr = stats[1].data_ptr<float>();
-  float* mass_ptr = stats[2].data_ptr<float>();
-  float* entropy_ptr = stats[3].data_ptr<float>();
+  float* const rows_base = stats.data_ptr<float>();  // [S, B, H, N]: one [B, H, N] plane per row statistic
+  const int64_t plane = batch * heads * n;
+  float* self_ptr = rows_base + kSelfAttnRow * plane;
+  float* cls_ptr = rows_base + kClsAttnRow * plane;
+  float* mass_ptr = rows_base + kPatchMassRow * plane;
+  float* entropy_ptr = rows_base + kPatchEntropyRow * plane;
 
   parallel_tasks(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor tile = at::empty({block, n}, q.options());
@@ -174,7 +175,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_stats_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_stats_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t num_prefix_tokens,
     std::optional<double> scale, const std::optional<at::Tensor>& bias, at::OptionalIntArrayRef keep_rows) {
   check_inputs(q, k, v, num_prefix_tokens, bias);
@@ -191,8 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // stored [B, N, H, d], returned as the [B, H, N, d] view (SDPA's layout): merging heads is a free view
   at::Tensor out = at::empty({batch, n, heads, d}, q.options().dtype(acc)).transpose(1, 2);
   const auto stat_options = q.options().dtype(at::kFloat);
-  std::array<at::Tensor, 4> stats;
-  for (auto& t : stats) t = at::empty({batch, heads, n}, stat_options);
+  at::Tensor stats = at::empty({kNumRowStatistics, batch, heads, n}, stat_options);
   at::Tensor kept = at::empty({batch, heads, static_cast<int64_t>(kept_index.size()), n}, stat_options);
 
   if (acc == at::kDouble) {
@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   } else {
     run<float>(qa, ka, va, b4, bias.has_value(), num_prefix_tokens, sc, out, stats, kept_index, kept);
   }
-  return {out.to(v.scalar_type()), stats[0], stats[1], stats[2], stats[3], kept};  // .to keeps the strides
+  return {out.to(v.scalar_type()), stats, kept};  // .to keeps the strides
 }
 
 TORCH_LIBRARY_IMPL(beyond_cls, CPU, m) {

@@ -8,12 +8,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(beyond_cls, m) {
-  // Fused attention + row statistics; kept_rows [B, H, R, N] holds the full softmax rows of the
+  // Fused attention + row statistics, stats [S, B, H, N] stacked in the order of
+  // beyond_cls/statistics.py's ROW_STATISTICS; kept_rows [B, H, R, N] holds the full softmax rows of the
   // queries in keep_rows ([B, H, 0, N] without it), from the same pass.
   m.def(
       "attention_with_stats(Tensor q, Tensor k, Tensor v, int num_prefix_tokens=1, float? scale=None, "
-      "Tensor? bias=None, int[]? keep_rows=None) -> (Tensor out, Tensor self_attn, Tensor cls_attn, "
-      "Tensor patch_mass, Tensor patch_entropy, Tensor kept_rows)");
+      "Tensor? bias=None, int[]? keep_rows=None) -> (Tensor out, Tensor stats, Tensor kept_rows)");
   // Softmax-weighted pooling (AbMILP, Eq. 5, with K score branches; or given logits): forward and
   // backward per op, autograd wired on the Python side. grad_tokens is empty unless tokens_grad.
   m.def(

@@ -6,6 +6,7 @@ set before any kernel is decorated, so it is set here, before the tests import t
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import tempfile
@@ -24,6 +25,7 @@ if XDIST_WORKERS > 1:
     torch.set_num_threads(max(1, CPUS // XDIST_WORKERS))
 
 AOT_TEST = "tests/ops/test_triton_aot.py::"
+AOT_MODULE = "tests.ops.test_triton_aot"  # its name in sys.modules (tests/ is a package)
 
 
 @pytest.hookimpl(trylast=True)
@@ -38,13 +40,11 @@ def pytest_collection_finish(session):
     needed = any(item.nodeid.startswith(AOT_TEST) and "rows" in getattr(item, "fixturenames", ())
                  for item in session.items)  # the tests reading the compiled rows
     if needed and not XDIST_WORKERS and not session.config.option.collectonly:
-        from test_triton_aot import start_background_compile
-
-        start_background_compile(tempfile.mkdtemp(prefix="beyond_cls_aot_"))
+        importlib.import_module(AOT_MODULE).start_background_compile(tempfile.mkdtemp(prefix="beyond_cls_aot_"))
 
 
 def pytest_sessionfinish(session):
-    module = sys.modules.get("test_triton_aot")
+    module = sys.modules.get(AOT_MODULE)
     if module is not None:
         module.stop_background_compile()
 

@@ -4,8 +4,7 @@ bit-exact resume, single vs multi-model) no longer test what they claim. GPU cas
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
@@ -23,11 +22,7 @@ SHARED = [
 
 
 def _load(module: str):
-    path = Path(__file__).parent / f"{module}.py"
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    return loaded
+    return importlib.import_module(f"{__package__}.{module.replace('/', '.')}")
 
 
 def _setting(settings: dict | list, name: str, flag: str) -> str:

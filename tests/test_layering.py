@@ -1,10 +1,11 @@
 """The package's modules form layers: no import cycle between modules, and each package (or top-level module)
-imports only entries of lower layers (:data:`LAYERS`, written down in the README), counting imports placed inside
-functions."""
+imports only entries of lower layers (:data:`LAYERS`, written down in docs/internals.md), counting imports placed
+inside functions."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,7 @@ def layer_violations(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], 
 
 def test_packages_import_only_lower_layers():
     violations = layer_violations(import_graph())
-    assert not violations, "imports against the layer order (README, Development):\n  " + "\n  ".join(violations)
+    assert not violations, "imports against the layer order (docs/internals.md, Layers):\n  " + "\n  ".join(violations)
 
 
 def test_every_layer_entry_exists():
@@ -219,3 +220,22 @@ def test_a_lazy_import_up_the_layers_counts(tmp_path):
     assert layer_violations(graph) == [
         "beyond_cls.probe.report -> beyond_cls.analysis.summary (probe may not import analysis: same or higher layer)"
     ]
+
+
+def documented_layers(text: str) -> tuple[tuple[str, ...], ...]:
+    """The numbered list under "## Layers" of docs/internals.md, as :data:`LAYERS` entries (parentheses skipped)."""
+    section = text.split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
+    items = re.findall(r"^\d+\. (.*(?:\n   .*)*)", section, flags=re.M)
+    names = {"kernels/": "kernels", "beyond_cls/__init__.py": "beyond_cls"}
+    layers = []
+    for item in items:
+        bare = re.sub(r"\([^()]*\)", "", item)
+        layers.append(tuple(names.get(n, n.rstrip("/")) for n in re.findall(r"`([^`]+)`", bare)))
+    return tuple(layers)
+
+
+def test_the_docs_write_down_the_layers():
+    text = (ROOT / "docs" / "internals.md").read_text(encoding="utf-8")
+    assert documented_layers(text) == LAYERS, "docs/internals.md's layer list differs from LAYERS"
+    wrong = text.replace("`statistics` (", "`statistic` (", 1)
+    assert documented_layers(wrong) != LAYERS

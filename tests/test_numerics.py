@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from test_layering import package_modules
 
 from beyond_cls import numerics
+from tests.test_layering import package_modules
 
 # name -> the one module allowed to define it
 HOMES = {

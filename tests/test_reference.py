@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from beyond_cls import reference
+from beyond_cls.statistics import ROW_STATISTICS
 
 
 def naive_rows(q, k, v, prefix, scale, bias):
@@ -49,7 +50,12 @@ def test_attention_with_stats_matches_naive(n, prefix, logit_scale):
         torch.testing.assert_close(rows.patch_mass, torch.ones_like(rows.patch_mass))
     else:
         torch.testing.assert_close(rows.cls_attn, want_cls, rtol=1e-10, atol=1e-13)
-    assert all(t.dtype == torch.float64 for t in rows if t is not None)
+    assert rows.stacked.dtype == torch.float64 and rows.stacked.shape == (len(ROW_STATISTICS), 2, 3, n)
+    # the stacked planes in ROW_STATISTICS order (a_i0's plane is there without prefix tokens too)
+    naive = {"self_attn": want_self, "cls_attn": want_cls, "patch_mass": want_mass, "patch_entropy": want_ent}
+    for i, row in enumerate(ROW_STATISTICS):
+        torch.testing.assert_close(rows.stacked[i], naive[row.name], rtol=1e-9, atol=1e-10, msg=row.name)
+    assert list(rows) == [r.name for r in ROW_STATISTICS if prefix or not r.needs_prefix]
     assert (rows.patch_entropy <= math.log(n - prefix) + 1e-9).all()
     assert (rows.patch_entropy >= -1e-12).all()
 
@@ -85,7 +91,7 @@ def test_float32_inputs_give_float32_stats_and_out_dtype():
     q, k, v = (t.float() for t in random_qkv(1, 2, 197, 16, 1.0))
     out, rows = reference.attention_with_stats(q.bfloat16(), k.bfloat16(), v.bfloat16(), 1)
     assert out.dtype == torch.bfloat16
-    assert all(t.dtype == torch.float32 for t in rows)
+    assert rows.stacked.dtype == torch.float32 and all(rows[name].dtype == torch.float32 for name in rows)
 
 
 def test_bad_prefix_is_rejected():

@@ -11,7 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_probe import trained_probe
 
 from beyond_cls import cli
 from beyond_cls.analysis.layers_report import block_curves
@@ -20,6 +19,7 @@ from beyond_cls.analysis.summary import AttentionSummary
 from beyond_cls.cli import build_parser, main
 from beyond_cls.config import INFERENCE_BATCH, MEAN, STD, ConfigError, load_config, settings_of
 from beyond_cls.units import as_percent, format_lr, format_lrs
+from tests.tiny_probe import trained_probe
 
 SIZE = ["--img-size", "32", "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "3"]
 NORMALIZING = ("analyze", "aggregations", "localize", "probe", "demo")  # commands that normalize images

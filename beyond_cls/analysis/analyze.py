@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from beyond_cls.analysis.plots import plot_information_flow
 from beyond_cls.analysis.recorder import AttentionRecorder
-from beyond_cls.analysis.style import data_label
+from beyond_cls.analysis.stats_csv import block_rows, write_csv
+from beyond_cls.analysis.style import data_label, infer_family
 from beyond_cls.analysis.summary import AttentionSummary
 from beyond_cls.config import ARCH, CHECKPOINT, CHECKPOINT_FORMAT, MODEL, SEED, SOURCE, ConfigError, StreamSettings
 from beyond_cls.data import ImageFolderDataset, build_dataset, make_loader
@@ -30,6 +31,7 @@ from beyond_cls.selection import encoder_norm
 
 STATS_FILE = "attention_stats.json"
 PLOT_FILE = "attention_stats.png"
+BLOCKS_FILE = "attention_stats_by_block.csv"
 CONFIG_FILE = "analyze_config.json"
 MODELS_FILE = "analyze_models.json"
 # Config fields given once per encoder: one value for all encoders, or a list aligned with ``model``.
@@ -185,9 +187,10 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
 
     Images are decoded once, with MAE's evaluation geometry (resize 256 bicubic, center crop 224), and
     normalized on the device with each encoder's own mean/std (ImageNet's unless its zoo entry says
-    otherwise). One model writes ``attention_stats.json``, ``attention_stats.png`` and ``analyze_config.json``
-    into ``cfg.out``; several write them into ``cfg.out/<label>/``, plus ``attention_stats.png`` with every
-    model and ``analyze_models.json`` (label -> model, checkpoint, subfolder). Labels are summaries' names.
+    otherwise). One model writes ``attention_stats.json``, ``attention_stats.png``, ``analyze_config.json`` and
+    ``attention_stats_by_block.csv`` (every statistic per block: mean, min and max over heads) into ``cfg.out``;
+    several write them into ``cfg.out/<label>/``, plus ``attention_stats.png`` with every model and
+    ``analyze_models.json`` (label -> model, checkpoint, subfolder). Labels are summaries' names.
     """
     device = resolve_device(cfg.device)
     transform = unnormalized_eval_transform(cfg.img_size)
@@ -250,7 +253,7 @@ def analyze_models(cfg: AnalyzeConfig) -> dict[str, AttentionSummary]:
     print(f"images: {sample}")
     if len(encoders) == 1:
         print(f"{images} images in {seconds:.1f} s ({images / seconds:.1f} images/s) "
-              f"on {device}; wrote {out / STATS_FILE} and {out / PLOT_FILE}")
+              f"on {device}; wrote {out / STATS_FILE}, {out / PLOT_FILE} and {out / BLOCKS_FILE}")
     else:
         print(f"{images} images x {len(encoders)} models in {seconds:.1f} s ({images / seconds:.1f} images/s "
               f"through all models) on {device}; wrote {', '.join(summaries)} under {out} and {out / PLOT_FILE}")
@@ -265,6 +268,7 @@ def _normalization(enc: _Encoder) -> dict[str, list[float]]:
 
 def _write_run(out: Path, summary: AttentionSummary, resolved: dict) -> None:
     summary.save(out / STATS_FILE)
+    write_csv(out / BLOCKS_FILE, block_rows(summary.model, infer_family(summary.model), summary))
     plot_information_flow({summary.model: summary}, out / PLOT_FILE, data=data_label(resolved))
     (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=1, default=str))
 

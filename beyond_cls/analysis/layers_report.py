@@ -96,7 +96,9 @@ def blocks_figure(metric: str, curves: dict[str, list[tuple[int, float, float]]]
     """
     from matplotlib.figure import Figure
 
+    from beyond_cls.analysis.plots import BLOCK_LABEL, panel_title
     from beyond_cls.analysis.style import plain_ticks
+    from beyond_cls.statistics import find
 
     blocks = sorted({b for points in curves.values() for b, _, _ in points})
     panels = 1 if entropy is None else 2
@@ -116,7 +118,7 @@ def blocks_figure(metric: str, curves: dict[str, list[tuple[int, float, float]]]
         for (aggregation, points), dx in zip(curves.items(), _offsets(len(curves), step)):
             xs, values, stds = zip(*points)
             ax.errorbar([x + dx for x in xs], values, yerr=stds, marker="o", capsize=3, label=aggregation)
-        ax.set(xlabel="block (0-based)", ylabel=ylabel, title="probe accuracy per block")
+        ax.set(xlabel=BLOCK_LABEL, ylabel=ylabel, title="probe accuracy per block")
         ax.set_xticks(blocks)
         fig.legend(loc="outside lower center", ncol=min(len(curves), 4), fontsize=8, frameon=False)
     ax.grid(alpha=0.3, axis="y")
@@ -126,8 +128,8 @@ def blocks_figure(metric: str, curves: dict[str, list[tuple[int, float, float]]]
         right.plot(range(len(entropy)), entropy, marker="o", ms=3, color="black")
         for b in blocks:
             right.axvline(b, color="0.6", linestyle=":", linewidth=1)
-        right.set(xlabel="block (0-based)", ylabel="entropy (nats)",
-                  title="[cls]→patch attention entropy (dotted: probed blocks)")
+        stat = find("cls_patch_entropy")  # the table's title and axis label, as analyze's panel
+        right.set(xlabel=BLOCK_LABEL, ylabel=stat.ylabel, title=f"{panel_title(stat)}\n(dotted: probed blocks)")
         right.grid(alpha=0.3)
         plain_ticks(right)
     return fig

@@ -2,8 +2,8 @@
 
 Inside ``with AttentionRecorder(model) as rec:`` every supported attention module computes its
 output with :func:`beyond_cls.ops.attention_with_stats` (fused: no N×N matrix leaves the kernel)
-and adds per-head sums of the row statistics (float32 within a batch, one compiled reduction per block
-on CUDA) to float64 running sums [fields, heads] on the model's device.
+and adds per-head sums of every registered statistic (:mod:`beyond_cls.statistics`; float32 within a batch,
+one compiled reduction per block on CUDA) to float64 running sums [fields, heads] on the model's device.
 The model's outputs are those of its own forward; the original forwards return on exit.
 With ``keep_rows`` the same fused pass also returns the full attention rows of chosen queries
 (e.g. [cls] and the central patch of the last block), kept for the last batch only.
@@ -18,41 +18,47 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from beyond_cls import ops
+from beyond_cls import ops, statistics
 from beyond_cls.analysis.summary import AttentionSummary
 from beyond_cls.capture import attention_modules, restore_forward, swap_forward
 from beyond_cls.models.architectures import attention_adapter, supported_attention
 from beyond_cls.models.loader import encoder_info
-from beyond_cls.reference import AttentionRows
-
-# Rows of a block's sums: three sums over patch queries (patch_cls needs [cls]), then three of the [cls] row.
-SUM_FIELDS = ("patch_self", "patch_patch_entropy", "patch_cls", "cls_self", "cls_patch_entropy", "cls_patch_mass")
+from beyond_cls.reference import AttentionRows, row_planes
 
 
 def sum_fields(has_cls: bool) -> tuple[tuple[str, ...], int]:
-    """The rows of :func:`batch_sums` and how many lead that are sums over patch queries (not only images)."""
-    return (SUM_FIELDS, 3) if has_cls else (SUM_FIELDS[:2], 2)
+    """The rows of :func:`batch_sums` and how many lead that are sums over patch queries (not only images): the
+    registered statistics (:func:`beyond_cls.statistics.statistics`) over patch queries, then those of the
+    [cls] row, each group in table order."""
+    present = statistics.statistics(has_cls)
+    over_patches = tuple(s.name for s in present if s.queries == "patches")
+    return over_patches + tuple(s.name for s in present if s.queries == "cls"), len(over_patches)
 
 
-def batch_sums(rows: AttentionRows, num_prefix_tokens: int, has_cls: bool) -> Tensor:
-    """Per-head sums of one batch's DESIGN.md statistics: [F, H] in the rows' dtype (float32 from the fused ops).
+def batch_sums(rows: AttentionRows | Tensor, num_prefix_tokens: int, has_cls: bool) -> Tensor:
+    """Per-head sums of one batch's registered statistics: [F, H] in the rows' dtype (float32 from the fused ops).
 
-    Rows follow :func:`sum_fields`: the patch fields summed over images and patch queries (a_ii / m_i, H_i and,
-    with [cls], a_i0), then the [cls] row's a_00, H_0 and m_0 summed over images. Nothing is cast to float64: the
-    values lie in [0, 1] or [0, log N] (all of one sign), so float32 sums of a batch stay within 1e-6 relative error
-    of float64 ones (B=256, N=197: <= 5e-7 measured); only the [F, H] running sums across batches are float64.
+    ``rows``: the op's :class:`AttentionRows` or its stacked [S, B, H, N] tensor. Rows follow :func:`sum_fields`:
+    each statistic's ``value`` summed over images and patch queries, then over images for those of the [cls] row.
+    Nothing is cast to float64: the values lie in [0, 1] or [0, log N] (all of one sign), so float32 sums of a
+    batch stay within 1e-6 relative error of float64 ones (B=256, N=197: <= 5e-7 measured); only the [F, H]
+    running sums across batches are float64.
     """
-    p = num_prefix_tokens
-    over_patches = [rows.self_attn[..., p:] / rows.patch_mass[..., p:], rows.patch_entropy[..., p:]]
-    if has_cls:
-        over_patches.append(rows.cls_attn[..., p:])
-    sums = [t.sum((0, 2)) for t in over_patches]
-    if has_cls:
-        sums += [t[..., 0].sum(0) for t in (rows.self_attn, rows.patch_entropy, rows.patch_mass)]
+    stacked = rows.stacked if isinstance(rows, AttentionRows) else rows
+    fields, _ = sum_fields(has_cls)
+    has_prefix = num_prefix_tokens > 0
+    selected: dict[str, dict[str, Tensor]] = {}
+    sums = []
+    for name in fields:
+        statistic = statistics.find(name)
+        if statistic.queries not in selected:  # each query set is sliced and split once
+            queries = slice(num_prefix_tokens, None) if statistic.queries == "patches" else slice(0, 1)
+            selected[statistic.queries] = row_planes(stacked[..., queries], has_prefix)
+        sums.append(statistic.value(selected[statistic.queries]).sum((0, 2)))
     return torch.stack(sums)
 
 
-def add_batch_sums(total: Tensor, rows: AttentionRows, num_prefix_tokens: int, has_cls: bool) -> Tensor:
+def add_batch_sums(total: Tensor, rows: AttentionRows | Tensor, num_prefix_tokens: int, has_cls: bool) -> Tensor:
     """``total`` [F, H] float64 plus :func:`batch_sums` of ``rows``: the float64 running sum across batches."""
     return total + batch_sums(rows, num_prefix_tokens, has_cls)
 
@@ -60,7 +66,7 @@ def add_batch_sums(total: Tensor, rows: AttentionRows, num_prefix_tokens: int, h
 @functools.cache
 def _compiled_add_batch_sums():
     # torch.compile rather than a hand-written kernel: Inductor fuses the reductions and the add (one kernel in its
-    # CPU code) where eager runs 9 launches, and this one function stays the definition on every device.
+    # CPU code) where eager runs a launch per statistic, and this one function stays the definition on every device.
     # Every block shares the graph (same shapes; the totals are arguments, not state); another batch size
     # compiles once more with a dynamic batch dimension (a one-image batch gets its own graph).
     return torch.compile(add_batch_sums, fullgraph=True)
@@ -135,6 +141,7 @@ class AttentionRecorder:
         self.name = name
         self.modules: list[tuple[str, nn.Module]] = modules
         self._sums: list[Tensor | None] = [None] * len(self.modules)  # per block [F, H] float64, on device
+        self._fields: tuple[tuple[str, ...], int] | None = None  # sum_fields when recording began
         self._images = [0] * len(self.modules)
         self._num_tokens: int | None = None
         self._saved: list[object] = []
@@ -204,7 +211,13 @@ class AttentionRecorder:
 
     @torch.no_grad()
     def _accumulate(self, index: int, rows: AttentionRows) -> None:
-        batch, heads, n = rows.self_attn.shape
+        _, batch, heads, n = rows.stacked.shape
+        if self._fields is None:
+            self._fields = sum_fields(self.has_class_token)
+        elif sum_fields(self.has_class_token) != self._fields:
+            raise RuntimeError(f"the registered attention statistics changed while recording (from "
+                               f"{self._fields[0]} to {sum_fields(self.has_class_token)[0]}): call reset() first")
+        fields = self._fields[0]
         if self._num_tokens is None:
             if n <= self.num_prefix_tokens:
                 raise ValueError(f"sequence of {n} tokens has no patches after {self.num_prefix_tokens} prefix")
@@ -213,10 +226,9 @@ class AttentionRecorder:
             raise ValueError(f"sequence length changed from {self._num_tokens} to {n} tokens between batches")
         total = self._sums[index]
         if total is None:
-            fields, _ = sum_fields(self.has_class_token)
-            total = rows.self_attn.new_zeros((len(fields), heads), dtype=torch.float64)
+            total = rows.stacked.new_zeros((len(fields), heads), dtype=torch.float64)
         add = batch_accumulator(total.device)
-        self._sums[index] = add(total, rows, self.num_prefix_tokens, self.has_class_token)
+        self._sums[index] = add(total, rows.stacked, self.num_prefix_tokens, self.has_class_token)
         self._images[index] += batch
 
     def reset(self) -> None:
@@ -224,6 +236,7 @@ class AttentionRecorder:
         self._sums = [None] * len(self.modules)
         self._images = [0] * len(self.modules)
         self._num_tokens = None
+        self._fields = None
         self.kept_rows.clear()
 
     @property
@@ -239,12 +252,12 @@ class AttentionRecorder:
             raise RuntimeError(f"blocks saw different numbers of images {sorted(set(self._images))}")
         images = self._images[0]
         patches = self._num_tokens - self.num_prefix_tokens
-        fields, per_query = sum_fields(self.has_class_token)
+        fields, per_query = self._fields
         counts = torch.tensor([images * patches] * per_query + [images] * (len(fields) - per_query),
                               dtype=torch.float64)
         means = torch.stack(self._sums).cpu() / counts[:, None]  # [blocks, F, H]
         return AttentionSummary(
-            **{name: means[:, i].contiguous() for i, name in enumerate(fields)},
+            {name: means[:, i].contiguous() for i, name in enumerate(fields)},
             num_images=images,
             num_prefix_tokens=self.num_prefix_tokens,
             num_patches=patches,

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from beyond_cls.models.zoo import ZOO, ZooEntry, zoo_entry
-from beyond_cls.numerics import max_entropy
 
 __all__ = ["BAND_LABEL", "FAMILIES", "FAMILY_COLORS", "data_label", "infer_family", "model_styles", "plain_ticks",
-           "short_name", "uniform_reference"]
+           "short_name"]
 
 #: Colour of each family; any other family is drawn in ``OTHER_COLOR``.
 FAMILY_COLORS = {"MIM": "#1f77b4", "JEA": "#d95f02"}
@@ -90,24 +89,6 @@ def model_styles(models: Mapping[str, tuple[str, str]]) -> dict[str, dict[str, A
         linestyle, marker = LINE_STYLES[index]
         out[label] = {"color": FAMILY_COLORS.get(family, OTHER_COLOR), "linestyle": linestyle, "marker": marker}
     return out
-
-
-def uniform_reference(metric: str, num_patches: int, num_prefix_tokens: int) -> tuple[float, str] | None:
-    """(value, legend text) of uniform attention for a panel statistic (DESIGN.md definitions), or None.
-
-    ``cls_self`` = a₀₀: 1/N over all N tokens; ``patch_self`` = a_ii / m_i: 1/|J|; both entropies: log |J|.
-    """
-    if num_patches <= 0:
-        return None
-    if metric == "cls_self":
-        n = num_patches + num_prefix_tokens
-        return 1.0 / n, f"uniform: 1/N = 1/{n} = {1.0 / n:.4f}"
-    if metric == "patch_self":
-        return 1.0 / num_patches, f"uniform: 1/|J| = 1/{num_patches} = {1.0 / num_patches:.4f}"
-    if metric.endswith("entropy"):
-        value = max_entropy(num_patches)
-        return value, f"uniform: log |J| = log {num_patches} = {value:.2f}"
-    return None
 
 
 def plain_ticks(ax) -> None:

@@ -2,7 +2,7 @@
 
 A layout module of :mod:`beyond_cls.data.layouts` calls :func:`register` with a :class:`DatasetLayout`;
 :func:`build_dataset`, :data:`DATASETS`, :func:`datasets_help` (the CLI's ``--dataset`` help) and
-:func:`datasets_table_markdown` (the README's table) read the registry, so adding a layout is one module.
+:func:`datasets_table_markdown` (the table in docs/reference.md) read the registry, so adding a layout is one module.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = [
     "register",
 ]
 
-#: How a layout's probe is scored, and how the README table shows it.
+#: How a layout's probe is scored, and how the docs' table shows it.
 METRICS = {"top1": "top-1/5", "map": "mAP (BCE loss)"}
 
 
@@ -104,11 +104,11 @@ def build_dataset(
 
 def datasets_help() -> str:
     """The CLI's ``--dataset`` help: the registered names."""
-    return f"dataset layout of --data: {', '.join(LAYOUTS)} (README: the datasets table)"
+    return f"dataset layout of --data: {', '.join(LAYOUTS)} (docs/reference.md: the datasets table)"
 
 
 def datasets_table_markdown() -> str:
-    """The README's table of ``--dataset`` layouts, one row per registered name."""
+    """The docs' table of ``--dataset`` layouts (docs/reference.md), one row per registered name."""
     rows = ["| dataset (`--dataset`) | what | layout under `--data` | splits (train / val) | classes | metric |",
             "|---|---|---|---|---|---|"]
     rows += [f"| `{d.name}` | {d.description} | {d.layout} | {d.splits} | {d.classes} | {METRICS[d.metric]} |"

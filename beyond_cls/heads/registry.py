@@ -2,7 +2,7 @@
 
 A head module calls :func:`register` with an :class:`Aggregation`; :func:`parse_heads` and
 :func:`build_aggregation` (the probe's head bank), :func:`heads_help` (the CLI's ``--heads`` help) and
-:func:`heads_table_markdown` (the README's table) read the registry, so adding a head is one module.
+:func:`heads_table_markdown` (the table in docs/reference.md) read the registry, so adding a head is one module.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = [
     "register",
 ]
 
-#: How the bank reports a head's aggregation entropy, and how the README table shows it.
+#: How the bank reports a head's aggregation entropy, and how the docs' table shows it.
 ENTROPIES = {
     "none": "–",  # NaN: one token, no distribution over the patches
     "uniform": "log P",  # mean pooling: the uniform distribution over the P patches
@@ -167,7 +167,7 @@ def heads_help() -> str:
 
 
 def heads_table_markdown() -> str:
-    """The README's table of ``--heads`` specs, one row per registered aggregation."""
+    """The docs' table of ``--heads`` specs (docs/reference.md), one row per registered aggregation."""
     yes = {True: "yes", False: "no"}
     rows = ["| head (`--heads`) | aggregation | trained | needs [cls] | entropy |", "|---|---|---|---|---|"]
     rows += [f"| `{a.syntax}` | {a.description} | {yes[a.trainable]} | {yes[a.needs_cls]} | {ENTROPIES[a.entropy]} |"

@@ -2,8 +2,9 @@
 
 One op per module (``attention_stats``: fused attention with row statistics; ``abmilp``: AbMILP and
 softmax pooling, forward and backward): its ``@triton.jit`` kernels and host launch functions.
-``aot`` compiles them ahead of time for a GPU architecture without a GPU (CI). Users call them
-through ``beyond_cls.ops``.
+``launch`` runs every kernel (an explicit config, the interpreter's, or an autotuner), each module
+passing its kernels' rules as data. ``aot`` compiles them ahead of time for a GPU architecture
+without a GPU (CI). Users call them through ``beyond_cls.ops``.
 """
 
 from beyond_cls.triton_mode import interpreting

@@ -30,10 +30,13 @@ backward (P = 1024); K = 8: 12.8 MB (4 %) and 50 MB (16 %: pooled, 25 MB, and th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from beyond_cls.kernels.launch import KernelLaunch, run
 from beyond_cls.numerics import MAX_BRANCHES, accumulation_dtype
 from beyond_cls.triton_mode import interpreting
 
@@ -91,6 +94,29 @@ def _load_rows(ptr, offs_k, k_ok, stride_k, stride_d, D, C0: tl.constexpr, G: tl
     """Per-branch rows [1, G, WARPS, KW, CHUNK_D] of a [K, D] matrix (any strides); 0 outside."""
     offs_d = _cols(C0, G, CHUNK_D)
     return tl.load(ptr + offs_k * stride_k + offs_d * stride_d, mask=k_ok & (offs_d < D), other=0.0).to(acc_t)
+
+
+@triton.jit
+def _load_row_groups(ptr, offs_k, k_ok, stride_k, stride_d, D, GA: tl.constexpr, GB: tl.constexpr,
+                     CHUNK_D: tl.constexpr, acc_t: tl.constexpr):
+    """A [K, D] matrix's per-branch rows as the row's two column groups (GA, then GB chunks; the first again for
+    GB = 0)."""
+    a = _load_rows(ptr, offs_k, k_ok, stride_k, stride_d, D, 0, GA, CHUNK_D, acc_t)
+    b = a
+    if GB > 0:
+        b = _load_rows(ptr, offs_k, k_ok, stride_k, stride_d, D, GA * CHUNK_D, GB, CHUNK_D, acc_t)
+    return a, b
+
+
+@triton.jit
+def _zero_row_groups(GA: tl.constexpr, GB: tl.constexpr, WARPS: tl.constexpr, KW: tl.constexpr,
+                     CHUNK_D: tl.constexpr, acc_t: tl.constexpr):
+    """Zero per-branch rows [1, G, WARPS, KW, CHUNK_D] for both column groups (the first again for GB = 0)."""
+    a = tl.zeros([1, GA, WARPS, KW, CHUNK_D], acc_t)
+    b = a
+    if GB > 0:
+        b = tl.zeros([1, GB, WARPS, KW, CHUNK_D], acc_t)
+    return a, b
 
 
 @triton.jit
@@ -153,12 +179,8 @@ def _abmilp_fwd_kernel(
     offs_k, k_ok = _branches(K, K_PAD, WARPS)
     row = Z + b * stride_zb
     if not GIVEN:
-        wa = _load_rows(W, offs_k, k_ok, stride_wk, stride_wd, D, 0, GA, CHUNK_D, acc_t)
-        if GB > 0:
-            wb = _load_rows(W, offs_k, k_ok, stride_wk, stride_wd, D, C1, GB, CHUNK_D, acc_t)
-    acc_a = tl.zeros([1, GA, WARPS, KW, CHUNK_D], acc_t)
-    if GB > 0:
-        acc_b = tl.zeros([1, GB, WARPS, KW, CHUNK_D], acc_t)
+        wa, wb = _load_row_groups(W, offs_k, k_ok, stride_wk, stride_wd, D, GA, GB, CHUNK_D, acc_t)
+    acc_a, acc_b = _zero_row_groups(GA, GB, WARPS, KW, CHUNK_D, acc_t)
     m = tl.full([1, 1, WARPS, KW, 1], float("-inf"), acc_t)
     norm = tl.zeros([1, 1, WARPS, KW, 1], acc_t)
     n_start = split * CHUNK
@@ -278,12 +300,8 @@ def _abmilp_bwd_kernel(
     C1: tl.constexpr = GA * CHUNK_D
     offs_k, k_ok = _branches(K, K_PAD, WARPS)
     if HAS_WEIGHT and TOKENS_GRAD:
-        wa = _load_rows(W, offs_k, k_ok, stride_wk, stride_wd, D, 0, GA, CHUNK_D, acc_t)
-        if GB > 0:
-            wb = _load_rows(W, offs_k, k_ok, stride_wk, stride_wd, D, C1, GB, CHUNK_D, acc_t)
-    dw_a = tl.zeros([1, GA, WARPS, KW, CHUNK_D], acc_t)
-    if GB > 0:
-        dw_b = tl.zeros([1, GB, WARPS, KW, CHUNK_D], acc_t)
+        wa, wb = _load_row_groups(W, offs_k, k_ok, stride_wk, stride_wd, D, GA, GB, CHUNK_D, acc_t)
+    dw_a, dw_b = _zero_row_groups(GA, GB, WARPS, KW, CHUNK_D, acc_t)
     for item in range(pid, B * SPLITS, tl.num_programs(0)):
         b = (item // SPLITS).to(tl.int64)
         n_start = (item % SPLITS) * CHUNK
@@ -425,40 +443,28 @@ def _max_registers(name: str, warps: int) -> int | None:
     return min(255, 65536 // (32 * warps)) if name in ROW_KERNELS else None
 
 
-def _autotuner(name: str, d: int, itemsize: int, meta: dict):
-    """An autotuner over the configs that suit the call, one per (kernel, D, token size, constexprs)."""
-    key = (name, d, itemsize, tuple(sorted(meta.items())))
-    if key not in _TUNERS:
-        configs = [triton.Config(_config_meta(name, c, d), num_warps=c[2], num_stages=c[3],
-                                 maxnreg=_max_registers(name, c[2]))
-                   for c in _candidates(name, d, meta["K_PAD"], itemsize, meta)]
-        _TUNERS[key] = triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[name])(KERNELS[name])
-    return _TUNERS[key]
-
-
-_TUNERS: dict = {}
+@functools.lru_cache(maxsize=64)
+def _kernel(name: str, interpret_config: tuple[int, int, int, int]) -> KernelLaunch:
+    """Kernel ``name`` and its launch rules (keyed by the interpreter config: tests change INTERPRET_CONFIG)."""
+    if name not in ROW_KERNELS:
+        return KernelLaunch(name, KERNELS[name], CONFIGS[name], interpret_config, _AUTOTUNE_KEYS[name],
+                            block_names=("BLOCK_N", "BLOCK_D"))
+    return KernelLaunch(
+        name, KERNELS[name], CONFIGS[name], interpret_config, _AUTOTUNE_KEYS[name],
+        blocks=lambda config, call: _config_meta(name, config, call["D"]),
+        candidates=lambda call: _candidates(name, call["D"], call["K_PAD"], call["Z"].element_size(), call),
+        tuned_by=lambda call: (call["Z"].element_size(), *(call[k] for k in _AUTOTUNE_KEYS[name] if k != "N")),
+        max_registers=lambda warps: _max_registers(name, warps),
+        warps_limit="K_PAD",
+    )
 
 
 def launch(name: str, grid, *args, config: tuple[int, int, int, int] | None = None, **meta) -> None:
-    """Run kernel ``name`` over ``grid(config constexprs)`` at ``config`` (BLOCK_N, BLOCK_D — CHUNK_D for row
-    kernels —, num_warps, num_stages) when given; else at INTERPRET_CONFIG in the interpreter (row kernels with at
-    most K_PAD warps: tuning would run every config and time numpy), autotuned on a GPU over the configs of
-    CONFIGS[name] that suit the call (``_fits``). A row kernel cannot take more warps than K_PAD (ValueError)."""
-    named = dict(zip(KERNELS[name].arg_names, args))
-    d, itemsize = named["D"], named["Z"].element_size() if "Z" in named else 4
-    if config is None and interpreting():
-        block_n, block_d, warps, stages = INTERPRET_CONFIG
-        config = (block_n, block_d, min(warps, meta["K_PAD"]) if name in ROW_KERNELS else warps, stages)
-    if config is None:
-        _autotuner(name, d, itemsize, meta)[grid](*args, **meta)
-        return
-    if name in ROW_KERNELS and config[2] > meta["K_PAD"]:
-        raise ValueError(f"{name}: {config[2]} warps for {meta['K_PAD']} (padded) branches; at most one warp each")
-    blocks = _config_meta(name, config, d)
-    options = dict(num_warps=config[2], num_stages=config[3])
-    if _max_registers(name, config[2]) and not interpreting():
-        options.update(maxnreg=_max_registers(name, config[2]))
-    KERNELS[name][grid(blocks)](*args, **meta, **blocks, **options)
+    """Run kernel ``name`` over ``grid(config constexprs)`` (``beyond_cls.kernels.launch.run``): at ``config``
+    (BLOCK_N, BLOCK_D — CHUNK_D for row kernels —, num_warps, num_stages) when given; else at INTERPRET_CONFIG in the
+    interpreter (row kernels with at most K_PAD warps), autotuned on a GPU over the configs of CONFIGS[name] that
+    suit the call (``_fits``). A row kernel cannot take more warps than K_PAD (ValueError)."""
+    run(_kernel(name, INTERPRET_CONFIG), grid, args, meta, config)
 
 
 def check_tokens(tokens: torch.Tensor, k: int, mask: torch.Tensor | None) -> None:

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from beyond_cls.kernels import fp32_dot_precision
+from beyond_cls.kernels.launch import KernelLaunch, run
 from beyond_cls.numerics import MAX_KEPT_ROWS
 from beyond_cls.triton_mode import interpreting
 
@@ -464,23 +465,15 @@ def attention_stats_fwd_kernel(
             HAS_BIAS, D2, MASK_D, BLOCK_M, BLOCK_N, FP32_DOT, UPCAST, INTERPRET)
 
 
-_attention_stats_fwd_autotuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in CONFIGS],
-    key=["N", "HEAD_DIM", "NUM_PREFIX", "HAS_BIAS", "FP32_DOT", "INTERPRET", "KEEP_ROWS"],
-)(attention_stats_fwd_kernel)
+# the kernel and its launch rules; the autotuner's key (it adds the tensor arguments' dtypes itself)
+_KERNEL = KernelLaunch("attention_stats", attention_stats_fwd_kernel, CONFIGS, INTERPRET_CONFIG,
+                       ("N", "HEAD_DIM", "NUM_PREFIX", "HAS_BIAS", "FP32_DOT", "INTERPRET", "KEEP_ROWS"))
 
 
 def launch(grid, *args, config: tuple[int, int, int, int] | None = None, **meta) -> None:
-    """Run the kernel over ``grid(blocks)`` at ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) when given;
-    else at INTERPRET_CONFIG in the interpreter, autotuned over CONFIGS on a GPU."""
-    if config is None and interpreting():
-        config = INTERPRET_CONFIG
-    if config is None:
-        _attention_stats_fwd_autotuned[grid](*args, **meta)
-        return
-    block_m, block_n, warps, stages = config
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n)
-    attention_stats_fwd_kernel[grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
+    """Run the kernel over ``grid(blocks)`` (``beyond_cls.kernels.launch.run``) at ``config`` (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) when given; else at INTERPRET_CONFIG in the interpreter, autotuned over CONFIGS on a GPU."""
+    run(_KERNEL, grid, args, meta, config)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix_tokens: int) -> None:
@@ -519,13 +512,14 @@ def attention_with_stats_forward(
     bias: torch.Tensor | None = None,
     keep_rows: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the kernel: (out [B, H, N, d] in v's dtype, self_attn, cls_attn, patch_mass, patch_entropy).
+    """Launch the kernel: (out [B, H, N, d] in v's dtype, stats [S, B, H, N] float32).
 
-    q, k, v may be strided views (e.g. timm's qkv reshape/permute): no copies are made (but of q for a negative
-    ``scale``). ``out`` is the [B, H, N, d] view of a [B, N, H, d] tensor. ``bias`` must broadcast to
-    [B, H, N, N]; broadcast dimensions are read with stride 0. With ``keep_rows`` (1 to ``MAX_KEPT_ROWS``
-    distinct query indices, negative from the end) a sixth tensor follows: the kept rows' softmax probabilities
-    [B, H, R, N] float32, computed in the same launch.
+    ``stats`` stacks the row statistics in :data:`beyond_cls.statistics.ROW_STATISTICS` order (the kernel writes
+    each plane through its own pointer). q, k, v may be strided views (e.g. timm's qkv reshape/permute): no copies
+    are made (but of q for a negative ``scale``). ``out`` is the [B, H, N, d] view of a [B, N, H, d] tensor.
+    ``bias`` must broadcast to [B, H, N, N]; broadcast dimensions are read with stride 0. With ``keep_rows`` (1 to
+    ``MAX_KEPT_ROWS`` distinct query indices, negative from the end) a third tensor follows: the kept rows' softmax
+    probabilities [B, H, R, N] float32, computed in the same launch.
     """
     check_inputs(q, k, v, num_prefix_tokens)
     batch, heads, n, d = q.shape
@@ -539,7 +533,12 @@ def attention_with_stats_forward(
         q, scale = -q, -scale
     # stored [B, N, H, d], SDPA's layout (the op's contract, beyond_cls.ops.attention_stats): merging heads is a view
     out = v.new_empty((batch, n, heads, d)).transpose(1, 2)
-    stats = [torch.empty((batch, heads, n), dtype=torch.float32, device=q.device) for _ in range(4)]
+    from beyond_cls.statistics import ROW_STATISTICS
+
+    stats = torch.empty((len(ROW_STATISTICS), batch, heads, n), dtype=torch.float32, device=q.device)
+    planes = dict(zip((row.name for row in ROW_STATISTICS), stats.unbind(0)))
+    # the kernel's output pointers, in its argument order (SelfAttn, ClsAttn, PatchMass, PatchEntropy)
+    kernel_planes = [planes[name] for name in ("self_attn", "cls_attn", "patch_mass", "patch_entropy")]
     num_kept = 0 if kept_rows is None else len(kept_rows)
     kept = torch.empty((batch, heads, num_kept, n), dtype=torch.float32, device=q.device)
     table = q if kept_rows is None else _kept_row_table(kept_rows, q.device)
@@ -553,7 +552,7 @@ def attention_with_stats_forward(
     else:
         bias_strides = (0, 0, 0, 0)
     args = (
-        q, k, v, bias if bias is not None else q, out, *stats, table, kept if num_kept else q,
+        q, k, v, bias if bias is not None else q, out, *kernel_planes, table, kept if num_kept else q,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
         heads, n, d, num_kept, scale,
     )
@@ -569,7 +568,7 @@ def attention_with_stats_forward(
         MASK_D=d1 + d2 != d,
     )
     launch(lambda cfg: (triton.cdiv(n, cfg["BLOCK_M"]), batch * heads), *args, **meta)
-    return (out, *stats) if kept_rows is None else (out, *stats, kept)
+    return (out, stats) if kept_rows is None else (out, stats, kept)
 
 
 def flops(batch: int, heads: int, n: int, d: int) -> int:

@@ -3,7 +3,7 @@
 Files are read with ``torch.load(weights_only=True)`` (or safetensors) and never with
 ``weights_only=False``: a file that would run code when unpickled is refused. Each official
 checkpoint layout is one :class:`~beyond_cls.models.formats.CheckpointFormat`, registered by its
-module in ``beyond_cls/models/formats/`` (see ``encoders.md`` for the layouts of the paper's encoders);
+module in ``beyond_cls/models/formats/`` (docs/models.md lists the layouts of the paper's encoders);
 this module holds what every format shares and looks formats up in the registry only.
 
 Typical use (one read of the file)::

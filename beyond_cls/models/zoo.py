@@ -4,7 +4,7 @@ One :class:`ZooEntry` per encoder (timm-style registry): the architecture to bui
 format that adapts the official file, where to download that file (nothing is downloaded here), the
 input normalization, the token layout, the token source the paper probes (block, final norm), and
 the paper's reference numbers (Table 1 top-1 per aggregation; appendix Table 3 aggregation entropy).
-Facts come from ``shared/encoders.md``.
+Facts: docs/models.md (official files, architectures).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from torch import Tensor
 from beyond_cls import _extension, reference
 from beyond_cls.ops import _dispatch
 from beyond_cls.reference import AttentionRows
+from beyond_cls.statistics import ROW_STATISTICS
 
 _dispatch.register("attention_with_stats", _dispatch.Support(
     triton_dtypes=(torch.float16, torch.bfloat16, torch.float32),
@@ -47,9 +48,9 @@ def _triton(q: Tensor, k: Tensor, v: Tensor, num_prefix_tokens: int, scale: floa
 def attention_stats(
     q: Tensor, k: Tensor, v: Tensor, num_prefix_tokens: int, scale: float | None, bias: Tensor | None,
     keep_rows: list[int] | None, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, self_attn, cls_attn, patch_mass, patch_entropy, kept [B, H, R, N]) of CPU tensors: the C++ kernel,
-    or Triton's interpreter for ``backend="triton"``. ``keep_rows``: non-negative, distinct (or None: R = 0)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, stats [S, B, H, N] in ROW_STATISTICS order, kept [B, H, R, N]) of CPU tensors: the C++ kernel, or
+    Triton's interpreter for ``backend="triton"``. ``keep_rows``: non-negative, distinct (or None: R = 0)."""
     if backend == "triton":
         return _triton(q, k, v, num_prefix_tokens, scale, bias, keep_rows)
     return _extension.cpp_ops().attention_with_stats(q, k, v, num_prefix_tokens, scale, bias, keep_rows)
@@ -64,9 +65,9 @@ def _(q, k, v, num_prefix_tokens, scale, bias, keep_rows, backend):
 @attention_stats.register_fake
 def _(q, k, v, num_prefix_tokens, scale, bias, keep_rows, backend):
     b, h, n, _ = q.shape
-    stat = q.new_empty((b, h, n), dtype=torch.float32)
+    stats = q.new_empty((len(ROW_STATISTICS), b, h, n), dtype=torch.float32)
     kept = q.new_empty((b, h, len(keep_rows) if keep_rows else 0, n), dtype=torch.float32)
-    return _output_like(v), stat, stat.clone(), stat.clone(), stat.clone(), kept
+    return _output_like(v), stats, kept
 
 
 def attention_with_stats(
@@ -82,7 +83,8 @@ def attention_with_stats(
 
     ``out`` matches ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)``, in its layout
     too (stored [B, N, H, d]: ``out.transpose(1, 2).reshape(B, N, H·d)`` is a view, for every backend);
-    the statistics are [B, H, N] float32 (float64 from the reference on float64 inputs).
+    ``rows`` (:class:`AttentionRows`) views one stacked [S, B, H, N] float32 tensor (float64 from the reference on
+    float64 inputs) in :data:`beyond_cls.statistics.ROW_STATISTICS` order: ``rows.self_attn`` etc. are [B, H, N].
     ``keep_rows``: up to 8 distinct query indices (negative from the end, e.g. ``(0, -1)``); then the
     result is ``(out, rows, kept)`` with ``kept`` [B, H, R, N] the full softmax rows a_i of those
     queries over all keys (bias and masks included), in the order given, from the same fused pass.
@@ -92,8 +94,6 @@ def attention_with_stats(
         out, *rest = reference.attention_with_stats(q, k, v, num_prefix_tokens, scale, bias, keep_rows)
         return (_output_like(out).copy_(out), *rest)
     kept_index = None if keep_rows is None else list(reference.keep_row_indices(keep_rows, q.shape[-2]))
-    out, self_attn, cls_attn, mass, ent, kept = attention_stats(
-        q, k, v, num_prefix_tokens, scale, bias, kept_index, backend
-    )
-    rows = AttentionRows(self_attn, cls_attn if num_prefix_tokens > 0 else None, mass, ent)
+    out, stats, kept = attention_stats(q, k, v, num_prefix_tokens, scale, bias, kept_index, backend)
+    rows = AttentionRows(stats, has_prefix=num_prefix_tokens > 0)
     return (out, rows) if keep_rows is None else (out, rows, kept)

@@ -1,7 +1,7 @@
 """The head bank: every (aggregation, learning rate) pair as its own LinearProbe, trained at once.
 
 Head specs (``--heads``, comma-separated) are declared by the head modules in :mod:`beyond_cls.heads`
-(:mod:`beyond_cls.heads.registry`: syntax, module, [cls] need, entropy; the README's table lists them).
+(:mod:`beyond_cls.heads.registry`: syntax, module, [cls] need, entropy; docs/reference.md's table lists them).
 Non-trainable aggregations (paper Tab. 5; :mod:`beyond_cls.selection`) train only their BatchNorm + Linear;
 their weights arrive with the tokens as ``selections`` [B, M, num_patches], one per distinct such spec in
 :attr:`HeadBank.selections` order (:mod:`beyond_cls.probe.selections`).

@@ -1,4 +1,4 @@
-"""Regenerate the README's figures (docs/figures/*.png) on the synthetic set with tiny random-weight ViTs.
+"""Regenerate the figures of docs/figures.md (docs/figures/*.png) on the synthetic set with tiny random-weight ViTs.
 
 The encoders are untrained, so the numbers mean nothing: the figures show the layout of what ``analyze``,
 ``compare``, ``aggregations``, ``localize`` and ``probe-report`` write. Runs on the CPU in a few minutes:

@@ -8,9 +8,9 @@ import math
 
 import pytest
 from PIL import Image
-from tiny_probe import trained_probe
 
 from beyond_cls.cli import main
+from tests.tiny_probe import trained_probe
 
 SIZE = ["--img-size", "32", "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "3"]
 

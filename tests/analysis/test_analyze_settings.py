@@ -3,6 +3,7 @@ per batch stretch with the whole run's ETA when there is no progress bar."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 import beyond_cls.analysis.analyze as analyze_module
+from beyond_cls import statistics
+from beyond_cls.analysis import AttentionSummary
 from beyond_cls.analysis.analyze import AnalyzeConfig, analyze_models
 from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
 from beyond_cls.models import load_encoder
@@ -65,6 +68,22 @@ def test_block_rows_log_lines_and_metadata(dataset, weights, tmp_path, monkeypat
     assert [b for b, _ in lines] == ["1", "2", "3"] and lines[-1][1] == "0s"  # 3 batches: a line after each
     saved = json.loads((out / "analyze_config.json").read_text())
     assert saved["settings"] == settings_dict(rows) and saved["settings"]["classes"] == "2"
+    check_per_block_csv(out)
+
+
+def check_per_block_csv(out) -> None:
+    """analyze's per-block CSV lists every registered statistic, each block's mean, min and max over heads."""
+    summary = AttentionSummary.load(out / "attention_stats.json")
+    with open(out / "attention_stats_by_block.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["metric"] for r in rows[:: summary.num_blocks]] == [s.name for s in statistics.statistics()]
+    assert {(r["metric"], r["unit"]) for r in rows} == {(s.name, s.unit) for s in statistics.statistics()}
+    for r in rows:
+        values = summary.fields()[r["metric"]][int(r["block"])]
+        assert (r["model"], r["family"], r["depth"]) == (VIT, "other", "12")
+        assert float(r["value"]) == pytest.approx(float(values.mean()), abs=1e-12)
+        assert (float(r["head_min"]), float(r["head_max"])) == (float(values.min()), float(values.max()))
+    assert len(rows) == 12 * len(statistics.statistics())
 
 
 def test_every_model_has_its_rows(dataset, weights, tmp_path, monkeypatch):

@@ -10,8 +10,11 @@ import re
 import pytest
 import torch
 
-from beyond_cls.analysis import AttentionSummary
+from beyond_cls import statistics
+from beyond_cls.analysis import AttentionSummary, compare_figures
 from beyond_cls.analysis.compare import compare, infer_family
+from beyond_cls.analysis.style import zoo_of
+from beyond_cls.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -83,11 +86,9 @@ def test_families_inferred():
 
 
 def test_analyze_labels_of_zoo_models_keep_their_zoo_entry():
-    from beyond_cls.analysis.compare import _zoo_entry
-
     # several checkpoints of one zoo model in one analyze run are labelled name@<checkpoint stem>[-k]
-    assert _zoo_entry("mae_vit_base_patch16@ep400-2") is _zoo_entry("mae_vit_base_patch16") is not None
-    assert _zoo_entry("vit_tiny_patch16_224@x") is None
+    assert zoo_of("mae_vit_base_patch16@ep400-2") is zoo_of("mae_vit_base_patch16") is not None
+    assert zoo_of("vit_tiny_patch16_224@x") is None
 
 
 def test_model_table_matches_hand_means(runs, result):
@@ -132,6 +133,28 @@ def test_block_table_long_format(result):
     ijepa = [r for r in rows if r["model"] == "ijepa_vit_huge"]
     assert {r["metric"] for r in ijepa} == {"patch_self", "patch_patch_entropy"}
     assert len(ijepa) == 2 * 24 and {r["depth"] for r in ijepa} == {"24"}
+    # the columns older tooling reads keep their names and places; the unit rides along at the end
+    assert list(rows[0]) == ["model", "family", "block", "depth", "position", "metric", "value", "head_min",
+                             "head_max", "unit"]
+    units = {(r["metric"], r["unit"]) for r in rows}
+    fraction = "fraction of 1"
+    assert {("cls_self", fraction), ("cls_patch_entropy", "nats"), ("patch_self", fraction),
+            ("patch_patch_entropy", "nats"), ("patch_cls", fraction), ("cls_patch_mass", fraction)} <= units
+    assert {metric for metric, _ in units} == {s.name for s in statistics.statistics()}
+
+
+def test_model_table_columns_and_units_file(result):
+    with open(result["files"]["models_csv"], newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:19] == ["model", "family", "source", "has_cls", "num_images", "num_blocks", "num_heads",
+                           "num_patches", "max_entropy", "aggregation", "aggregation_entropy",
+                           "aggregation_entropy_normalized", "paper_entropy", "cls_self", "cls_patch_entropy",
+                           "patch_self", "patch_patch_entropy", "patch_cls", "cls_patch_mass"]
+    assert header[13:] == [s.name for s in statistics.statistics()]  # every registered statistic, in table order
+    units = {r["column"]: r["unit"] for r in read_csv(result["files"]["units_csv"])}
+    assert units["cls_patch_entropy"] == units["aggregation_entropy"] == units["max_entropy"] == "nats"
+    assert units["cls_self"] == units["patch_cls"] == "fraction of 1"
+    assert set(units) <= set(header) and len(units) == 4 + len(statistics.statistics())
 
 
 def test_plotted_series_use_relative_depth(result):
@@ -167,6 +190,22 @@ def test_figures_and_report(result):
     mae_row = next(line for line in text.splitlines() if line.startswith("| MIM | mae_vit_base_patch16 |"))
     assert f"{block_mean(12, 4.6, -0.02):.3f}" in mae_row
     assert "depths differ" in text
+
+
+def test_compare_prints_table3(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare_figures, "save_figure", lambda fig, path: path)  # the table only: no PNGs drawn
+    a = make("mae_vit_base_patch16", 12, 3, 0.1).save(tmp_path / "a.json")
+    b = make("ijepa_vit_huge", 12, 3, 0.0, cls=False).save(tmp_path / "b.json")
+    res = compare([a, b], tmp_path / "out")
+    out = capsys.readouterr().out
+    assert "Table 3" in out
+    rows = {r["model"]: r for r in res["rows"]}
+    mae = next(line for line in out.splitlines() if "mae_vit_base_patch16" in line)
+    assert "MIM" in mae and f"{rows['mae_vit_base_patch16']['aggregation_entropy']:.3f}" in mae
+    ijepa = next(line for line in out.splitlines() if "ijepa_vit_huge" in line)
+    assert f"{math.log(196):.3f} ‡" in ijepa and "uniform" in out
+    assert main(["compare", str(a), "--out", str(tmp_path / "cli")]) == 0
+    assert "Table 3" in capsys.readouterr().out
 
 
 def test_equal_depths_names_families_and_patch_mismatch(tmp_path):
@@ -222,8 +261,6 @@ def test_bad_inputs_name_the_path(runs, tmp_path):
 
 
 def test_compare_command(runs, tmp_path, capsys):
-    from beyond_cls.cli import main
-
     inputs = [str(p) for p in runs[1]]
     out = tmp_path / "cmp"
     assert main(["compare", *inputs, "--out", str(out), "--family", "mae_vit_base_patch16=MIM"]) == 0

@@ -64,7 +64,7 @@ def eager_run(model: torch.nn.Module, kwargs: dict):
 
 
 def reference_summary(attentions, prefix: int, has_cls: bool) -> dict[str, torch.Tensor]:
-    """DESIGN.md's statistics [blocks, heads] in float64 from materialized attention probabilities."""
+    """The attention statistics (docs/statistics.md) [blocks, heads] in float64 from materialized probabilities."""
     out: dict[str, list] = {}
     for a in attentions:
         a = a.double()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
-from selection_checks import MODELS, direct, last_block_attention, make_model, normalize
-from tiny_probe import trained_probe
 
 from beyond_cls.analysis.selection_runner import SelectionRunner
+from beyond_cls.cli import main
 from beyond_cls.config import ConfigError
 from beyond_cls.models import load_encoder
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.head_loading import load_probe_head
+from beyond_cls.selection import parse_method
+from tests.selection_checks import MODELS, direct, last_block_attention, make_model, normalize
+from tests.tiny_probe import trained_probe
 
 
 @pytest.mark.parametrize("key", list(MODELS))
@@ -81,3 +86,69 @@ def test_abmilp_method_errors(probe_run, tmp_path):
         SelectionRunner([f"abmilp:{probe_run}@mean"], img_size=32)
     with pytest.raises(ConfigError, match="img_size"):
         SelectionRunner([f"abmilp:{probe_run}"], img_size=64)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# abmilp:RUN picks its head explicitly; unsafe run configs are one-line errors
+
+SIZE = ["--img-size", "32", "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def two_head_run(tmp_path_factory):
+    """A probe run with two AbMILP heads (two learning rates) and a [cls] head, plus a boxes folder."""
+    return trained_probe(tmp_path_factory.mktemp("heads"), "cls,abmilp", classes=2, train=4, val=3, boxes=True,
+                         lrs="0.1,0.2", epochs=1, warmup_epochs=0, effective_batch=4)
+
+
+def test_head_key_after_hash():
+    m = parse_method("abmilp:/no/such/run#abmilp+cls@blr0p1")
+    assert (m.run, m.head) == ("/no/such/run", "abmilp+cls@blr0p1")
+
+
+def test_ambiguous_head_is_an_error_listing_the_keys(two_head_run):
+    _, run, _ = two_head_run
+    with pytest.raises(ConfigError, match="2 AbMILP heads") as info:
+        load_probe_head(run)
+    message = str(info.value)
+    assert "\n" not in message and "abmilp@blr0p1, abmilp@blr0p2" in message and "#KEY" in message
+    with pytest.raises(ConfigError, match="matches 2 AbMILP heads"):  # a spec naming several heads
+        load_probe_head(run, "abmilp")
+    head = load_probe_head(run, "abmilp@blr0p2")
+    assert (head.key, head.seed) == ("abmilp@blr0p2", 0)
+
+
+def test_aggregations_and_localize_record_the_head(two_head_run, tmp_path, capsys):
+    data, run, xml = two_head_run
+    base = ["--model", "vit_tiny_patch16_224", "--data", str(data), *SIZE]
+    method = f"abmilp:{run}#abmilp@blr0p2"
+    assert main(["aggregations", *base, "--methods", f"attn-mean,{method}", "--out", str(tmp_path / "a"),
+                 "--max-images", "2", "--examples", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{method}: head abmilp@blr0p2 (seed 0)" in printed
+    results = json.loads((tmp_path / "a" / "aggregations.json").read_text())
+    assert results["heads"][method]["head"] == "abmilp@blr0p2" and results["heads"][method]["spec"] == "abmilp"
+    assert main(["localize", *base, "--boxes", str(xml), "--map", "cls-attn", "--map", method,
+                 "--out", str(tmp_path / "l"), "--max-images", "2", "--overlays", "1"]) == 0
+    assert "head abmilp@blr0p2" in capsys.readouterr().out
+    results = json.loads((tmp_path / "l" / "localization.json").read_text())
+    assert list(results["heads"]) == [method] and results["heads"][method]["head"] == "abmilp@blr0p2"
+    # without #KEY: one line naming the keys, exit 2
+    assert main(["aggregations", *base, "--methods", f"abmilp:{run}", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "abmilp@blr0p1, abmilp@blr0p2" in err, err
+
+
+def test_run_config_with_python_tags_is_one_line(tmp_path, capsys):
+    run = tmp_path / "evil"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: vit_tiny_patch16_224\nx: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match=re.escape(str(run / "config.yaml"))):
+        SelectionRunner([f"abmilp:{run}"], img_size=32)
+    with pytest.raises(ConfigError, match="not plain YAML"):
+        load_probe_head(run)
+    argv = ["aggregations", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--methods", f"abmilp:{run}", *SIZE]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.yaml" in err and "python/object" in err, err

@@ -1,8 +1,12 @@
-"""beyond_cls.data: synthetic set (determinism, cache, atomicity, content), transforms, folders, loaders."""
+"""beyond_cls.data: synthetic set (determinism, cache, atomicity, content), transforms, folders, loaders; skipped
+images counted in the probe's results, and ``--dataset synthetic`` without ``--data``."""
 
 from __future__ import annotations
 
+import csv
+import importlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import SequentialSampler
 
+from beyond_cls.config import ConfigError, load_config
 from beyond_cls.data import (
     CLASS_DESIGNS,
     IMAGENET_MEAN,
@@ -29,6 +34,8 @@ from beyond_cls.data import (
     synthetic_root,
     train_transform,
 )
+from beyond_cls.probe.config import ProbeConfig
+from tests.tiny_probe import TINY
 
 SMALL = SyntheticConfig(
     num_classes=3, train_per_class=3, val_per_class=2, image_size=64, object_size=(12, 20)
@@ -379,3 +386,50 @@ def test_manifest_is_json_with_boxes(small_set):
     assert len(boxes) == 3 * 2 and all(k.startswith("val/") for k in boxes)
     for x0, y0, x1, y1 in boxes.values():
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and 12 <= x1 - x0 <= 20
+
+
+# ----------------------------------------------------------------------------- the probe: skips, synthetic
+# the shared tiny probe with one head and one learning rate: one results row
+PROBE = dict(TINY, epochs=2, heads="mean", lrs=None)
+
+
+@pytest.fixture(scope="module")
+def probe_set(tmp_path_factory) -> Path:
+    cfg = SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4, image_size=64, object_size=(12, 20))
+    return make_synthetic_dataset(tmp_path_factory.mktemp("trust") / "set", cfg)
+
+
+def test_skipped_images_are_counted_in_results_and_summary(probe_set, tmp_path, capsys):
+    from beyond_cls.probe import run
+
+    data = tmp_path / "set"
+    shutil.copytree(probe_set, data)
+    for split in ("train", "val"):
+        victim = sorted((data / split).rglob("*.jpg"))[1]
+        victim.write_bytes(b"broken" * 10)
+    results = run(dict(PROBE, data=str(data), out=str(tmp_path / "out"), skip_bad_images=True))
+    (row,) = results["rows"]
+    assert (row["eval_images"], row["eval_skipped"], row["train_skipped"]) == (11, 1, 2)  # one bad image x 2 epochs
+    assert results["images"] == {"0": {"train_skipped": 2, "eval_images": 11, "eval_skipped": 1}}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"][0]["eval_skipped"] == 1
+    with open(tmp_path / "out" / "results.csv") as f:
+        (line,) = list(csv.DictReader(f))
+    assert (line["eval_images"], line["eval_skipped"], line["train_skipped"]) == ("11", "1", "2")
+    printed = capsys.readouterr().out
+    assert "images: 11 evaluated, 1 skipped; 2 skipped in training (all epochs)" in printed
+    again = run(dict(PROBE, data=str(data), out=str(tmp_path / "out"), skip_bad_images=True))  # a finished run
+    assert again["rows"][0]["eval_skipped"] == 1 and again["rows"][0]["train_skipped"] == 2
+
+
+def test_synthetic_dataset_needs_no_data(probe_set, tmp_path, monkeypatch):
+    run_module = importlib.import_module("beyond_cls.probe.run")  # the package exports run(), the function
+
+    cfg = load_config(ProbeConfig, None, model="m", out=str(tmp_path), dataset="synthetic")
+    assert cfg.data is None
+    with pytest.raises(ConfigError, match="--data is required for --dataset cub"):
+        load_config(ProbeConfig, None, model="m", out=str(tmp_path), dataset="cub")
+    made = []
+    monkeypatch.setattr(run_module, "make_synthetic_dataset", lambda: made.append(1) or probe_set)
+    results = run_module.run(dict(PROBE, dataset="synthetic", out=str(tmp_path / "out"), epochs=2))
+    assert made and results["config"]["data"] == str(probe_set) and 0 <= results["rows"][0]["top1"] <= 100

@@ -1,5 +1,6 @@
 """beyond_cls.data.registry: every ``--dataset`` layout registers itself once; build_dataset, DATASETS, the CLI's
-choices and help and the README table come from it, and a new layout is one module (shown with a tiny one)."""
+choices and help and the table of docs/reference.md come from it, and a new layout is one module (shown with a
+tiny one)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from beyond_cls.data.registry import (
     register,
 )
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 #: the names and their order before the registry (the unknown-name error lists them in this order)
 NAMES = ("imagefolder", "imagenet", "synthetic", "imagenet1pct", "cub", "food101", "cars", "pets", "coco", "nuswide",
          "wds")
@@ -85,11 +86,11 @@ def test_the_cli_choices_and_help_come_from_the_registry(listed, capsys):
     assert datasets_help().count("listed") == 1
 
 
-def test_the_readme_table_is_the_generated_one():
-    text = README.read_text(encoding="utf-8")
+def test_the_docs_table_is_the_generated_one():
+    text = REFERENCE.read_text(encoding="utf-8")
     header = datasets_table_markdown().splitlines()[0]
-    assert text.count(header) == 1, "README.md must have one datasets table"
-    assert datasets_table_markdown() in text, "README.md's datasets table is stale: paste datasets_table_markdown()"
+    assert text.count(header) == 1, "docs/reference.md must have one datasets table"
+    assert datasets_table_markdown() in text, "docs/reference.md's datasets table is stale: paste the generated one"
     assert datasets_table_markdown().count("\n") == len(LAYOUTS) + 2
 
 

@@ -1,4 +1,5 @@
-"""beyond_cls.data.datasets: every adapter on a tiny fake copy of its official layout, plus the error cases."""
+"""beyond_cls.data.datasets: every adapter on a tiny fake copy of its official layout, plus the error cases:
+annotation paths that leave the dataset, the official Stanford Cars devkit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 from PIL import Image
 
@@ -16,6 +18,7 @@ from beyond_cls.data.datasets import (
     NUSWIDE,
     COCOMultiLabel,
     LabeledImages,
+    StanfordCarsDevkit,
     build_dataset,
 )
 from beyond_cls.data.folder import DataError, ImageFolderDataset
@@ -348,7 +351,7 @@ def test_cars_layouts(tmp_path):
     (tmp_path / "flat" / "cars_train" / "00003.jpg").unlink()
     with pytest.raises(DataError, match="00003.jpg"):
         build_dataset("cars", tmp_path / "flat", "train")
-    (tmp_path / "mat" / "devkit").mkdir(parents=True)  # the devkit is read with scipy (tests/test_trust_data.py)
+    (tmp_path / "mat" / "devkit").mkdir(parents=True)  # the devkit is read with scipy (test_cars_official_devkit below)
     (tmp_path / "mat" / "devkit" / "cars_meta.mat").write_bytes(b"MATLAB 5.0")
     (tmp_path / "mat" / "devkit" / "cars_train_annos.mat").write_bytes(b"MATLAB 5.0")
     with pytest.raises(DataError, match=r"cannot read MATLAB file .*cars_meta\.mat"):
@@ -461,3 +464,153 @@ def test_synthetic_set_through_registry(tmp_path):
     ds = build_dataset("synthetic", root, "val")
     assert ds.classes == config.class_names and ds.targets == [0, 1, 2]
     assert ds.load(2).size == (32, 32)
+
+
+# ----------------------------------------------------------------------------------- annotation paths
+def _poison_cub(parent: Path, entry: str) -> tuple[Path, str]:
+    root = make_cub(parent)
+    lines = (root / "images.txt").read_text().splitlines()
+    (root / "images.txt").write_text("\n".join([f"1 {entry}", *lines[1:]]) + "\n")
+    return parent, r"images\.txt, image id 1"
+
+
+def _poison_coco(parent: Path, entry: str) -> tuple[Path, str]:
+    root = make_coco(parent / "coco")
+    ann = root / "annotations" / "instances_train2014.json"
+    data = json.loads(ann.read_text())
+    data["images"][0]["file_name"] = entry
+    ann.write_text(json.dumps(data))
+    return root, rf"instances_train2014\.json, image id {data['images'][0]['id']}"
+
+
+def _poison_nuswide(parent: Path, entry: str) -> tuple[Path, str]:
+    root = make_nuswide(parent)
+    path = root / "ImageList" / "TrainImagelist.txt"
+    lines = path.read_bytes().decode().splitlines()
+    path.write_bytes("".join(f"{e}\r\n" for e in [lines[0], entry.replace("/", "\\"), *lines[2:]]).encode())
+    return parent, r"TrainImagelist\.txt, entry 2"
+
+
+def _poison_food(parent: Path, entry: str) -> tuple[Path, str]:
+    root = make_food(parent)
+    meta = root / "meta" / "train.json"
+    data = json.loads(meta.read_text())
+    data["apple_pie"][0] = "apple_pie/" + entry.removesuffix(".jpg")
+    meta.write_text(json.dumps(data))
+    return parent, r"train\.json/\.txt, entry"
+
+
+def _poison_pets(parent: Path, entry: str) -> tuple[Path, str]:
+    root = make_pets(parent)
+    path = root / "annotations" / "trainval.txt"
+    path.write_text(path.read_text() + f"{entry.removesuffix('.jpg')}_1 4 1 1\n")
+    return parent, r"trainval\.txt, line"
+
+
+def _poison_cars(parent: Path, entry: str) -> tuple[Path, str]:
+    root = make_cars_flat(parent / "cars")
+    path = root / "anno_train.csv"
+    path.write_text(path.read_text() + f"{entry},1,2,3,4,1\n")
+    return root, r"anno_train\.csv, row 5"
+
+
+POISONS = {"cub": _poison_cub, "coco": _poison_coco, "nuswide": _poison_nuswide, "food101": _poison_food,
+           "pets": _poison_pets, "cars": _poison_cars}
+
+
+# food101 entries start with their class folder, so cannot be absolute; NUS-WIDE drops a leading '/' (its lists
+# hold Windows paths), so its absolute case is a drive letter
+PATH_CASES = [(name, kind) for name in sorted(POISONS) for kind in ("climbs", "absolute") if (name, kind) != (
+    "food101", "absolute")]
+
+
+@pytest.mark.parametrize("name, kind", PATH_CASES)
+def test_annotation_paths_must_stay_inside_the_dataset(name, kind, tmp_path):
+    outside = tmp_path / "outside" / "secret.jpg"  # exists: without the check most adapters read it silently
+    _jpg(outside, "secret")
+    data = tmp_path / "data"
+    data.mkdir()
+    if kind == "absolute":
+        entry = "D:/other/secret.jpg" if name == "nuswide" else str(outside)
+    else:
+        entry = "../" * 12 + outside.relative_to(outside.anchor).as_posix()
+    root, where = POISONS[name](data, entry)
+    with pytest.raises(DataError, match=rf"{where}.*leaves the dataset folder") as info:
+        build_dataset(name, root, "train")
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_windows_drive_and_inner_dotdot(tmp_path):
+    root, where = _poison_cub(tmp_path, "C:\\ImageData\\x.jpg")
+    with pytest.raises(DataError, match=rf"{where}: image path 'C:"):
+        build_dataset("cub", root, "train")
+    root = make_cub(tmp_path / "ok")
+    lines = (root / "images.txt").read_text().splitlines()
+    first = lines[0].split()[1]
+    (root / "images.txt").write_text("\n".join([f"1 {first.split('/')[0]}/../{first}", *lines[1:]]) + "\n")
+    assert len(build_dataset("cub", root, "train")) == 5  # '..' that stays inside is fine
+
+
+# ----------------------------------------------------------------------------------- Stanford Cars devkit
+def _annotations(rows: list[tuple[str, int]]) -> np.ndarray:
+    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
+    table = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
+    for k, (name, label) in enumerate(rows):
+        box = [np.array([[v]], dtype=np.uint16) for v in (5, 6, 70 + k, 80)]
+        table[0, k] = (*box, np.array([[label]], dtype=np.uint8), np.array([name]))
+    return table
+
+
+def make_cars_devkit(root: Path, test_labels: bool = True, nested: bool = False) -> Path:
+    """The official release: car_devkit.tgz's devkit/, cars_{train,test}/ and the labelled test annotations."""
+    names = np.empty((1, len(CAR_NAMES)), dtype=object)
+    names[0, :] = CAR_NAMES
+    (root / "devkit").mkdir(parents=True)
+    scipy.io.savemat(root / "devkit" / "cars_meta.mat", {"class_names": names})
+    scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": _annotations(CAR_TRAIN)})
+    unlabeled = [(n, 0) for n, _ in CAR_TEST]
+    scipy.io.savemat(root / "devkit" / "cars_test_annos.mat", {"annotations": _annotations(unlabeled)})
+    if test_labels:
+        scipy.io.savemat(root / "cars_test_annos_withlabels.mat", {"annotations": _annotations(CAR_TEST)})
+    for which, rows in (("train", CAR_TRAIN), ("test", CAR_TEST)):
+        for name, label in rows:
+            folder = root / f"cars_{which}" / (f"cars_{which}" if nested else "")
+            _jpg(folder / name, CAR_NAMES[label - 1])
+    return root
+
+
+def test_cars_official_devkit(tmp_path):
+    root = make_cars_devkit(tmp_path / "stanford_cars")
+    for given in (root, tmp_path):  # the folder itself or its parent (torchvision's layout)
+        train = build_dataset("cars", given, "train")
+        assert isinstance(train, StanfordCarsDevkit)
+        assert train.classes == CAR_NAMES and train.targets == [label - 1 for _, label in CAR_TRAIN]
+        assert [Path(p).relative_to(root).as_posix() for p in train.paths] == [f"cars_train/{n}" for n, _ in CAR_TRAIN]
+    val = build_dataset("cars", root, "val")
+    assert val.targets == [label - 1 for _, label in CAR_TEST] and Path(val.paths[0]).parent.name == "cars_test"
+    nested = build_dataset("cars", make_cars_devkit(tmp_path / "kaggle", nested=True), "train")
+    assert Path(nested.paths[0]).parent.as_posix().endswith("cars_train/cars_train")
+
+
+def test_cars_devkit_errors_name_the_file(tmp_path):
+    root = make_cars_devkit(tmp_path / "nolabels", test_labels=False)
+    assert len(build_dataset("cars", root, "train")) == len(CAR_TRAIN)
+    with pytest.raises(DataError, match=r"cars_test_annos_withlabels\.mat not found.*has no labels"):
+        build_dataset("cars", root, "val")
+    root = make_cars_devkit(tmp_path / "badclass")
+    scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": _annotations([("00001.jpg", 9)])})
+    with pytest.raises(DataError, match=r"cars_train_annos\.mat: annotation 1 \(00001\.jpg\) has class 9"):
+        build_dataset("cars", root, "train")
+    scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": _annotations([("../../x.jpg", 1)])})
+    with pytest.raises(DataError, match=r"cars_train_annos\.mat, annotation 1: image path '\.\./\.\./x\.jpg' leaves"):
+        build_dataset("cars", root, "train")
+    scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"labels": np.zeros(3)})
+    with pytest.raises(DataError, match=r"cars_train_annos\.mat has no variable 'annotations' \(found labels\)"):
+        build_dataset("cars", root, "train")
+    (root / "devkit" / "cars_meta.mat").write_bytes(b"MATLAB 5.0 but not really")
+    with pytest.raises(DataError, match=r"cannot read MATLAB file .*cars_meta\.mat"):
+        build_dataset("cars", root, "train")
+    (root / "cars_test" / CAR_TEST[0][0]).unlink()
+    scipy.io.savemat(root / "devkit" / "cars_meta.mat", {"class_names": np.array(CAR_NAMES, dtype=object)})
+    with pytest.raises(DataError, match=rf"1 of 3 listed images are missing, first .*{CAR_TEST[0][0]}"):
+        build_dataset("cars", root, "val")

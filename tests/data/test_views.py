@@ -1,6 +1,11 @@
-"""beyond_cls.data.augment / views / gpu_decode: reproducible views, CPU (PIL) vs device (tensor) decoding."""
+"""beyond_cls.data.augment / views / gpu_decode / pixels: reproducible views, CPU (PIL) vs device (tensor)
+decoding, high-bit-depth images, one-line worker errors."""
 
 from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +23,12 @@ from beyond_cls.data.augment import (
     train_params,
 )
 from beyond_cls.data.folder import DataError, load_rgb
-from beyond_cls.data.gpu_decode import decode_batch, transform_batch
+from beyond_cls.data.gpu_decode import decode_batch, pil_rgb_tensor, transform_batch
+from beyond_cls.data.pixels import to_rgb
 from beyond_cls.data.transforms import eval_transform, train_transform
 from beyond_cls.data.views import ViewBatch, ViewDataset, collate_views
+from beyond_cls.probe.sampler import EvalBatchSampler
+from beyond_cls.probe.streams import make_loader
 
 # CPU path (PIL decode + PIL bicubic) vs device path run on the CPU (libjpeg-turbo + tensor bicubic), in
 # normalized units (one uint8 level ≈ 0.0175). Measured on these images: mean ≤ 4e-4, max ≤ 0.12 (a few pixels
@@ -442,3 +450,93 @@ def test_eval_view_settings_enter_the_cache_key(files):
         ViewDataset(base, train=False, decode="gpu", interpolation="bilinear")
     with pytest.raises(ValueError, match="crop_pct"):
         ViewDataset(base, train=False, crop_pct=1.5)
+
+
+# --- high-bit-depth images ------------------------------------------------------------------------------
+def _ramp16(h: int = 24, w: int = 40) -> np.ndarray:
+    """uint16 levels spanning 0..65535 (a PIL convert("RGB") clips all but the darkest to white)."""
+    return (np.linspace(0, 65535, h * w).reshape(h, w)).astype(np.uint16)
+
+
+def _png16_rgb(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB / RGBA PNG written from numpy (PIL cannot write one)."""
+    h, w, c = pixels.shape
+    raw = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def grey16(tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("png16")
+    levels = _ramp16()
+    little, big = root / "little.png", root / "big.png"
+    Image.fromarray(levels).save(little)  # mode I;16
+    Image.frombytes("I;16B", levels.shape[::-1], levels.astype(">u2").tobytes()).save(big)
+    expected = np.repeat((levels >> 8).astype(np.uint8)[..., None], 3, -1)
+    eight = root / "eight.png"
+    Image.fromarray(expected[..., 0]).save(eight)
+    return {"paths": [str(little), str(big)], "expected": expected, "eight": str(eight)}
+
+
+def test_16bit_grey_png_decodes_to_its_levels_on_every_path(grey16):
+    expected = grey16["expected"]
+    for path in grey16["paths"]:
+        with Image.open(path) as image:
+            assert image.mode.startswith("I;16")
+            np.testing.assert_array_equal(pil_rgb_tensor(image).permute(1, 2, 0).numpy(), expected)
+        np.testing.assert_array_equal(np.asarray(load_rgb(path)), expected)  # CPU decode
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        (image,), (error,) = decode_batch([data], [path], "cpu")  # decode_jpeg fails, then the PIL fallback
+        assert error is None
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), expected)
+
+
+@DECODES
+def test_16bit_png_views_equal_the_8bit_image(grey16, decode):
+    paths = grey16["paths"] + [grey16["eight"]]
+    views = ViewDataset(FileSet(paths), train=False, img_size=16, decode=decode)
+    batch = make_loader(views, EvalBatchSampler(len(paths), 4), 0, torch.device("cpu")).__iter__().__next__()
+    images = batch.images_on("cpu")
+    assert torch.equal(images[0], images[2]) and torch.equal(images[1], images[2])
+
+
+def test_other_high_depth_modes():
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    np.testing.assert_array_equal(np.asarray(to_rgb(Image.fromarray(ramp)))[..., 1], np.rint(ramp * 255))  # F 0..1
+    wide = Image.fromarray((ramp * 255).astype(np.float32))  # F 0..255
+    np.testing.assert_array_equal(np.asarray(to_rgb(wide))[..., 0], np.rint(ramp * 255))
+    as_int = Image.fromarray((ramp * 65535).astype(np.int32))  # I holding 16-bit levels (older Pillow's PNG mode)
+    assert as_int.mode == "I"
+    np.testing.assert_array_equal(np.asarray(to_rgb(as_int))[..., 2], (ramp * 65535).astype(np.int32) >> 8)
+    signed = Image.fromarray(((ramp - 0.5) * 2e6).astype(np.int32))  # out of 16-bit range: stretched min..max
+    grey = np.asarray(to_rgb(signed))[..., 0]
+    assert grey.min() == 0 and grey.max() == 255 and np.all(np.diff(grey.ravel().astype(int)) >= 0)
+    nan = np.full((4, 4), np.nan, dtype=np.float32)
+    assert np.asarray(to_rgb(Image.fromarray(nan))).max() == 0
+
+
+def test_16bit_rgba_png_keeps_the_top_byte(tmp_path):
+    levels = _ramp16(8, 8)
+    pixels = np.stack([levels, 65535 - levels, levels // 3, np.full_like(levels, 65535)], -1)
+    path = tmp_path / "rgba16.png"
+    path.write_bytes(_png16_rgb(pixels))
+    np.testing.assert_array_equal(np.asarray(load_rgb(path)), (pixels[..., :3] >> 8).astype(np.uint8))
+    path.write_bytes(_png16_rgb(pixels[..., :3]))
+    np.testing.assert_array_equal(np.asarray(load_rgb(path)), (pixels[..., :3] >> 8).astype(np.uint8))
+
+
+# --- worker errors ---------------------------------------------------------------------------------------
+def test_worker_error_is_one_line_naming_the_file(tmp_path):
+    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
+    _natural(24, 24, 0).save(good, quality=90)
+    bad.write_bytes(b"not an image at all" * 8)
+    views = ViewDataset(FileSet([str(good), str(bad)]), train=False, img_size=16)
+    loader = make_loader(views, EvalBatchSampler(2, 2), 1, torch.device("cpu"))
+    with pytest.raises(DataError) as info:
+        for _ in loader:
+            pass
+    message = str(info.value)
+    assert message.startswith(f"cannot read image {bad}: ") and "\n" not in message, message

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from head_checks import F64, LAYOUTS, D, tokens
 from torch import nn
 
 from beyond_cls import ops, reference
 from beyond_cls.heads import AbMILP, SelfAttentionAbMILP, sincos_pos_embed_2d
+from tests.heads.head_checks import F64, LAYOUTS, D, tokens
 
 
 @pytest.mark.parametrize("n,p", LAYOUTS)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from head_checks import F64, D, tokens
 
 from beyond_cls.heads import AttentivePool
+from tests.heads.head_checks import F64, D, tokens
 
 
 @pytest.mark.parametrize("num_heads", [1, 12])

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from head_checks import F64, tokens
 
 from beyond_cls.config import ConfigError
 from beyond_cls.heads import ClsMean, build_aggregation, parse_heads
 from beyond_cls.probe.bank import HeadBank, head_key
+from tests.heads.head_checks import F64, tokens
 
 
 @pytest.mark.parametrize("n, p, dim", [(197, 1, 64), (261, 5, 80), (257, 1, 80)])

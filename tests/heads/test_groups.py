@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from head_checks import LAYOUTS, tokens
 
 from beyond_cls import ops
 from beyond_cls.heads import build_aggregation
 from beyond_cls.heads.groups import forward_shared, share_key, stacked_names
+from tests.heads.head_checks import LAYOUTS, tokens
 
 # specs pooled by one K·L-branch abmilp_pool (bit for bit per branch) or given no parameters; those whose logits
 # pool together through softmax_pool, whose batched GEMM may round differently than one head's

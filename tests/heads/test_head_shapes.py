@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from head_checks import LAYOUTS, D, tokens
 
 from beyond_cls.heads import AbMILP, AttentivePool, ClsToken, LinearProbe, MeanPatch, SelfAttentionAbMILP
+from tests.heads.head_checks import LAYOUTS, D, tokens
 
 HEADS = {
     "cls": lambda p: ClsToken(D),

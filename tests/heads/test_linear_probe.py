@@ -5,10 +5,10 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn.functional as F
-from head_checks import D, tokens
 from torch import nn
 
 from beyond_cls.heads import AbMILP, LinearProbe
+from tests.heads.head_checks import D, tokens
 
 
 def test_linear_probe_shape():

@@ -1,5 +1,5 @@
 """The aggregation registry: every registered head builds, trains and reports entropy as it declares; parsing,
-the CLI help and the README table come from it, and existing specs keep their modules and keys."""
+the CLI help and the docs' table (docs/reference.md) come from it, and existing specs keep their modules and keys."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from beyond_cls.heads.registry import (
 from beyond_cls.numerics import entropy
 from beyond_cls.probe.bank import HeadBank, head_key
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 EXAMPLES = [(a.name, spec) for a in registry.AGGREGATIONS.values() for spec in a.examples]
 
 
@@ -104,11 +104,11 @@ def test_register_checks_the_declaration(monkeypatch):
         register(bad)
 
 
-def test_readme_has_the_generated_table():
-    text = README.read_text(encoding="utf-8")
+def test_the_docs_have_the_generated_table():
+    text = REFERENCE.read_text(encoding="utf-8")
     header = heads_table_markdown().splitlines()[0]
-    assert text.count(header) == 1, "README.md must have one heads table"
-    assert heads_table_markdown() in text, "README.md's heads table is stale: paste heads_table_markdown()"
+    assert text.count(header) == 1, "docs/reference.md must have one heads table"
+    assert heads_table_markdown() in text, "docs/reference.md's heads table is stale: paste heads_table_markdown()"
 
 
 def test_help_lists_every_syntax():
@@ -174,13 +174,20 @@ def test_bad_specs_are_one_line_config_errors(text, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("spec", ["abmilp-k0", "abmilp-k17", "abmilp+cls-k64", "saabmilp-k32"])
+def test_abmilp_branches_outside_1_to_16_refused(spec):
+    with pytest.raises(ConfigError, match=r"1\.\.16"):
+        parse_heads(f"cls,{spec}")
+    assert parse_heads("abmilp-k16") == ["abmilp-k16"]
+
+
 def test_specs_match_in_any_case_and_keep_a_guides_names():
     assert find(" ATTN-Mean ").name == "attn-mean"
     assert parse_heads("Mean, GUIDE:Some_Model@w/DINO.pth") == ["mean", "guide:Some_Model@w/DINO.pth"]
 
 
 def test_heads_and_selection_math_sit_below_probe_analysis_and_cli():
-    from test_layering import import_graph
+    from tests.test_layering import import_graph
 
     graph = import_graph()
     reached, todo = set(), [m for m in graph if m.startswith("beyond_cls.heads") or m == "beyond_cls.selection"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from head_checks import D, tokens
 
 from beyond_cls.heads import ClsToken, MeanPatch
+from tests.heads.head_checks import D, tokens
 
 
 def test_cls_and_mean():

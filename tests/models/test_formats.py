@@ -1,7 +1,7 @@
 """Official checkpoint layouts: each is rebuilt from a small random model of its family and must load strictly.
 
 Every file below copies the released file's layout (wrapper keys, prefixes, decoders, predictors,
-projection heads, momentum encoders, training state, pickled configs; see ``encoders.md``). The
+projection heads, momentum encoders, training state, pickled configs; see docs/models.md). The
 loaded timm model must reproduce the source model's ``forward_features`` exactly; DINOv2 at 224 px is
 compared with an independent re-implementation of DINOv2's own position interpolation.
 """

@@ -92,7 +92,7 @@ def _hf_outputs(base: torch.nn.Module, images: torch.Tensor, resized: bool):
 
 
 def _reference_stats(attentions, prefix: int, has_cls: bool) -> dict[str, torch.Tensor]:
-    """DESIGN.md's statistics from the transformers model's attention probabilities [B, H, N, N] (float64)."""
+    """The attention statistics (docs/statistics.md) from the transformers model's attention [B, H, N, N] (float64)."""
     out: dict[str, list] = {}
     for a in attentions:
         a = a.double()

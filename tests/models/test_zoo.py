@@ -1,4 +1,4 @@
-"""The encoder zoo: names, architectures (parameter counts from encoders.md's table), files, paper numbers."""
+"""The encoder zoo: names, architectures (parameter counts from docs/models.md's table), files, paper numbers."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ NAMES = [
     "dino_vit_base_patch16", "mocov3_vit_base_patch16",
 ]
 
-# encoders.md §2: patch, dim, depth, heads, [cls], registers, tokens with a position embedding, layer scale,
-# BEiT-style (q/v bias only, shared relative position bias instead of absolute embeddings)
+# docs/models.md, architectures: patch, dim, depth, heads, [cls], registers, tokens with a position embedding,
+# layer scale, BEiT-style (q/v bias only, shared relative position bias instead of absolute embeddings)
 ARCH = {
     "mae_vit_small_patch16": (16, 384, 12, 6, True, 0, 197, False, False),
     "mae_vit_base_patch16": (16, 768, 12, 12, True, 0, 197, False, False),
@@ -139,3 +139,25 @@ def test_zoo_check_reports_a_bad_file(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("| mae_vit_base_patch16 "))
     assert "failed" in row  # the error itself is printed below the table
     assert "check failed: mae_vit_base_patch16" in out and "mae_pretrain_vit_base.pth" in out
+
+
+# ------------------------------------------------------------------------------------ zoo command
+
+
+def test_zoo_check_failure_exits_nonzero_with_details_below_the_table(tmp_path, capsys):
+    (tmp_path / "mae_pretrain_vit_base.pth").write_bytes(b"not a checkpoint")
+    assert main(["zoo", "--weights-dir", str(tmp_path), "--check"]) != 0
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    row = next(line for line in out if line.startswith("| mae_vit_base_patch16 "))
+    assert "| failed" in row and "not a checkpoint" not in row and "corrupt" not in row
+    table_end = max(i for i, line in enumerate(out) if line.startswith("| "))
+    details = "\n".join(out[table_end:])
+    assert "check failed: mae_vit_base_patch16" in details and "mae_pretrain_vit_base.pth" in details
+    assert "1 zoo check(s) failed: mae_vit_base_patch16" in captured.err
+
+
+def test_zoo_weights_dir_that_does_not_exist(tmp_path, capsys):
+    assert main(["zoo", "--weights-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "weights folder" in err and "nope" in err and "does not exist" in err

@@ -11,6 +11,7 @@ import torch
 from beyond_cls import heads, ops, optim, reference
 from beyond_cls.numerics import MAX_BRANCHES
 from beyond_cls.ops._dispatch import unavailable
+from tests.tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [b for b in ("triton", "cpp") if unavailable(b, "abmilp_pool", torch.device(DEVICE), torch.float32) is None]
@@ -50,24 +51,25 @@ def _run(backend, monkeypatch, z, w, bias, mask, tokens_grad=True, scores_grad=T
     return pooled.double().cpu(), scores.double().cpu(), grads
 
 
-def _assert_close_to_reference(backend, monkeypatch, z, w, bias, mask, tol, tokens_grad=True, scores_grad=True):
+def _assert_close_to_reference(backend, monkeypatch, z, w, bias, mask, tokens_grad=True, scores_grad=True):
+    """Outputs and gradients against the float64 reference, each at the tolerance of the dtype it is computed in:
+    float64 tokens in float64, any other in float32, except the tokens' gradient (returned in the tokens' dtype)."""
     got = _run(backend, monkeypatch, z, w, bias, mask, tokens_grad, scores_grad)
     want = _run("reference", monkeypatch, z.double(), w, bias, mask, tokens_grad, scores_grad)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     for name, a, b in (("pooled", got[0], want[0]), ("scores", got[1], want[1])):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+        assert_close(a, b, acc, name=name)
     for name, a, b in zip(("grad_tokens", "grad_weight", "grad_bias"), got[2], want[2]):
         if b is None:
             assert a is None, name
             continue
-        # the tokens' gradient is returned in the tokens' dtype
-        gtol = tol if name != "grad_tokens" or z.dtype in (torch.float32, torch.float64) else 2e-2
-        torch.testing.assert_close(a, b, rtol=gtol, atol=gtol * max(1.0, b.abs().max().item()), msg=name)
+        assert_close(a, b, z.dtype if name == "grad_tokens" else acc, name=name, scaled=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_float64_matches_reference_exactly(backend, case, monkeypatch):
-    _assert_close_to_reference(backend, monkeypatch, *_inputs(*case, torch.float64), tol=1e-10)
+    _assert_close_to_reference(backend, monkeypatch, *_inputs(*case, torch.float64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -75,14 +77,14 @@ def test_float64_matches_reference_exactly(backend, case, monkeypatch):
 def test_low_precision_tokens_are_float32_accurate(backend, dtype, monkeypatch):
     """pooled, scores and the weight/bias grads are float32-accurate for any token dtype."""
     for case in CASES[:2]:
-        _assert_close_to_reference(backend, monkeypatch, *_inputs(*case, dtype), tol=2e-5)
+        _assert_close_to_reference(backend, monkeypatch, *_inputs(*case, dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_tokens_get_no_gradient(backend, monkeypatch):
     z, w, bias, mask = _inputs(2, 50, 64, 2, True, torch.float32)
-    _assert_close_to_reference(backend, monkeypatch, z, w, bias, mask, tol=2e-5, tokens_grad=False)
-    _assert_close_to_reference(backend, monkeypatch, z, w, bias, mask, tol=2e-5, scores_grad=False)
+    _assert_close_to_reference(backend, monkeypatch, z, w, bias, mask, tokens_grad=False)
+    _assert_close_to_reference(backend, monkeypatch, z, w, bias, mask, scores_grad=False)
     z, w, bias = _to(DEVICE, z, w.float(), bias.float())
     pooled, scores = torch.ops.beyond_cls.abmilp_pool(z, w, bias, None, backend)
     grad_tokens, grad_w, grad_b = torch.ops.beyond_cls.abmilp_pool_grad(
@@ -117,7 +119,7 @@ def test_softmax_pool_matches_reference(backend, monkeypatch):
         (pooled.double().sum() + (scores.double() ** 2).sum()).backward()
         results[b] = [t.double().cpu() for t in (pooled, scores, zz.grad, lg.grad)]
     for name, a, b in zip(("pooled", "scores", "grad_tokens", "grad_logits"), results[backend], results["reference"]):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)
+        assert_close(a, b, torch.float32, name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,14 +129,14 @@ def test_one_dimensional_weight_and_scalar_bias(backend, monkeypatch):
     pooled, scores = ops.abmilp_pool(z.to(DEVICE), w[0].float().to(DEVICE), 0.5)
     want_pooled, want_scores = reference.abmilp_pool(z.double(), w[0], 0.5)
     assert pooled.shape == (2, 32) and scores.shape == (2, 40)
-    torch.testing.assert_close(pooled.double().cpu(), want_pooled, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(scores.double().cpu(), want_scores, rtol=2e-5, atol=2e-5)
+    assert_close(pooled, want_pooled, name="pooled")
+    assert_close(scores, want_scores, name="scores")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layout", ["scalar", "one", "strided"])
-def test_bias_of_any_stride(backend, dtype, tol, layout, monkeypatch):
+def test_bias_of_any_stride(backend, dtype, layout, monkeypatch):
     """K > 1 branches with a bias the kernels must read by its strides: a 0-dim tensor and a [1] tensor
     (ops.abmilp_pool expands both to [K] with stride 0) and a [K] view with stride 3. Every element
     beside the bias's own is NaN, so a kernel that reads the bias as contiguous [K] gets NaN logits.
@@ -168,7 +170,7 @@ def test_bias_of_any_stride(backend, dtype, tol, layout, monkeypatch):
     names = ("pooled", "scores", "grad_tokens", "grad_weight", "grad_bias")
     for name, a, e in zip(names, results[backend], results["reference"]):
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a, e, rtol=tol, atol=tol * max(1.0, e.abs().max().item()), msg=name)
+        assert_close(a, e, dtype, name=name, scaled=True)
 
 
 def test_mask_excludes_tokens_in_the_reference():
@@ -262,7 +264,7 @@ def test_every_triton_config_matches_reference(pair, monkeypatch):
     monkeypatch.setattr(abmilp, "launch", launch_at_config)
     monkeypatch.setattr(abmilp, "_sm_count", lambda device: 16)
     # D = 600: two column groups of 256-wide chunks, the second ragged; N spans several tiles of every BLOCK_N
-    _assert_close_to_reference("triton", monkeypatch, *_inputs(2, 40, 600, 3, True, torch.float32), tol=2e-5)
+    _assert_close_to_reference("triton", monkeypatch, *_inputs(2, 40, 600, 3, True, torch.float32))
 
 
 @pytest.mark.skipif(DEVICE == "cuda" or "triton" not in BACKENDS,

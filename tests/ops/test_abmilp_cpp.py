@@ -2,7 +2,7 @@
 
 Every output is compared with eager PyTorch autograd of the same math in float64. Low-precision
 results must be within 2x PyTorch's own error in that dtype (the eager math run in the dtype) plus a
-small floor (STYLE.md, "Reference beside the kernel").
+small floor (tests/tolerances.py).
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from beyond_cls import _extension
+from tests.tolerances import FLOORS, assert_within_torch_error
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason=f"C++ extension: {_extension.load_error()}")
 
 # (dtype, floor): allowed error = 2 x eager error in dtype + floor x max(1, |reference|)
-TOLERANCES = [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 1e-3)]
+TOLERANCES = [(dtype, FLOORS[dtype]) for dtype in (torch.float64, torch.float32, torch.bfloat16)]
 SHAPES = [(196, 768, 1), (197, 80, 3), (257, 1280, 8), (61, 33, 16)]  # (N, D, K)
 
 
@@ -56,14 +57,6 @@ def eager(tokens, grad_pooled, grad_scores, mask, tokens_grad, weight=None, bias
     return [pooled.detach(), s.detach()] + grads
 
 
-def assert_within(name, got, want, baseline, floor):
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got.double() - want).abs().max().item()
-    allowed = 2 * (baseline.double() - want).abs().max().item() + floor * max(1.0, want.abs().max().item())
-    assert err <= allowed, f"{name}: max error {err:.3g} > allowed {allowed:.3g}"
-
-
 def case_inputs(b, n, d, k, dtype, masked, with_grad_scores):
     tokens = sliced_tokens(b, n, d, dtype)
     mask = None
@@ -80,7 +73,7 @@ def check(names, got, exact, torch_dtype, floor):
         if e is None:
             assert g.numel() == 0, f"{name}: expected an empty tensor, got {tuple(g.shape)}"
             continue
-        assert_within(name, g, e, t, floor)
+        assert_within_torch_error(g, e, t, floor, name)
 
 
 @pytest.mark.parametrize("dtype,floor", TOLERANCES)

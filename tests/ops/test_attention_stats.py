@@ -7,12 +7,20 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_checks import DTYPES, check_against_reference, check_kept_rows, kept_bias, poison_heap, qkv_inputs
 
 from beyond_cls import _extension, ops, reference
 from beyond_cls.models.architectures.attention import finish
 from beyond_cls.numerics import MAX_KEPT_ROWS
 from beyond_cls.ops._dispatch import unavailable
+from beyond_cls.statistics import ROW_STATISTICS
+from tests.ops.attention_checks import (
+    DTYPES,
+    check_against_reference,
+    check_kept_rows,
+    kept_bias,
+    poison_heap,
+    qkv_inputs,
+)
 
 needs_cpp = pytest.mark.skipif(not _extension.available(), reason=f"C++ extension: {_extension.load_error()}")
 # the fused backends that run CPU tensors here (Triton: in its interpreter, set by conftest without CUDA)
@@ -80,9 +88,10 @@ def test_custom_op_is_registered_and_traceable(backend):
     strided = torch.randn(2, 17, 3 * 2 * 8).reshape(2, 17, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
     torch.library.opcheck(OP.default, (*strided, 1, None, None, [0], backend))
     fake = OP(q.to("meta"), k.to("meta"), v.to("meta"), 1, None, None, None, backend)
-    assert fake[0].shape == q.shape and fake[1].shape == (1, 2, 17) and fake[1].dtype == torch.float32
+    assert fake[0].shape == q.shape and fake[1].shape == (len(ROW_STATISTICS), 1, 2, 17)
+    assert fake[1].dtype == torch.float32
     assert fake[0].stride() == OP(q, k, v, 1, None, None, None, backend)[0].stride() == (17 * 2 * 8, 8, 2 * 8, 1)
-    assert fake[5].shape == (1, 2, 0, 17)
+    assert fake[2].shape == (1, 2, 0, 17)
     # CUDA tensors reach the Triton kernel through the same operator
     assert torch._C._dispatch_has_kernel_for_dispatch_key("beyond_cls::attention_stats", "CUDA")
 
@@ -144,7 +153,7 @@ def test_max_kept_rows_agrees_with_the_cpp_op():
     """Python's MAX_KEPT_ROWS is the C++ kMaxKeptRows: the C++ op keeps that many rows and refuses one more."""
     q = torch.randn(1, 2, MAX_KEPT_ROWS + 4, 8)
     op = torch.ops.beyond_cls.attention_with_stats
-    assert op(q, q, q, 1, None, None, list(range(MAX_KEPT_ROWS)))[5].shape[2] == MAX_KEPT_ROWS
+    assert op(q, q, q, 1, None, None, list(range(MAX_KEPT_ROWS)))[2].shape[2] == MAX_KEPT_ROWS
     with pytest.raises(RuntimeError, match=f"at most {MAX_KEPT_ROWS} "):
         op(q, q, q, 1, None, None, list(range(MAX_KEPT_ROWS + 1)))
 
@@ -207,8 +216,7 @@ def test_keep_rows_are_rows_of_the_softmax(backend, dtype, n, prefix, bias_kind,
     out, rows, kept = ops.attention_with_stats(q, k, v, prefix, None, bias, keep_rows=keep)
     # the kept rows change nothing else
     assert torch.equal(out, plain_out)
-    for got, want in zip(rows, plain_rows):
-        assert (got is None and want is None) or torch.equal(got, want)
+    assert list(rows) == list(plain_rows) and torch.equal(rows.stacked, plain_rows.stacked)
     if backend == "reference" and dtype == torch.float64:
         assert kept.dtype == torch.float64  # the ground truth stays float64
         kept = kept.float()
@@ -263,11 +271,13 @@ def test_keep_rows_op_checks_and_traces():
     q, k, v = qkv_inputs(1, 2, 17, 8, torch.float32)
     bias = torch.randn(17, 17)
     torch.library.opcheck(OP.default, (q, k, v, 1, None, bias, [0, 5, 16], "cpp"))
-    assert OP(q, k, v, 1, None, None, None, "cpp")[5].shape == (1, 2, 0, 17)  # no keep_rows: empty [B, H, 0, N]
+    assert OP(q, k, v, 1, None, None, None, "cpp")[2].shape == (1, 2, 0, 17)  # no keep_rows: empty [B, H, 0, N]
     fake = OP(q.to("meta"), k.to("meta"), v.to("meta"), 1, None, None, [0, 5, 16], "cpp")
-    assert fake[5].shape == (1, 2, 3, 17) and fake[5].dtype == torch.float32
+    assert fake[2].shape == (1, 2, 3, 17) and fake[2].dtype == torch.float32
+    assert fake[1].shape == (len(ROW_STATISTICS), 1, 2, 17) and fake[1].dtype == torch.float32  # stacked rows
     cpp_op = torch.ops.beyond_cls.attention_with_stats  # validates keep_rows itself
-    assert cpp_op(q, k, v, 1)[5].shape == (1, 2, 0, 17)
+    assert cpp_op(q, k, v, 1)[2].shape == (1, 2, 0, 17)
+    assert cpp_op(q, k, v, 1)[1].shape == (len(ROW_STATISTICS), 1, 2, 17)
     for keep, match in (([0, -17], "twice"), ([17], "outside"), (list(range(9)), "at most 8")):
         with pytest.raises(RuntimeError, match=match):
             cpp_op(q, k, v, 1, None, None, keep)
@@ -326,5 +336,5 @@ def test_cuda_tensors_get_a_working_backend():
     q_cuda, k_cuda, v_cuda = q.cuda(), k.cuda(), v.cuda()
     poison_heap(q.numel() * 2, q_cuda.device)
     out, rows = ops.attention_with_stats(q_cuda, k_cuda, v_cuda, 1)
-    rows = reference.AttentionRows(*(t.cpu() for t in rows))
+    rows = rows.apply(torch.Tensor.cpu)
     check_against_reference(out.cpu(), rows, q, k, v, 1, None, None)

@@ -10,7 +10,13 @@ import math
 
 import pytest
 import torch
-from attention_checks import (
+
+from beyond_cls import ops
+from beyond_cls.kernels.attention_stats import CONFIGS, attention_with_stats_forward, head_dim_split
+from beyond_cls.numerics import MAX_KEPT_ROWS
+from beyond_cls.reference import AttentionRows
+from beyond_cls.statistics import ROW_STATISTICS
+from tests.ops.attention_checks import (
     assert_same_result,
     check_against_reference,
     check_kept_rows,
@@ -19,18 +25,13 @@ from attention_checks import (
     qkv_inputs,
 )
 
-from beyond_cls import ops
-from beyond_cls.kernels.attention_stats import CONFIGS, attention_with_stats_forward, head_dim_split
-from beyond_cls.numerics import MAX_KEPT_ROWS
-from beyond_cls.reference import AttentionRows
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def run_kernel(q, k, v, prefix, scale=None, bias=None):
-    out, self_attn, cls_attn, mass, ent = attention_with_stats_forward(q, k, v, prefix, scale, bias)
-    return out, AttentionRows(self_attn, cls_attn if prefix > 0 else None, mass, ent)
+    out, stats = attention_with_stats_forward(q, k, v, prefix, scale, bias)
+    return out, AttentionRows(stats, has_prefix=prefix > 0)
 
 
 def check(q, k, v, prefix, scale=None, bias=None):
@@ -40,7 +41,7 @@ def check(q, k, v, prefix, scale=None, bias=None):
     poison_heap(q.numel() * 2, q.device)
     out, rows = run_kernel(q, k, v, prefix, scale, bias)
     cpu = [t.cpu() for t in (q, k, v)]
-    rows = AttentionRows(*(None if t is None else t.cpu() for t in rows))
+    rows = rows.apply(torch.Tensor.cpu)
     check_against_reference(out.cpu(), rows, *cpu, prefix, scale, None if bias is None else bias.cpu())
     return rows
 
@@ -179,12 +180,13 @@ def test_triton_keep_rows(dtype, n, prefix, bias_kind, keep):
     plain = attention_with_stats_forward(q, k, v, prefix, None, bias)
     poison_heap(2 * 2 * len(keep) * n, q.device)
     results = attention_with_stats_forward(q, k, v, prefix, None, bias, keep)
-    assert len(results) == 6
+    assert len(results) == 3 and len(plain) == 2
     # bit-equal in the interpreter; on a GPU KEEP_ROWS is in the autotune key: maybe another config
-    for name, got, want in zip(("out", "self_attn", "cls_attn", "patch_mass", "patch_entropy"), results, plain):
-        assert_same_result(got, want, name)
+    assert_same_result(results[0], plain[0], "out")
+    for i, row in enumerate(ROW_STATISTICS):
+        assert_same_result(results[1][i], plain[1][i], row.name)
     cpu = [t.cpu() for t in (q, k, v)]
-    check_kept_rows(results[5].cpu(), *cpu, prefix, None, None if bias is None else bias.cpu(), keep)
+    check_kept_rows(results[2].cpu(), *cpu, prefix, None, None if bias is None else bias.cpu(), keep)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -199,9 +201,9 @@ def test_every_triton_config_matches_reference(config, monkeypatch):
     bias = kept_bias("cls200_masked", 1, 2, n, prefix).to(DEVICE)
     rows = check(q, k, v, prefix, None, bias)
     kept = attention_stats.attention_with_stats_forward(q, k, v, prefix, None, bias, keep)
-    for name, got, want in zip(("self_attn", "cls_attn", "patch_mass", "patch_entropy"), kept[1:5], rows):
-        assert_same_result(got.cpu(), want, name)
-    check_kept_rows(kept[5].cpu(), q.cpu(), k.cpu(), v.cpu(), prefix, None, bias.cpu(), keep)
+    for i, row in enumerate(ROW_STATISTICS):
+        assert_same_result(kept[1][i].cpu(), rows.stacked[i], row.name)
+    check_kept_rows(kept[2].cpu(), q.cpu(), k.cpu(), v.cpu(), prefix, None, bias.cpu(), keep)
 
 
 def test_triton_keep_rows_limits():
@@ -240,7 +242,7 @@ def test_ops_dispatches_to_triton(monkeypatch):
     assert torch.equal(out, direct[0]) and torch.equal(rows.patch_entropy, direct[1].patch_entropy)
     out, rows, kept = ops.attention_with_stats(q, k, v, 1, keep_rows=(0, -1))
     assert_same_result(out, direct[0], "out with kept rows")  # KEEP_ROWS is in the key: maybe another config
-    assert torch.equal(kept, attention_with_stats_forward(q, k, v, 1, None, None, (0, 39))[5])
+    assert torch.equal(kept, attention_with_stats_forward(q, k, v, 1, None, None, (0, 39))[2])
     with pytest.raises(RuntimeError, match="float16, bfloat16, float32, got torch.float64"):
         ops.attention_with_stats(q.double(), k.double(), v.double(), 1)
 

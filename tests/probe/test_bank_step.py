@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from tiny_probe import TINY
 from torch import nn
 
 from beyond_cls import reference
@@ -17,6 +16,7 @@ from beyond_cls.probe.bank import HeadBank
 from beyond_cls.probe.bench import HostOpCounter, count_host_ops
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.step import BankStep
+from tests.tiny_probe import TINY
 
 # every way a head is computed: shared (cls, mean, K-branch abmilp_pool, softmax_pool of MLP/positional scorers),
 # head by head (attentive probing, SA-AbMILP), with given selection weights (attn-mean)

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
-from test_probe_run import _flags, dataset  # noqa: F401 (the dataset fixture)
-from tiny_probe import TINY
 
 from beyond_cls.cli import main
 from beyond_cls.config import ConfigError
 from beyond_cls.probe import run
+from tests.probe.test_probe_run import _flags, dataset  # noqa: F401 (the dataset fixture)
+from tests.tiny_probe import TINY
 
 SETTINGS = dict(TINY, heads="cls,cls+mean,abmilp", epochs=1, warmup_epochs=0)
 METRICS = ("top1", "top5", "entropy")

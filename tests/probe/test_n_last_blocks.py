@@ -7,14 +7,14 @@ import copy
 
 import pytest
 import torch
-from test_probe_run import dataset  # noqa: F401 (the dataset fixture)
-from tiny_probe import TINY
 
 from beyond_cls.config import ConfigError
 from beyond_cls.models import load_encoder
 from beyond_cls.probe import ProbeConfig, run
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.head_loading import load_probe_head
+from tests.probe.test_probe_run import dataset  # noqa: F401 (the dataset fixture)
+from tests.tiny_probe import TINY
 
 
 def _by_hand(model: torch.nn.Module, images: torch.Tensor, last: int, n: int) -> torch.Tensor:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_probe import TINY
 
 from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
 from beyond_cls.probe.state import ignore_job_signals, load_state
+from tests.tiny_probe import TINY
 
 # one optimizer step per epoch (24 images, effective batch 24), images from 2 loader workers per process
 SETTINGS = dict(TINY, epochs=3, warmup_epochs=1, effective_batch=24, num_workers=2, ckpt_minutes=1000, heads="mean",

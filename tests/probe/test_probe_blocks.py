@@ -7,8 +7,6 @@ import json
 
 import pytest
 import torch
-from test_probe_run import _flags, dataset  # noqa: F401 (the dataset fixture)
-from tiny_probe import TINY
 
 from beyond_cls.cli import main
 from beyond_cls.config import ConfigError
@@ -19,6 +17,8 @@ from beyond_cls.probe.features import TokenSource, check_block_token_bytes
 from beyond_cls.probe.head_loading import load_probe_head
 from beyond_cls.probe.state import load_state
 from beyond_cls.probe.trainer import check_resumable
+from tests.probe.test_probe_run import _flags, dataset  # noqa: F401 (the dataset fixture)
+from tests.tiny_probe import TINY
 
 
 def _bank(out, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_probe import TINY
 
 from beyond_cls.cli import main
 from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
@@ -22,6 +21,7 @@ from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.logs import json_safe
 from beyond_cls.probe.state import load_state
 from beyond_cls.units import format_lrs
+from tests.tiny_probe import TINY
 
 
 def _flags(**kw) -> list[str]:

@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-from tiny_probe import TINY
 
 from beyond_cls.config import ConfigError
 from beyond_cls.optim import LARS
@@ -29,6 +28,7 @@ from beyond_cls.probe.state import load_state, save_atomic
 from beyond_cls.probe.streams import MicroBatch
 from beyond_cls.probe.trainer import FAULT_ENV, ProbeTrainer
 from beyond_cls.tables import format_table
+from tests.tiny_probe import TINY
 
 N_TRAIN, N_VAL, TOKENS, DIM, CLASSES = 24, 9, 5, 32, 3
 BATCH, ACCUM, EPOCHS = 2, 5, 3  # 12 micro-batches per epoch: 2 optimizer steps, 2 micro-batches left over

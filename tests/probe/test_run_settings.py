@@ -9,7 +9,6 @@ import re
 import pytest
 import torch
 import yaml
-from tiny_probe import TINY
 
 import beyond_cls.run_summary as summary
 from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
@@ -17,8 +16,9 @@ from beyond_cls.models import load_encoder
 from beyond_cls.models.info import EncoderInfo
 from beyond_cls.probe import run
 from beyond_cls.run_summary import RunClock, format_duration, format_numbers, format_settings
+from tests.tiny_probe import TINY
 
-run_module = importlib.import_module("beyond_cls.probe.run")  # the module (beyond_cls.probe.run is the function)
+announcer = importlib.import_module("beyond_cls.probe.announce")  # where probe formats its settings block
 LINE = re.compile(r"^seed 0  epoch (\d)/2  step (\d)/3  loss \S+  lr \S+  img/s \d+  ETA (\S+)$")
 
 
@@ -40,8 +40,8 @@ def weights(tmp_path_factory):
 def _run(monkeypatch, **settings) -> list[tuple[str, object]]:
     """One tiny probe run; the rows of its settings block (captured where they are formatted)."""
     blocks = []
-    real = run_module.format_settings
-    monkeypatch.setattr(run_module, "format_settings", lambda rows, title: blocks.append(rows) or real(rows, title))
+    real = announcer.format_settings
+    monkeypatch.setattr(announcer, "format_settings", lambda rows, title: blocks.append(rows) or real(rows, title))
     run({**TINY, "heads": "cls,mean", "epochs": 2, **settings})
     assert len(blocks) == 1  # printed once
     return blocks[0]

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from selection_checks import MODELS, direct, last_block_attention, make_model, normalize
 
 from beyond_cls.analysis.aggregations import AggregationsConfig, aggregations
 from beyond_cls.analysis.selection_runner import SelectionRunner
@@ -22,6 +21,7 @@ from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.state import load_state
 from beyond_cls.selection import attention_selection, encoder_norm
+from tests.selection_checks import MODELS, direct, last_block_attention, make_model, normalize
 
 
 def test_parse_heads_keeps_guide_names_and_rejects_what_cannot_be_a_head():

@@ -6,8 +6,7 @@ is kept under its own name and the model is built with ``use_shared_rel_pos_bias
 ``model_kwargs`` returns): timm then computes the bias once and adds it in every block exactly as the
 original models do, and the checkpoint needs no rewriting. Loading into a Beit with per-block tables
 (the arch default ``use_rel_pos_bias=True``) also works: the ``beit`` architecture copies the shared
-table into every block, as BEiT's fine-tuning script does; the outputs are the same. Facts: ``encoders.md``
-§4.5, §4.7.
+table into every block, as BEiT's fine-tuning script does; the outputs are the same. Facts: docs/models.md.
 """
 
 from __future__ import annotations

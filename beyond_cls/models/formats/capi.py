@@ -1,6 +1,6 @@
 """The official CAPI layout (``capi_vitl14_*.pth``, facebookresearch/capi): the encoder of
 :class:`~beyond_cls.models.architectures.capi.CapiVisionTransformer` under ``backbone.``, next to the
-pretraining predictor and clustering head. Facts: ``encoders.md``.
+pretraining predictor and clustering head. Facts: docs/models.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Both release a backbone-only file (DINO: a flat timm-named dict; iBOT: ``{'state
 written by ``extract_backbone_weights.py``) and full training checkpoints holding ``student`` and
 ``teacher`` (``backbone.*`` plus a projection ``head.*``; the student also carries DDP's ``module.``
 and, in iBOT, ``masked_embed``). ``source`` picks ``"teacher"`` (default, the evaluated model) or
-``"student"``. Projection heads are always dropped. Facts: ``encoders.md`` §4.8, §4.10.
+``"student"``. Projection heads are always dropped. Facts: docs/models.md.
 
 The backbone-only files are already timm state dicts, so ``"auto"`` cannot tell them from any other
 ViT file and loads them as ``"timm"`` — with the same result. Full checkpoints are recognised by

@@ -1,6 +1,6 @@
 """Official checkpoint layouts that load into timm's plain ``VisionTransformer``: MAE, MaskFeat, I-JEPA, MoCo-v3.
 
-Facts per layout: ``encoders.md``.
+Facts per layout: docs/models.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Tests of the information-flow analysis (beyond_cls.analysis)."""

@@ -1,0 +1,1 @@
+"""Tests of the datasets, transforms and loaders (beyond_cls.data)."""

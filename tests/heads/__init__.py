@@ -1,0 +1,1 @@
+"""Tests of the aggregation heads (beyond_cls.heads)."""

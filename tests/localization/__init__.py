@@ -1,0 +1,1 @@
+"""Tests of MaxBoxAccV2 localization (beyond_cls.localization)."""

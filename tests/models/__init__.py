@@ -1,0 +1,1 @@
+"""Tests of the encoder zoo (beyond_cls.models)."""

@@ -1,0 +1,1 @@
+"""Tests of the linear-probing trainer (beyond_cls.probe)."""
