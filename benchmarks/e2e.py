@@ -1,4 +1,4 @@
-"""End-to-end measures (issue targets: analyze ≥ 0.9 × inference, probe ≥ 2.5 × the per-head script).
+"""End-to-end measures (targets in docs/performance.md: analyze ≥ 0.95 × inference, probe ≥ 2.5 × per-head script).
 
 Each call measures one thing and appends rows to a CSV (one process per measure, so one failing or
 timed-out measure loses nothing else); ``report`` turns the CSV into the Markdown table beside it,
@@ -23,7 +23,7 @@ COLUMNS = ["measure", "ours", "baseline", "ratio", "unit", "detail", "device", "
 IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_VAL_IMAGES = 50_000
 TABLE1_EPOCHS = 90
-AUTHORS_V100_HOURS = 300.0  # the issue's figure for one Table 1 row (12 heads run one at a time)
+AUTHORS_V100_HOURS = 300.0  # the authors' cost of one Table 1 row, 12 heads run one at a time (docs/performance.md)
 
 
 def _versions() -> dict[str, str]:

@@ -147,7 +147,7 @@ def _mark(ok: bool) -> str:
 
 
 def targets(rows: list[dict], traffic: list[dict], arch: int, limit: int) -> list[tuple[str, str, str]]:
-    """(target, measured, pass/fail) lines of the issue's static targets."""
+    """(target, measured, pass/fail) lines of the static targets (docs/performance.md)."""
     out = []
     vit_b = [r for r in rows if r["case"].op == "attention" and r["shape"].startswith("vit_b16")
              and r["case"].dtype == "bf16" and not r["case"].keep]

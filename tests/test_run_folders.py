@@ -30,6 +30,7 @@ from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.state import load_state, save_atomic
 from beyond_cls.probe.trainer import RESUME_KEYS, check_resumable
 from beyond_cls.runlock import LOCK_FILE, RUN_FILE, FolderBusy, FolderLock, _pid_namespace, claim_output, folder_kind
+from tests.tiny_probe import TINY_SET
 
 TINY = dict(model="vit_tiny_patch16_224", img_size=32, epochs=2, warmup_epochs=1, batch_size=4, effective_batch=8,
             num_workers=0, progress=False, heads="mean,abmilp", lrs="1.0", device="cpu")
@@ -40,8 +41,7 @@ ANALYZE = dict(model="vit_tiny_patch16_224", img_size=32, batch_size=4, max_imag
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("folders") / "set"
-    cfg = SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4, image_size=64, object_size=(12, 20))
-    return make_synthetic_dataset(root, cfg)
+    return make_synthetic_dataset(root, TINY_SET)
 
 
 def _dead_pid() -> int:

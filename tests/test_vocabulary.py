@@ -1,4 +1,4 @@
-"""One vocabulary across commands (issue 27 item 5): flag names and their former names, defaults, --mean/--std,
+"""One vocabulary across commands: flag names and their former names, defaults, --mean/--std,
 units in JSON and console, learning-rate text."""
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from beyond_cls.data import SyntheticConfig
+
+#: The synthetic set most CPU tests read: 3 classes of 8 train and 4 val images, 64 px.
+TINY_SET = SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4, image_size=64, object_size=(12, 20))
+
 # vit_tiny at 32 px: 4 patches + [cls]; 24 train images, 3 optimizer steps of 8 per epoch. On the CPU (fp32)
 # also where CUDA is present: the equivalences below are CPU ones ("auto" would be bf16 on CUDA).
 TINY = dict(model="vit_tiny_patch16_224", img_size=32, epochs=3, warmup_epochs=1, batch_size=4, effective_batch=8,
@@ -14,7 +19,7 @@ def trained_probe(root: Path, heads: str, classes: int = 3, train: int = 8, val:
                   **settings) -> tuple[Path, Path, Path | None]:
     """``(data, run, boxes)``: a tiny CPU probe run of ``heads`` on a synthetic set made under ``root``; with
     ``boxes``, a folder of VOC XML files holding the val objects' boxes (``<stem>.xml``)."""
-    from beyond_cls.data import SyntheticConfig, load_boxes, make_synthetic_dataset
+    from beyond_cls.data import load_boxes, make_synthetic_dataset
     from beyond_cls.probe import run
 
     data = make_synthetic_dataset(root / "data", SyntheticConfig(num_classes=classes, train_per_class=train,

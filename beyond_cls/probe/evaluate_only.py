@@ -16,25 +16,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from beyond_cls.config import ConfigError
-from beyond_cls.data.datasets import build_dataset
-from beyond_cls.data.views import ViewDataset
-from beyond_cls.models import load_encoder
-from beyond_cls.probe.bank import HeadBank, head_key, legacy_bank_state, selection_names
+from beyond_cls.probe.bank import HeadBank, head_key, legacy_bank_state
 from beyond_cls.probe.config import ProbeConfig
 from beyond_cls.probe.distributed import DistEnv
-from beyond_cls.probe.features import TokenSource, source_block
+from beyond_cls.probe.inputs import load_inputs
 from beyond_cls.probe.logs import write_csv, write_json_atomic
 from beyond_cls.probe.sampler import EvalBatchSampler, TrainBatchSampler
-from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.state import STATE_FILE, load_state
 from beyond_cls.probe.streams import EncoderStream
 from beyond_cls.probe.summary import summarize
 from beyond_cls.probe.trainer import ProbeTrainer, _trained
 from beyond_cls.runlock import claim_output
-from beyond_cls.selection import encoder_norm
 from beyond_cls.tables import format_table
 
 __all__ = ["EVAL_FILE", "EVALUATED_KEYS", "check_evaluable", "evaluate_run"]
@@ -83,32 +76,15 @@ def evaluate_run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: lis
             check_evaluable(paths[seed], state, cfg, [head_key(s, lr, b) for b in groups for s in specs
                                                        for lr in base_lrs])
     out = Path(cfg.out)
-    options = {"subset_file": cfg.subset_file} if cfg.subset_file else {}
-    train_set = build_dataset(cfg.dataset, cfg.data, "train", **options)
-    val_set = build_dataset(cfg.dataset, cfg.data, "val", **options)
-    multilabel = bool(getattr(train_set, "multilabel", False))
-    torch.manual_seed(cfg.seed_list()[0])  # the run's randomly initialized encoder (no --checkpoint), as run() draws it
-    encoder = load_encoder(
-        cfg.model, cfg.checkpoint, checkpoint_format=cfg.checkpoint_format, arch=cfg.arch, img_size=cfg.img_size,
-        block=cfg.block, final_norm=cfg.final_norm, source=cfg.source, weights_dir=cfg.weights_dir,
-    )
-    info = encoder.beyond_cls_info
-    blocks = cfg.block_list(info.depth)
+    inputs = load_inputs(cfg, env, specs)  # as the run read them; its eval view may differ (--crop-pct, ...)
+    train_set, val_set, info, blocks = inputs.train_set, inputs.val_set, inputs.info, inputs.blocks
     n_last = cfg.n_last_blocks or 1
-    tokens_only = TokenSource(encoder, info.block if blocks is None else None, info.final_norm, blocks=blocks,
-                              n_last=n_last).to(env.device)
-    mean, std = encoder_norm(info, *cfg.normalization())
-    view_kwargs = dict(img_size=cfg.img_size, mean=mean, std=std, decode=cfg.decode,
-                       skip_bad_images=cfg.skip_bad_images)
-    source = SelectionSource(tokens_only, selection_names(specs, blocks), view_kwargs["mean"], view_kwargs["std"],
-                             img_size=cfg.img_size, weights_dir=cfg.weights_dir, device=env.device)
-    train_views = ViewDataset(train_set, train=True, crop=cfg.crop, **view_kwargs)  # never read
-    val_views = ViewDataset(val_set, train=False, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
-                            **view_kwargs)
+    train_views = inputs.train_views(cfg.seed_list()[0])  # never read: the stream's train side
+    val_views = inputs.val_views
     rows: list[dict[str, Any]] = []
     with claim_output(out, "probe") if env.is_main else nullcontext():  # no training run writes there meanwhile
         for seed, state in states.items():
-            args = (specs, base_lrs, info.embed_dim * n_last, train_set.num_classes, info.num_prefix_tokens,
+            args = (specs, base_lrs, inputs.width, train_set.num_classes, info.num_prefix_tokens,
                     info.has_class_token)
             kwargs = dict(seed=seed, blocks=blocks, grid=info.grid_size, n_last_blocks=n_last)
             bank = HeadBank(*args, **kwargs)
@@ -118,16 +94,16 @@ def evaluate_run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: lis
             bank.load_state_dict(state["bank"])
             sampler = TrainBatchSampler(len(train_set), cfg.batch_size, 1, env.world_size, env.rank, seed=seed)
             val_sampler = EvalBatchSampler(len(val_set), cfg.batch_size, env.world_size, env.rank)
-            stream = EncoderStream(source, train_views, val_views, sampler, val_sampler, cfg.num_workers, env.device,
-                                   cfg.precision, cfg.channels_last)
+            stream = EncoderStream(inputs.source, train_views, val_views, sampler, val_sampler, cfg.num_workers,
+                                   env.device, cfg.precision, cfg.channels_last)
             trainer = ProbeTrainer(cfg, env, seed, out / f"seed{seed}", bank, stream, max(sampler.steps_per_epoch, 1),
-                                   state["effective_batch"], 1, multilabel, eval_batches=len(val_sampler))
+                                   state["effective_batch"], 1, inputs.multilabel, eval_batches=len(val_sampler))
             trainer.log.enabled = False  # metrics.jsonl is the training's record
             results = trainer.evaluate()
             counts = {"eval_images": trainer.eval_images, "eval_skipped": trainer.eval_skipped}
             for entry in bank.entries:
                 lr = state["config"].get("lr") or entry.blr * state["effective_batch"] / 256
-                block = source_block(tokens_only) if entry.block is None else entry.block
+                block = inputs.block if entry.block is None else entry.block
                 rows.append({"seed": seed, "head": entry.key, "aggregation": entry.spec, "blr": entry.blr, "lr": lr,
                              **results[entry.key], "epoch": state["epoch"], "finished": state["final"] is not None,
                              **counts, "block": block})
@@ -143,7 +119,7 @@ def evaluate_run(cfg: ProbeConfig, env: DistEnv, specs: list[str], base_lrs: lis
         if env.is_main:
             write_json_atomic(report, out / EVAL_FILE)
             write_csv(rows, out / "eval.csv")
-            metrics = ["mAP"] if multilabel else ["top1", "top5"]
+            metrics = ["mAP"] if inputs.multilabel else ["top1", "top5"]
             columns = ["aggregation", "blr", "lr", *metrics, "entropy", "best"]
             print(format_table(summary, columns if blocks is None else ["block", *columns]))
             epochs = sorted({(r["epoch"], r["finished"]) for r in rows})

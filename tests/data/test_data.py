@@ -35,7 +35,7 @@ from beyond_cls.data import (
     train_transform,
 )
 from beyond_cls.probe.config import ProbeConfig
-from tests.tiny_probe import TINY
+from tests.tiny_probe import TINY, TINY_SET
 
 SMALL = SyntheticConfig(
     num_classes=3, train_per_class=3, val_per_class=2, image_size=64, object_size=(12, 20)
@@ -395,8 +395,7 @@ PROBE = dict(TINY, epochs=2, heads="mean", lrs=None)
 
 @pytest.fixture(scope="module")
 def probe_set(tmp_path_factory) -> Path:
-    cfg = SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4, image_size=64, object_size=(12, 20))
-    return make_synthetic_dataset(tmp_path_factory.mktemp("trust") / "set", cfg)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("trust") / "set", TINY_SET)
 
 
 def test_skipped_images_are_counted_in_results_and_summary(probe_set, tmp_path, capsys):

@@ -31,14 +31,13 @@ from beyond_cls.data.wds import MANIFEST_FILE, MAX_CLASSES, WebDatasetShards
 from beyond_cls.probe import run
 from beyond_cls.probe.state import load_state
 from beyond_cls.runlock import FolderBusy, FolderLock
-from tests.tiny_probe import TINY
+from tests.tiny_probe import TINY, TINY_SET
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("wds") / "set"
-    cfg = SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4, image_size=64, object_size=(12, 20))
-    return make_synthetic_dataset(root, cfg)
+    return make_synthetic_dataset(root, TINY_SET)
 
 
 @pytest.fixture(scope="module")

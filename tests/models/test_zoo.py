@@ -56,7 +56,7 @@ def test_zoo_has_every_encoder_of_the_paper():
 
 
 @pytest.mark.parametrize("name", list(ARCH))
-def test_architecture_matches_encoders_md(name):
+def test_architecture_matches_the_official_weights(name):
     entry = ZOO[name]
     model = build_zoo_architecture(entry)
     assert sum(p.numel() for p in model.parameters()) == _vit_params(*ARCH[name])

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
+from beyond_cls.data import make_synthetic_dataset
 from beyond_cls.probe.state import ignore_job_signals, load_state
-from tests.tiny_probe import TINY
+from tests.tiny_probe import TINY, TINY_SET
 
 # one optimizer step per epoch (24 images, effective batch 24), images from 2 loader workers per process
 SETTINGS = dict(TINY, epochs=3, warmup_epochs=1, effective_batch=24, num_workers=2, ckpt_minutes=1000, heads="mean",
@@ -28,8 +28,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    cfg = SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4, image_size=64, object_size=(12, 20))
-    return make_synthetic_dataset(tmp_path_factory.mktemp("group") / "set", cfg)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("group") / "set", TINY_SET)
 
 
 def _command(dataset: Path, out: Path, launcher: list[str]) -> list[str]:

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from beyond_cls.cli import main
-from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
+from beyond_cls.data import make_synthetic_dataset
 from beyond_cls.probe import NonFiniteLoss, ProbeConfig, run
 from beyond_cls.probe.features import TokenSource
 from beyond_cls.probe.logs import json_safe
 from beyond_cls.probe.state import load_state
 from beyond_cls.units import format_lrs
-from tests.tiny_probe import TINY
+from tests.tiny_probe import TINY, TINY_SET
 
 
 def _flags(**kw) -> list[str]:
@@ -40,8 +40,7 @@ def _flags(**kw) -> list[str]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe") / "set"
-    cfg = SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4, image_size=64, object_size=(12, 20))
-    return make_synthetic_dataset(root, cfg)
+    return make_synthetic_dataset(root, TINY_SET)
 
 
 def _bank(out: Path, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -11,12 +11,12 @@ import torch
 import yaml
 
 import beyond_cls.run_summary as summary
-from beyond_cls.data import SyntheticConfig, make_synthetic_dataset
+from beyond_cls.data import make_synthetic_dataset
 from beyond_cls.models import load_encoder
 from beyond_cls.models.info import EncoderInfo
 from beyond_cls.probe import run
 from beyond_cls.run_summary import RunClock, format_duration, format_numbers, format_settings
-from tests.tiny_probe import TINY
+from tests.tiny_probe import TINY, TINY_SET
 
 announcer = importlib.import_module("beyond_cls.probe.announce")  # where probe formats its settings block
 LINE = re.compile(r"^seed 0  epoch (\d)/2  step (\d)/3  loss \S+  lr \S+  img/s \d+  ETA (\S+)$")
@@ -25,8 +25,7 @@ LINE = re.compile(r"^seed 0  epoch (\d)/2  step (\d)/3  loss \S+  lr \S+  img/s 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("settings") / "set"
-    cfg = SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4, image_size=64, object_size=(12, 20))
-    return make_synthetic_dataset(root, cfg)
+    return make_synthetic_dataset(root, TINY_SET)
 
 
 @pytest.fixture(scope="module")

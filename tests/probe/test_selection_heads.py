@@ -13,7 +13,7 @@ from beyond_cls.analysis.aggregations import AggregationsConfig, aggregations
 from beyond_cls.analysis.selection_runner import SelectionRunner
 from beyond_cls.capture import RowCapture, restore_forward, swap_forward
 from beyond_cls.config import ConfigError
-from beyond_cls.data import IMAGENET_MEAN, IMAGENET_STD, SyntheticConfig, make_synthetic_dataset
+from beyond_cls.data import IMAGENET_MEAN, IMAGENET_STD, make_synthetic_dataset
 from beyond_cls.numerics import entropy
 from beyond_cls.probe import run
 from beyond_cls.probe.bank import HeadBank, head_key, parse_heads
@@ -22,6 +22,7 @@ from beyond_cls.probe.selections import SelectionSource
 from beyond_cls.probe.state import load_state
 from beyond_cls.selection import attention_selection, encoder_norm
 from tests.selection_checks import MODELS, direct, last_block_attention, make_model, normalize
+from tests.tiny_probe import TINY_SET
 
 
 def test_parse_heads_keeps_guide_names_and_rejects_what_cannot_be_a_head():
@@ -162,8 +163,7 @@ HEADS = "mean,attn-mean,attn-minent,attn-center,guide:vit_tiny_patch16_224"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    cfg = SyntheticConfig(num_classes=3, train_per_class=8, val_per_class=4, image_size=64, object_size=(12, 20))
-    return make_synthetic_dataset(tmp_path_factory.mktemp("sel") / "set", cfg)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("sel") / "set", TINY_SET)
 
 
 def test_probe_with_non_trainable_heads_cached_equals_uncached(dataset, tmp_path):
