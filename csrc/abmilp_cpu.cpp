@@ -312,17 +312,23 @@ BEYOND_CLS_INLINE void abmilp_forward_row(const T* z, int64_t zs, int64_t n, int
 // dl_j = s_j (t_j − c) with c = Σ_j s_j t_j, and grad_weight's partial Σ_j dl_j z_j.
 // c is only known after the sweep, so the sweep uses the estimate c0 = g·pooled (+ Σ s·gs), equal
 // to c up to rounding (the forward's pooled is Σ_j s_j z_j): each block of rows gives its t_j and
-// s_j (t_j − c0), which are added to the partial while the rows are in L1, and c = Σ s_j t_j is
-// summed on the way. Then with δ = c − c0: dl_j −= s_j δ and partial −= δ·pooled (Σ_j s_j z_j).
-// So dl is exactly the two-sweep dl = s·(t − Σ s·t) that autograd computes, which keeps the bias
-// gradient (exactly 0 in exact arithmetic) at rounding level, and the weight gradient's error from
-// δ·(Σ s z − pooled) is below rounding. dl [K, N] is written (grad_tokens needs it); b_partial [K]
-// = Σ_j dl_j in token order; `c` [2K] is scratch.
+// s_j (t_j − c0), which are added to the partial while the rows are in L1, and c is summed on the
+// way. Then with δ = c − c0: dl_j −= s_j δ and partial −= δ·pooled (Σ_j s_j z_j), which gives the
+// two-sweep dl = s·(t − c) of the softmax backward; the error of δ·(Σ s z − pooled) is below rounding.
+//
+// Σ_j dl_j is 0 in exact arithmetic, and any error common to all dl_j (−s_j·ε for an error ε in c)
+// reaches grad_weight times pooled, large for a feature with a large mean (a feature that drives
+// the logits down to −98 has pooled ≈ −67 on the other branches). So c = Σ s_j t_j / Σ s_j is summed
+// in float64 (the float32 sum's error ε ≈ 1e-7·Σ|s_j t_j|) and divided by Σ s_j (float32 scores sum
+// to 1 only within ~1e-7, which adds c·(Σ s − 1) to ε): Σ_j dl_j is then at the rounding of the dl_j.
+// dl [K, N] is written (grad_tokens needs it); b_partial [K] = Σ_j dl_j in token order; `acc` [3K]
+// is scratch.
 template <typename T>
 BEYOND_CLS_INLINE void abmilp_backward_row(const T* z, int64_t zs, int64_t n, int64_t d, const T* g, const T* p,
                                            const T* s, const T* gs, int64_t k, const T* zero_row, T* dl,
-                                           T* w_partial, T* b_partial, T* c) {
-  T* c_exact = c + k;
+                                           T* w_partial, T* b_partial, double* acc) {
+  double* st_sum = acc + k;     // Σ s_j t_j
+  double* s_sum = acc + 2 * k;  // Σ s_j
   for (int64_t i = 0; i < k; ++i) {
     T ci = 0;
 #pragma omp simd reduction(+ : ci)
@@ -333,8 +339,9 @@ BEYOND_CLS_INLINE void abmilp_backward_row(const T* z, int64_t zs, int64_t n, in
       for (int64_t j = 0; j < n; ++j) cs += s[i * n + j] * gs[i * n + j];
       ci += cs;
     }
-    c[i] = ci;
-    c_exact[i] = 0;
+    acc[i] = ci;  // c0, exactly a T
+    st_sum[i] = 0;
+    s_sum[i] = 0;
   }
   std::fill(w_partial, w_partial + k * d, T(0));
   const T* rows[kBlock];
@@ -344,6 +351,8 @@ BEYOND_CLS_INLINE void abmilp_backward_row(const T* z, int64_t zs, int64_t n, in
     for (int64_t i = 0; i < k; ++i) {
       T e[kBlock];
       dot_block(rows, g + i * d, d, e);
+      const T c0 = static_cast<T>(acc[i]);
+      double st = 0, ss = 0;
       bool any = false;
       for (int t = 0; t < kBlock; ++t) {
         if (t >= cnt) {
@@ -352,16 +361,20 @@ BEYOND_CLS_INLINE void abmilp_backward_row(const T* z, int64_t zs, int64_t n, in
         }
         const int64_t at = i * n + j0 + t;
         const T tj = gs != nullptr ? e[t] + gs[at] : e[t];
-        c_exact[i] += s[at] * tj;
-        e[t] = s[at] * (tj - c[i]);  // masked tokens: s = 0, dl = 0
+        st += static_cast<double>(s[at]) * static_cast<double>(tj);
+        ss += static_cast<double>(s[at]);
+        e[t] = s[at] * (tj - c0);  // masked tokens: s = 0, dl = 0
         dl[at] = e[t];
         any |= e[t] != T(0);
       }
+      st_sum[i] += st;
+      s_sum[i] += ss;
       if (any) axpy_block(w_partial + i * d, e, rows, d);
     }
   }
   for (int64_t i = 0; i < k; ++i) {
-    const T delta = c_exact[i] - c[i];
+    const double c_row = s_sum[i] != 0 ? st_sum[i] / s_sum[i] : st_sum[i];
+    const T delta = static_cast<T>(c_row - acc[i]);
     T* dl_i = dl + i * n;
     const T* s_i = s + i * n;
     T total = 0;
@@ -390,8 +403,8 @@ BEYOND_CLS_ISA_CLONES void abmilp_forward_row_f32(const float* z, int64_t zs, in
 BEYOND_CLS_ISA_CLONES void abmilp_backward_row_f32(const float* z, int64_t zs, int64_t n, int64_t d, const float* g,
                                                    const float* p, const float* s, const float* gs, int64_t k,
                                                    const float* zero_row, float* dl, float* w_partial,
-                                                   float* b_partial, float* c) {
-  abmilp_backward_row<float>(z, zs, n, d, g, p, s, gs, k, zero_row, dl, w_partial, b_partial, c);
+                                                   float* b_partial, double* acc) {
+  abmilp_backward_row<float>(z, zs, n, d, g, p, s, gs, k, zero_row, dl, w_partial, b_partial, acc);
 }
 
 void forward_row(const float* z, int64_t zs, int64_t n, int64_t d, const float* w, const float* bias, int64_t k,
@@ -406,14 +419,14 @@ void forward_row(const double* z, int64_t zs, int64_t n, int64_t d, const double
 
 void backward_row(const float* z, int64_t zs, int64_t n, int64_t d, const float* g, const float* p, const float* s,
                   const float* gs, int64_t k, const float* zero_row, float* dl, float* w_partial, float* b_partial,
-                  float* c) {
-  abmilp_backward_row_f32(z, zs, n, d, g, p, s, gs, k, zero_row, dl, w_partial, b_partial, c);
+                  double* acc) {
+  abmilp_backward_row_f32(z, zs, n, d, g, p, s, gs, k, zero_row, dl, w_partial, b_partial, acc);
 }
 
 void backward_row(const double* z, int64_t zs, int64_t n, int64_t d, const double* g, const double* p,
                   const double* s, const double* gs, int64_t k, const double* zero_row, double* dl,
-                  double* w_partial, double* b_partial, double* c) {
-  abmilp_backward_row<double>(z, zs, n, d, g, p, s, gs, k, zero_row, dl, w_partial, b_partial, c);
+                  double* w_partial, double* b_partial, double* acc) {
+  abmilp_backward_row<double>(z, zs, n, d, g, p, s, gs, k, zero_row, dl, w_partial, b_partial, acc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -507,12 +520,13 @@ void pool_backward(const at::Tensor& grad_pooled, const at::Tensor& grad_scores,
     // AbMILP: `stack` = [s; dl] [2K, N] and `right` = [g_b; W] [2K, D], so that
     // grad_tokens_b = sᵀ·g_b + dlᵀ·W is one GEMM with inner size 2K.
     at::Tensor stack, right, dl_tile;
-    std::vector<acc_t> zero_row, c, g_buffer, p_buffer;
+    std::vector<acc_t> zero_row, g_buffer, p_buffer;
+    std::vector<double> c_scratch;
     if (abmilp) {
       stack = at::empty({2 * k, n}, scores.options());
       dl_tile = stack.narrow(0, k, k);
       zero_row.assign(d, acc_t(0));
-      c.resize(2 * k);
+      c_scratch.resize(3 * k);
       if (tokens_grad) {
         right = at::empty({2 * k, d}, scores.options());
         right.narrow(0, k, k).copy_(weight);
@@ -527,7 +541,8 @@ void pool_backward(const at::Tensor& grad_pooled, const at::Tensor& grad_scores,
         const auto [z, zs] = rows.rows(b);
         backward_row(z, zs, n, d, batch_row(grad_pooled, b, g_buffer), batch_row(pooled, b, p_buffer),
                      scores_ptr + b * k * n, gs_ptr ? gs_ptr + b * k * n : nullptr, k, zero_row.data(),
-                     dl.data_ptr<acc_t>(), weight_partial_ptr + b * k * d, bias_partial_ptr + b * k, c.data());
+                     dl.data_ptr<acc_t>(), weight_partial_ptr + b * k * d, bias_partial_ptr + b * k,
+                     c_scratch.data());
       } else {
         at::mm_out(dl, grad_pooled[b], rows[b].t());  // gz = g_b·z_bᵀ [K, N]
         acc_t* dlp = dl.data_ptr<acc_t>();

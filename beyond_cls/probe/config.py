@@ -234,6 +234,13 @@ class ProbeConfig(EncoderSettings):
             raise ConfigError(f"lrs must be positive numbers, got {values}")
         if len(set(values)) != len(values):
             raise ConfigError(f"lrs must be distinct, got {values}")
+        names: dict[str, float] = {}
+        for v in values:  # a head's key names its lr in 6 significant digits (probe.bank.head_key)
+            other = names.setdefault(f"{v:g}", v)
+            if other != v:
+                raise ConfigError(f"lrs {other!r} and {v!r} are distinct but agree in their first 6 significant "
+                                  f"digits, so their heads would share one name (blr{v:g}); give lrs that differ "
+                                  "there")
         return values
 
     def normalization(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:

@@ -63,6 +63,7 @@ def test_short_runs_scale_the_default_warmup():
         (dict(optimizer="adam"), "optimizer"),
         (dict(lrs="0.1,abc"), "lrs"),
         (dict(lrs="0.1,0.1"), "distinct"),
+        (dict(lrs="0.1,0.1000001"), "first 6 significant digits"),
         (dict(lr=0.5, lrs="0.1"), "not both"),
         (dict(seeds="1,1"), "seeds"),
         (dict(mean="0.5,0.5"), "mean"),
