@@ -23,9 +23,10 @@ std::tuple<at::Tensor, at::Tensor> abmilp_forward_cpu(const at::Tensor& tokens, 
 // is false and then not computed; grad_weight [K, D] and grad_bias [K], both in weight's dtype: the
 // backward does not see bias, the caller casts). `pooled` (the forward's, = Σ_n s·z_n) gives the
 // softmax backward's c = Σ_n s·(g·z_n) up front as g·pooled, so dl and grad_weight come out of one
-// sweep over the tokens; Σ_n s·(g·z_n) is still summed on the way and corrects the estimate, so
-// the result is what autograd's softmax backward computes. grad_pooled and pooled may have any
-// strides (an expanded gradient is not copied first).
+// sweep over the tokens; Σ_n s·(g·z_n) / Σ_n s is still summed on the way, in float64, and corrects
+// the estimate, so the result is autograd's softmax backward with Σ_n dl_n = 0 to rounding (no error
+// common to all tokens, which grad_weight would multiply by pooled). grad_pooled and pooled may have
+// any strides (an expanded gradient is not copied first).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> abmilp_backward_cpu(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_scores, const at::Tensor& tokens,
     const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& pooled, bool tokens_grad);

@@ -317,8 +317,8 @@ BEYOND_CLS_INLINE void abmilp_forward_row(const T* z, int64_t zs, int64_t n, int
 // two-sweep dl = s·(t − c) of the softmax backward; the error of δ·(Σ s z − pooled) is below rounding.
 //
 // Σ_j dl_j is 0 in exact arithmetic, and any error common to all dl_j (−s_j·ε for an error ε in c)
-// reaches grad_weight times pooled, large for a feature with a large mean (a feature that drives
-// the logits down to −98 has pooled ≈ −67 on the other branches). So c = Σ s_j t_j / Σ s_j is summed
+// reaches grad_weight times pooled, large for a feature with a large mean (tokens whose feature 0
+// falls from 0 to −98 give pooled ≈ −67 there on a near-uniform branch). So c = Σ s_j t_j / Σ s_j is summed
 // in float64 (the float32 sum's error ε ≈ 1e-7·Σ|s_j t_j|) and divided by Σ s_j (float32 scores sum
 // to 1 only within ~1e-7, which adds c·(Σ s − 1) to ε): Σ_j dl_j is then at the rounding of the dl_j.
 // dl [K, N] is written (grad_tokens needs it); b_partial [K] = Σ_j dl_j in token order; `acc` [3K]
@@ -373,7 +373,7 @@ BEYOND_CLS_INLINE void abmilp_backward_row(const T* z, int64_t zs, int64_t n, in
     }
   }
   for (int64_t i = 0; i < k; ++i) {
-    const double c_row = s_sum[i] != 0 ? st_sum[i] / s_sum[i] : st_sum[i];
+    const double c_row = s_sum[i] != 0 ? st_sum[i] / s_sum[i] : st_sum[i];  // all-zero scores: dl = 0
     const T delta = static_cast<T>(c_row - acc[i]);
     T* dl_i = dl + i * n;
     const T* s_i = s + i * n;
