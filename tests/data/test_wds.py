@@ -34,17 +34,21 @@ from beyond_cls.runlock import FolderBusy, FolderLock
 from tests.tiny_probe import TINY, TINY_SET
 
 
+def _sharded(folder: Path, tmp_path_factory, shard_size: str) -> Path:
+    """``folder`` written as shards ``syn-<split>-NNNN.tar`` of ``shard_size`` samples, in a fresh folder."""
+    out = tmp_path_factory.mktemp("wds") / "shards"
+    write_shards(folder, out, name="syn", shard_size=shard_size)
+    return out
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wds") / "set"
-    return make_synthetic_dataset(root, TINY_SET)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("wds") / "set", TINY_SET)
 
 
 @pytest.fixture(scope="module")
 def shards(folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("wds") / "shards"
-    write_shards(folder, out, name="syn", shard_size="5")
-    return out
+    return _sharded(folder, tmp_path_factory, "5")
 
 
 def _tar(path: Path, members: dict[str, bytes] | list[tuple[str, bytes]]) -> None:
@@ -291,16 +295,13 @@ def test_open_shards_are_bounded(shards, monkeypatch):
 # a smaller set than ``folder``: 12 train and 6 val images in shards of 4 samples (the counts below rely on it)
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wdstrust") / "set"
     cfg = SyntheticConfig(num_classes=3, train_per_class=4, val_per_class=2, image_size=32, object_size=(8, 12))
-    return make_synthetic_dataset(root, cfg)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("wds") / "small", cfg)
 
 
 @pytest.fixture(scope="module")
 def small_shards(small_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("wdstrust") / "shards"
-    write_shards(small_folder, out, name="syn", shard_size="4")
-    return out
+    return _sharded(small_folder, tmp_path_factory, "4")
 
 
 def _copy(shards: Path, out: Path, pattern: str = "syn-*.tar") -> Path:
