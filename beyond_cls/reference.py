@@ -158,9 +158,6 @@ def attention_with_stats(
     attn = logits.softmax(dim=-1)
     out = torch.matmul(attn, v.to(dtype)).to(v.dtype)
 
-    missing = [r.name for r in ROW_STATISTICS if r.name not in ROW_DEFINITIONS]
-    if missing:
-        raise NotImplementedError(f"reference.ROW_DEFINITIONS has no definition of the row statistics {missing}")
     stacked = torch.stack([ROW_DEFINITIONS[r.name](attn, logits, num_prefix_tokens) for r in ROW_STATISTICS])
     rows = AttentionRows(stacked, has_prefix=num_prefix_tokens > 0)
     if kept_index is None:
@@ -183,6 +180,10 @@ ROW_DEFINITIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
     "patch_mass": lambda attn, logits, prefix: attn[..., prefix:].sum(-1),
     "patch_entropy": lambda attn, logits, prefix: _patch_entropy(logits, prefix),
 }
+if set(ROW_DEFINITIONS) != {r.name for r in ROW_STATISTICS}:  # checked once, on import: a row added half-way
+    raise ImportError(f"beyond_cls.reference.ROW_DEFINITIONS defines {sorted(ROW_DEFINITIONS)}, but "
+                      f"beyond_cls.statistics.ROW_STATISTICS lists {[r.name for r in ROW_STATISTICS]}: "
+                      "define each row once")
 
 
 def softmax_pool(tokens: Tensor, logits: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -84,18 +84,23 @@ def test_sincos_pos_embed_values(grid):
         sincos_pos_embed_2d(4, 10)
 
 
+def _plain_and_positional(content: str, p: int, **positional) -> tuple[AbMILP, AbMILP, torch.Tensor]:
+    """(the head without -pos, the same head with it (same scorer: one seed), float64 tokens of 14x14 patches)."""
+    torch.manual_seed(1)
+    plain = AbMILP(D, content=content, num_prefix_tokens=p).double()
+    torch.manual_seed(1)
+    cond = AbMILP(D, content=content, pos_cond=True, num_prefix_tokens=p, **positional).double()
+    return plain, cond, tokens(p + 196, dtype=F64)
+
+
 @pytest.mark.parametrize("content", ["patch", "patch+cls"])
 def test_pos_cond(content):
     """The authors' -pos: a trainable table, sin-cos (column, row) init, zero [cls] row, in the state dict."""
     p = 5
-    torch.manual_seed(1)
-    plain = AbMILP(D, content=content, num_prefix_tokens=p).double()
-    torch.manual_seed(1)
-    cond = AbMILP(D, content=content, pos_cond=True, num_prefix_tokens=p, grid=(14, 14)).double()
+    plain, cond, t = _plain_and_positional(content, p, grid=(14, 14))
     assert set(cond.state_dict()) == set(plain.state_dict()) | {"pos_embed"}
     assert isinstance(cond.pos_embed, nn.Parameter) and cond.pos_embed.requires_grad
     cond.load_state_dict({**plain.state_dict(), "pos_embed": cond.pos_embed.detach()})
-    t = tokens(p + 196, dtype=F64)
     content_tokens = plain.select(t)
     pooled_plain, scores_plain = plain.forward_with_scores(t)
     pooled, scores = cond.forward_with_scores(t)
@@ -119,13 +124,9 @@ def test_pos_cond(content):
 def test_pos_cond_fixed_legacy(content):
     """``fixed_pos``: the embedding of checkpoints of beyond-cls 0.1: a (row, column) buffer, not saved."""
     p = 5
-    torch.manual_seed(1)
-    plain = AbMILP(D, content=content, num_prefix_tokens=p).double()
-    torch.manual_seed(1)
-    cond = AbMILP(D, content=content, pos_cond=True, num_prefix_tokens=p, fixed_pos=True).double()
+    plain, cond, t = _plain_and_positional(content, p, fixed_pos=True)
     assert set(cond.state_dict()) == set(plain.state_dict())  # same params; the buffer is not saved
     cond.load_state_dict(plain.state_dict())
-    t = tokens(p + 196, dtype=F64)
     content_tokens = plain.select(t)
     pooled_plain, scores_plain = plain.forward_with_scores(t)
     pooled, scores = cond.forward_with_scores(t)
